@@ -1,0 +1,86 @@
+"""Greedy / sampled generation, with or without the KV cache (both jitted once per shape)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from compressjax.model import init_cache
+
+__all__ = ["generate"]
+
+
+def _pick(logits, temperature, key):
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = True,
+             temperature: float = 0.0, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+  """Generates ``max_new_tokens`` after ``prompt_tokens`` (``(T,)`` or ``(B, T)``, same length).
+
+  With ``use_cache`` the prompt is prefilled once and each step feeds one token through the KV
+  cache; without it every step recomputes the full causal forward over a fixed-length buffer (the
+  positions after the current one are ignored by the causal mask), so both paths compile once.
+  Sequences that produced ``eos_id`` keep emitting it.
+
+  Returns:
+    int32 array ``(B, max_new_tokens)`` (or ``(max_new_tokens,)`` for a 1-D prompt).
+  """
+  prompt = np.asarray(prompt_tokens, dtype=np.int32)
+  squeeze = prompt.ndim == 1
+  if squeeze:
+    prompt = prompt[None]
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt_tokens must be (T,) or (B, T) with T >= 1, got {prompt.shape}")
+  if max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  bsz, t = prompt.shape
+  total = t + max_new_tokens
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(seed)
+  out = []
+  done = np.zeros((bsz,), bool)
+
+  def record(tok):
+    tok = np.asarray(tok)
+    if eos_id is not None:
+      tok = np.where(done, eos_id, tok)
+      done[:] |= tok == eos_id
+    out.append(tok)
+    return tok
+
+  if use_cache:
+
+    @jax.jit
+    def step(state, toks, cache, key):
+      logits, cache = nnx.merge(graphdef, state)(toks, cache)
+      return _pick(logits[:, -1].astype(jnp.float32), temperature, key), cache
+
+    cache = init_cache(model.cfg, bsz, total, dtype=model.embed.embedding.value.dtype)
+    key, sub = jax.random.split(key)
+    tok, cache = step(state, jnp.asarray(prompt), cache, sub)
+    tok = record(tok)
+    for _ in range(max_new_tokens - 1):
+      key, sub = jax.random.split(key)
+      tok, cache = step(state, jnp.asarray(tok)[:, None], cache, sub)
+      tok = record(tok)
+  else:
+
+    @jax.jit
+    def full(state, buf, pos, key):
+      logits = nnx.merge(graphdef, state)(buf)
+      last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1, keepdims=False)
+      return _pick(last.astype(jnp.float32), temperature, key)
+
+    buf = np.zeros((bsz, total), np.int32)
+    buf[:, :t] = prompt
+    for i in range(max_new_tokens):
+      key, sub = jax.random.split(key)
+      tok = record(full(state, jnp.asarray(buf), jnp.int32(t + i), sub))
+      buf[:, t + i] = tok
+  res = np.stack(out, axis=1).astype(np.int32)
+  return res[0] if squeeze else res

@@ -1,0 +1,405 @@
+"""Llama-family decoder in Flax NNX (Llama, Mistral, Qwen2, SmolLM).
+
+One parameter layout serves every loader (GGUF, Hugging Face safetensors) and every compression
+transform. Linear kernels are stored as ``(in_features, out_features)`` and every product with a
+weight goes through :func:`compressjax.formats.dot`, so a kernel may be a dense array or any
+compressed leaf (packed integers, later sparse or low-rank formats) and the model still runs, jits
+and generates without materializing the whole model.
+
+Parameter paths (``/``-joined) are::
+
+    embed/embedding                          (vocab, hidden)
+    layers/{i}/attn_norm/scale               (hidden,)
+    layers/{i}/attn/{q,k,v,o}_proj/kernel    (in, out)
+    layers/{i}/attn/{q,k,v}_proj/bias        (out,)         only when ``attention_bias``
+    layers/{i}/mlp_norm/scale                (hidden,)
+    layers/{i}/mlp/{gate,up,down}_proj/kernel
+    norm/scale                               (hidden,)
+    lm_head/kernel                           (hidden, vocab) only when embeddings are untied
+
+Q and K projections use the Hugging Face (``rotate_half``) RoPE layout; the GGUF loader undoes
+llama.cpp's interleaving permutation so that both loaders land in this one layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from compressjax import formats
+
+__all__ = [
+    "LlamaConfig",
+    "KVCache",
+    "Llama",
+    "rope_inv_freq",
+    "init_cache",
+]
+
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: number of tokens.
+    hidden_size: width of the residual stream.
+    intermediate_size: width of the SwiGLU MLP.
+    num_layers: number of decoder blocks.
+    num_heads: number of query heads.
+    num_kv_heads: number of key/value heads (grouped-query attention when < ``num_heads``).
+    head_dim: per-head width; ``hidden_size // num_heads`` when not given.
+    rope_theta: RoPE base.
+    rope_scaling: ``None`` or a Hugging Face style dict with ``rope_type`` in
+      ``default, linear, dynamic, llama3, yarn`` and that type's fields.
+    rms_norm_eps: epsilon of RMSNorm.
+    tie_word_embeddings: whether the LM head reuses the embedding matrix.
+    max_position_embeddings: context length the model was trained for.
+    attention_bias: whether q/k/v projections carry a bias (Qwen2).
+    sliding_window: ``None`` or the attention window (Mistral).
+    bos_token_id, eos_token_id: special token ids (metadata only).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  rope_scaling: dict[str, Any] | None = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = True
+  max_position_embeddings: int = 2048
+  attention_bias: bool = False
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+
+  def __post_init__(self):
+    hd = self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+    object.__setattr__(self, "head_dim", hd)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {v!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+          f"({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.rope_scaling is not None:
+      rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+      if rtype not in _ROPE_TYPES:
+        raise ValueError(
+            f"LlamaConfig.rope_scaling: rope_type {rtype!r} is not supported; "
+            f"expected one of {_ROPE_TYPES}")
+
+  @property
+  def rope_type(self) -> str:
+    if self.rope_scaling is None:
+      return "default"
+    return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[jax.Array, float]:
+  """Inverse frequencies and the attention (cos/sin) scaling of the configured RoPE variant.
+
+  Follows the Hugging Face ``ROPE_INIT_FUNCTIONS`` definitions so that checkpoints trained with a
+  scaled RoPE behave identically.
+
+  Args:
+    cfg: model config.
+    seq_len: static sequence length (only used by ``dynamic`` NTK scaling).
+
+  Returns:
+    ``(inv_freq, attention_scaling)`` with ``inv_freq`` of shape ``(head_dim // 2,)``.
+
+  References:
+    Su et al. 2021, RoFormer. Peng et al. 2023, YaRN. Meta 2024, Llama 3 (``llama3`` scaling).
+  """
+  dim = cfg.head_dim
+  base = float(cfg.rope_theta)
+  rs = cfg.rope_scaling or {}
+  rtype = cfg.rope_type
+  idx = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  inv_freq = 1.0 / (base**idx)
+  scaling = 1.0
+  if rtype == "default":
+    pass
+  elif rtype == "linear":
+    inv_freq = inv_freq / float(rs["factor"])
+  elif rtype == "dynamic":
+    factor = float(rs["factor"])
+    max_pos = cfg.max_position_embeddings
+    if seq_len is not None and seq_len > max_pos:
+      base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+      inv_freq = 1.0 / (base**idx)
+  elif rtype == "llama3":
+    factor = float(rs["factor"])
+    low = float(rs["low_freq_factor"])
+    high = float(rs["high_freq_factor"])
+    old_len = float(rs["original_max_position_embeddings"])
+    low_wl = old_len / low
+    high_wl = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_l = jnp.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    inv_freq = jnp.where(medium, smoothed, inv_l)
+  elif rtype == "yarn":
+    factor = float(rs["factor"])
+    orig = float(rs.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    att = rs.get("attention_factor")
+    if att is None:
+      mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+
+      def get_mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+      if mscale and mscale_all:
+        att = get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+      else:
+        att = get_mscale(factor)
+    beta_fast = float(rs.get("beta_fast") or 32)
+    beta_slow = float(rs.get("beta_slow") or 1)
+
+    def corr_dim(n_rot):
+      return (dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rs.get("truncate", True):
+      lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+      hi += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
+    pos_freqs = base**idx
+    extra = 1.0 / pos_freqs
+    inter = 1.0 / (factor * pos_freqs)
+    extra_factor = 1 - ramp
+    inv_freq = inter * (1 - extra_factor) + extra * extra_factor
+    scaling = float(att)
+  return inv_freq, scaling
+
+
+def _rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, seq_len: int):
+  inv_freq, scaling = rope_inv_freq(cfg, seq_len)
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  # x: (B, T, H, hd); cos/sin: (B, T, hd)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rot * sin
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Key/value cache for incremental decoding.
+
+  Invariants: ``k`` and ``v`` have shape ``(num_layers, batch, max_len, num_kv_heads, head_dim)``;
+  ``length`` (int32 scalar) counts the positions already written, all sequences in the batch
+  sharing the same length; positions ``>= length`` hold garbage and are masked out.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+  """``y = x @ kernel (+ bias)``; ``kernel`` may be dense or any compressed leaf."""
+
+  def __init__(self, din: int, dout: int, *, use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (din, dout), dtype))
+    self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = formats.dot(x, self.kernel.value)
+    if self.bias is not None:
+      y = y + self.bias.value.astype(y.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    b = cfg.attention_bias
+    self.q_proj = Linear(d, h * hd, use_bias=b, rngs=rngs, dtype=dtype)
+    self.k_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype)
+    self.v_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype)
+    self.o_proj = Linear(h * hd, d, use_bias=False, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None):
+    """x: (B, T, D). q_pos: (B, T). k_pos: (B, S). kv_cache: None or (k, v, start)."""
+    cfg = self.cfg
+    bsz, t, _ = x.shape
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = self.q_proj(x).reshape(bsz, t, h, hd)
+    k = self.k_proj(x).reshape(bsz, t, kv, hd)
+    v = self.v_proj(x).reshape(bsz, t, kv, hd)
+    q = _apply_rope(q, cos, sin)
+    k = _apply_rope(k, cos, sin)
+    new_kv = None
+    if kv_cache is not None:
+      ck, cv, start = kv_cache
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+      new_kv = (ck, cv)
+      k, v = ck.astype(x.dtype), cv.astype(x.dtype)
+    g = h // kv
+    qg = q.reshape(bsz, t, kv, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, S), k_pos < 0 marks invalid slots
+    mask &= k_pos[:, None, :] >= 0
+    if cfg.sliding_window is not None:
+      mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(bsz, t, h * hd)
+    return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype)
+    self.up_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype)
+    self.down_proj = Linear(f, d, use_bias=False, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None):
+    a, new_kv = self.attn(self.attn_norm(x), cos, sin, q_pos, k_pos, kv_cache)
+    x = x + a
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, new_kv
+
+
+class Llama(nnx.Module):
+  """Llama-family causal LM.
+
+  Examples:
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+    ...                   num_heads=4, num_kv_heads=2)
+    >>> model = Llama(cfg, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+    (1, 5, 64)
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=dtype)
+    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, dtype=dtype))
+
+  def hidden_states(self, tokens: jax.Array, cache: KVCache | None = None):
+    """Final normalized hidden states ``(B, T, D)`` and the updated cache (or None)."""
+    cfg = self.cfg
+    bsz, t = tokens.shape
+    x = self.embed.embedding.value[tokens]
+    if cache is None:
+      q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
+      k_pos = q_pos
+      seq_len = t
+    else:
+      max_len = cache.k.shape[2]
+      q_pos = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (bsz, t))
+      slots = jnp.arange(max_len, dtype=jnp.int32)
+      k_pos = jnp.broadcast_to(jnp.where(slots < cache.length + t, slots, -1), (bsz, max_len))
+      seq_len = max_len
+    cos, sin = _rope_cos_sin(cfg, q_pos, seq_len)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kvc = None if cache is None else (cache.k[i], cache.v[i], cache.length)
+      x, nkv = layer(x, cos, sin, q_pos, k_pos, kvc)
+      if nkv is not None:
+        new_k.append(nkv[0])
+        new_v.append(nkv[1])
+    x = self.norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.length + t)
+    return x, new_cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      return formats.dot(h, self.embed.embedding.value.T)
+    return self.lm_head(h)
+
+  def __call__(self, tokens: jax.Array, cache: KVCache | None = None):
+    """Logits ``(B, T, vocab)``; with a cache, returns ``(logits, new_cache)``."""
+    h, new_cache = self.hidden_states(tokens, cache)
+    out = self.logits(h)
+    return out if cache is None else (out, new_cache)

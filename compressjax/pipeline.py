@@ -1,0 +1,269 @@
+"""Compress-and-evaluate jobs driven by ml-collections configs (the logic behind the CLI).
+
+Notebooks call :func:`run_compress` / :func:`run_eval` directly with a config from ``configs/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax import accounting, checkpoint, data, evaluate, transforms
+from compressjax.io import build_model, load_model, model_params
+from compressjax.model import LlamaConfig
+
+__all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_info", "git_commit",
+           "peak_rss_mb", "append_record", "format_table"]
+
+# Method name -> factory(**kwargs) -> Transform. Later methods (GPTQ, AWQ, ...) register here.
+METHODS = {
+    "rtn": transforms.rtn,
+}
+_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def _method(name: str, kwargs: dict[str, Any], where) -> transforms.Transform | None:
+  if name in ("none", "keep"):
+    return None
+  if name not in METHODS:
+    raise ValueError(f"compression method {name!r} is not known; expected one of "
+                     f"{sorted(METHODS) + ['none']}")
+  kwargs = dict(kwargs)
+  if "scale_dtype" in kwargs and isinstance(kwargs["scale_dtype"], str):
+    if kwargs["scale_dtype"] not in _DTYPES:
+      raise ValueError(f"scale_dtype {kwargs['scale_dtype']!r}: expected one of {sorted(_DTYPES)}")
+    kwargs["scale_dtype"] = _DTYPES[kwargs["scale_dtype"]]
+  return METHODS[name](**kwargs, where=where)
+
+
+def build_transform(comp) -> transforms.Transform:
+  """Builds the transform described by a config's ``compression`` block.
+
+  ``comp.rules`` (a sequence of dicts ``{where, method, **kwargs}``, first match wins) takes
+  precedence; otherwise ``comp.method`` with ``comp.kwargs`` is applied to ``comp.where``.
+  """
+  comp = dict(comp)
+  rules = comp.get("rules") or ()
+  if rules:
+    built = []
+    for i, r in enumerate(rules):
+      r = dict(r)
+      if "where" not in r or "method" not in r:
+        raise ValueError(f"compression.rules[{i}] needs 'where' and 'method', got {sorted(r)}")
+      where, method = r.pop("where"), r.pop("method")
+      built.append(transforms.Rule(where, _method(method, r, where=None)))
+    return transforms.select(*built)
+  method = comp.get("method", "none")
+  t = _method(method, dict(comp.get("kwargs") or {}), comp.get("where", transforms.LINEAR_KERNELS))
+  if t is None:
+    return transforms.identity()
+  # Routing through select() makes a `where` that matches nothing an error, not a silent no-op.
+  return transforms.select((comp.get("where", transforms.LINEAR_KERNELS), t))
+
+
+def git_commit() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def machine_info() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  return (f"{cpu}; {os.cpu_count()} cpus; jax {jax.__version__} on {dev.platform}"
+          f" ({dev.device_kind})")
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far, in MiB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def append_record(path: str, record: dict[str, Any]) -> None:
+  """Appends one JSON line (one measured configuration) to a results file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+  cells = [[fmt(v) for v in r] for r in rows]
+  widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+  line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def _eval_all(model, tok, cfg, label: str) -> dict[str, dict[str, Any]]:
+  out = {}
+  for corpus in cfg.data.corpora:
+    w = data.protocol_eval_windows(tok, corpus, data_dir=cfg.data.dir or None,
+                                   seq_len=cfg.data.seq_len, num_windows=cfg.data.num_eval_windows)
+    out[corpus] = evaluate.perplexity(model, w, batch_size=cfg.data.batch_size,
+                                      desc=f"{label} {corpus}")
+  return out
+
+
+def _to_jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def run_compress(cfg) -> dict[str, Any]:
+  """Loads the model, evaluates, compresses, evaluates again, saves, prints and records.
+
+  Returns the result record (also appended to ``cfg.results_file`` when set).
+  """
+  t_start = time.perf_counter()
+  dtype = _DTYPES[cfg.dtype]
+  t0 = time.perf_counter()
+  model, tok = load_model(cfg.model, dtype=dtype)
+  load_s = time.perf_counter() - t0
+  transform = build_transform(cfg.compression)  # validates the recipe before any long work
+  params = model_params(model)
+  before_size = accounting.size_report(params)
+  before = _eval_all(model, tok, cfg, "fp") if cfg.eval_before else {}
+
+  t0 = time.perf_counter()
+  new_params, _ = transforms.apply(transform, params)
+  new_params = jax.block_until_ready(new_params)
+  compress_s = time.perf_counter() - t0
+  del params
+  after_size = accounting.size_report(new_params)
+  cmodel = build_model(model.cfg, new_params, dtype=dtype)
+  del model
+  after = _eval_all(cmodel, tok, cfg, cfg.compression.name)
+
+  record = {
+      "method": cfg.compression.name,
+      "settings": _to_jsonable(cfg.compression.to_dict()),
+      "model": cfg.model,
+      "bits_per_param": after_size["linear_bits_per_param"],
+      "model_bytes": after_size["total_bytes"],
+      "linear_bytes": after_size["linear_bytes"],
+      "other_bytes": after_size["other_bytes"],
+      "dense_model_bytes": before_size["total_bytes"],
+      "ppl_wiki": after.get("wiki", {}).get("ppl"),
+      "ppl_austen": after.get("austen", {}).get("ppl"),
+      "nll": {k: v["nll"] for k, v in after.items()},
+      "baseline_ppl_wiki": before.get("wiki", {}).get("ppl"),
+      "baseline_ppl_austen": before.get("austen", {}).get("ppl"),
+      "eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in after.items()},
+      "baseline_eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in before.items()},
+      "protocol": {"seq_len": cfg.data.seq_len, "num_eval_windows": cfg.data.num_eval_windows},
+      "wall_s": compress_s,
+      "load_s": load_s,
+      "total_wall_s": None,
+      "peak_rss_mb": peak_rss_mb(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "commit": git_commit(),
+      "machine": machine_info(),
+  }
+  if cfg.output_dir:
+    checkpoint.save(cfg.output_dir, new_params, tokenizer=tok, overwrite=cfg.overwrite,
+                    metadata={"model_config": model_config_dict(cmodel.cfg),
+                              "compression": _to_jsonable(cfg.compression.to_dict()),
+                              "data": _to_jsonable(cfg.data.to_dict()),
+                              "dtype": cfg.dtype, "result": record})
+    record["checkpoint"] = os.path.abspath(cfg.output_dir)
+  record["total_wall_s"] = time.perf_counter() - t_start
+  record["peak_rss_mb"] = peak_rss_mb()
+
+  rows = []
+  if before:
+    rows.append(["uncompressed", before_size["linear_bits_per_param"],
+                 before.get("wiki", {}).get("ppl", "-"), before.get("austen", {}).get("ppl", "-"),
+                 before_size["total_bytes"] / 2**20, "-"])
+  rows.append([cfg.compression.name, after_size["linear_bits_per_param"],
+               after.get("wiki", {}).get("ppl", "-"), after.get("austen", {}).get("ppl", "-"),
+               after_size["total_bytes"] / 2**20, compress_s])
+  print()
+  print(format_table(["model", "bits/param (linear)", "ppl wiki", "ppl austen", "model MiB",
+                      "compress s"], rows))
+  print(f"linear layers: {after_size['linear_params']:,} params in {after_size['linear_bytes']:,} "
+        f"bytes; uncompressed rest (embeddings, norms): {after_size['other_params']:,} params in "
+        f"{after_size['other_bytes']:,} bytes")
+  print(f"peak RSS {record['peak_rss_mb']:.0f} MiB; total wall {record['total_wall_s']:.1f} s; "
+        f"eval throughput {', '.join(f'{k} {v:.0f} tok/s' for k, v in record['eval_tokens_per_s'].items())}")
+  if cfg.output_dir:
+    print(f"saved compressed model to {record['checkpoint']}")
+  if cfg.results_file:
+    append_record(cfg.results_file, record)
+  return record
+
+
+def model_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
+  return _to_jsonable(cfg.to_dict())
+
+
+def run_eval(checkpoint_dir: str, *, corpora=None, data_dir: str | None = None,
+             batch_size: int | None = None) -> dict[str, Any]:
+  """Restores a checkpoint written by :func:`run_compress` and re-evaluates it.
+
+  Uses the checkpoint's own tokenizer and protocol settings; reports whether the perplexities
+  reproduce the saved ones bit for bit.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  params, meta = checkpoint.restore(checkpoint_dir)
+  for key in ("model_config", "data", "dtype"):
+    if key not in meta:
+      raise checkpoint.CheckpointError(
+          f"checkpoint path {checkpoint_dir!r}: metadata has no {key!r} (not written by "
+          "compressjax compress)")
+  mcfg = LlamaConfig(**meta["model_config"])
+  model = build_model(mcfg, params, dtype=_DTYPES[meta["dtype"]])
+  tok_path = os.path.join(checkpoint_dir, "tokenizer.json")
+  if not os.path.isfile(tok_path):
+    raise checkpoint.CheckpointError(f"checkpoint path {checkpoint_dir!r}: tokenizer.json is missing")
+  tok = Tokenizer.from_file(tok_path)
+  dcfg = ml_collections.ConfigDict(meta["data"])
+  if corpora:
+    dcfg.corpora = tuple(corpora)
+  if data_dir:
+    dcfg.dir = data_dir
+  if batch_size:  # the saved batch size reproduces the saved numbers bit for bit
+    dcfg.batch_size = batch_size
+  res = _eval_all(model, tok, ml_collections.ConfigDict({"data": dcfg}), "eval")
+  saved = meta.get("result", {}).get("nll", {})
+  rows = []
+  for corpus, r in res.items():
+    same = corpus in saved and saved[corpus] == r["nll"]
+    rows.append([corpus, r["ppl"], r["nll"], saved.get(corpus, "-"), "yes" if same else "NO"])
+  print(format_table(["corpus", "ppl", "mean nll", "saved nll", "bit-identical"], rows))
+  return {c: {**r, "matches_saved": c in saved and saved[c] == r["nll"]} for c, r in res.items()}

@@ -1,0 +1,276 @@
+"""Compression transforms: pairs of pure functions, composed by chaining (optax style).
+
+A :class:`Transform` is ``(init, update)``:
+
+* ``init(params) -> state`` plans the rewrite from paths and shapes alone (it also works on trees
+  of ``jax.ShapeDtypeStruct``) and records which parameters it will touch;
+* ``update(params, state, stats=None) -> (params, state)`` performs it. ``stats`` carries
+  calibration statistics keyed by parameter path for data-aware methods; data-free methods such as
+  RTN ignore it.
+
+Recipes are chains (``chain(prune, quantize, compensate)``) and per-parameter settings are
+:func:`select` rules (first match wins; a rule that matches nothing is an error, so a typo in a
+config can never silently do nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
+                                              leaves_with_paths, path_str)
+
+__all__ = [
+    "Transform",
+    "Rule",
+    "UnmatchedRuleError",
+    "ChainState",
+    "LeafwiseState",
+    "SelectState",
+    "chain",
+    "identity",
+    "leafwise",
+    "select",
+    "apply",
+    "plan",
+    "to_abstract",
+]
+
+Params = Any
+log = logging.getLogger(__name__)
+
+
+class Transform(NamedTuple):
+  """A compression step: ``init(params) -> state``; ``update(params, state, stats) -> (params, state)``."""
+
+  init: Callable[[Params], Any]
+  update: Callable[..., tuple[Params, Any]]
+
+
+class UnmatchedRuleError(ValueError):
+  """A selection rule matched no parameter."""
+
+
+class _Unselected:
+  """Stands in for a leaf a transform must not see (like optax's ``MaskedNode``)."""
+
+  __slots__ = ()
+
+  def __repr__(self):
+    return "Unselected"
+
+
+jax.tree_util.register_pytree_node(_Unselected, lambda x: ((), None), lambda aux, ch: _UNSELECTED)
+_UNSELECTED = _Unselected()
+
+
+def _visible(leaf: Any) -> bool:
+  return leaf is not None and not isinstance(leaf, _Unselected)
+
+
+def _leaf_or_marker(x):
+  return is_leaf(x) or isinstance(x, _Unselected)
+
+
+def _map(fn, params):
+  return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_str(kp), x), params,
+                                          is_leaf=_leaf_or_marker)
+
+
+class ChainState(NamedTuple):
+  inner: tuple[Any, ...]
+
+
+def chain(*transforms: Transform) -> Transform:
+  """Applies ``transforms`` one after the other (``chain(prune, quantize, compensate)``).
+
+  Each step is planned on the abstract output of the steps before it, so a quantizer chained
+  after a pruner selects the pruner's outputs.
+  """
+
+  def init(params):
+    abstract = to_abstract(params)
+    states = []
+    for t in transforms:
+      states.append(t.init(abstract))
+      abstract = plan(t, abstract, state=states[-1])
+    return ChainState(tuple(states))
+
+  def update(params, state, stats=None):
+    new_states = []
+    for t, s in zip(transforms, state.inner):
+      params, s = t.update(params, s, stats)
+      new_states.append(s)
+    return params, ChainState(tuple(new_states))
+
+  return Transform(init, update)
+
+
+def identity() -> Transform:
+  return Transform(lambda params: None, lambda params, state, stats=None: (params, state))
+
+
+class LeafwiseState(NamedTuple):
+  """Which parameters a leaf-wise transform rewrites (paths in tree order)."""
+
+  paths: tuple[str, ...]
+
+
+def leafwise(fn: Callable[[str, Any], Any], where: Selector = LINEAR_KERNELS, *,
+             name: str = "leafwise") -> Transform:
+  """A transform that rewrites each selected leaf independently: ``leaf -> fn(path, leaf)``.
+
+  Errors raised by ``fn`` are re-raised naming the transform and the parameter path.
+  """
+  pred = as_predicate(where)
+
+  def init(params):
+    paths = tuple(p for p, leaf in leaves_with_paths(params) if _visible(leaf) and pred(p, leaf))
+    return LeafwiseState(paths)
+
+  def update(params, state, stats=None):
+    del stats
+    selected = set(state.paths)
+
+    def rewrite(path, leaf):
+      if path not in selected or not _visible(leaf):
+        return leaf
+      try:
+        return fn(path, leaf)
+      except (ValueError, TypeError, NotImplementedError) as e:
+        raise type(e)(f"{name} at parameter {path!r}: {e}") from e
+
+    return _map(rewrite, params), state
+
+  return Transform(init, update)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """``where`` selects parameters; ``transform`` (``None`` = keep unchanged) is applied to them."""
+
+  where: Selector
+  transform: Transform | None
+  name: str = ""
+
+  def label(self, i: int) -> str:
+    return self.name or (self.where if isinstance(self.where, str) else f"rule {i}")
+
+
+class SelectState(NamedTuple):
+  """``assignment[path]`` is the index of the rule that claimed the parameter (first match)."""
+
+  assignment: dict[str, int]
+  inner: tuple[Any, ...]
+
+
+def select(*rules: Rule | tuple[Selector, Transform | None], on_unmatched: str = "error") -> Transform:
+  """Routes parameters to transforms by rules; the first rule that matches a parameter wins.
+
+  Args:
+    *rules: :class:`Rule` objects or ``(where, transform)`` pairs. Parameters that no rule
+      matches are left unchanged.
+    on_unmatched: ``"error"`` (default) raises :class:`UnmatchedRuleError` when a rule matches no
+      parameter (or only parameters an earlier rule already claimed); ``"warn"`` warns instead.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from compressjax import transforms as T
+    >>> params = {"a": {"kernel": jnp.ones((64, 8))}, "b": {"kernel": jnp.ones((64, 8))}}
+    >>> t = T.select((r"a/kernel", T.rtn(bits=8)), (r".*", None))
+    >>> out, state = T.apply(t, params)
+    >>> type(out["a"]["kernel"]).__name__, type(out["b"]["kernel"]).__name__
+    ('QuantizedArray', 'ArrayImpl')
+  """
+  if on_unmatched not in ("error", "warn"):
+    raise ValueError(f"on_unmatched must be 'error' or 'warn', got {on_unmatched!r}")
+  rules = tuple(r if isinstance(r, Rule) else Rule(*r) for r in rules)
+  preds = [as_predicate(r.where) for r in rules]
+
+  def init(params):
+    assignment: dict[str, int] = {}
+    hits = [0] * len(rules)
+    for path, leaf in leaves_with_paths(params):
+      if not _visible(leaf):
+        continue
+      for i, pred in enumerate(preds):
+        if pred(path, leaf):
+          assignment[path] = i
+          hits[i] += 1
+          break
+    unmatched = [rules[i].label(i) for i, h in enumerate(hits) if h == 0]
+    if unmatched:
+      msg = (f"selection rules matched no parameter: {unmatched}. Parameter paths look like "
+             f"{[p for p, _ in leaves_with_paths(params)][:4]}...")
+      if on_unmatched == "error":
+        raise UnmatchedRuleError(msg)
+      warnings.warn(msg, stacklevel=2)
+    inner = tuple(
+        None if r.transform is None else r.transform.init(_masked(params, assignment, i))
+        for i, r in enumerate(rules))
+    return SelectState(assignment, inner)
+
+  def update(params, state, stats=None):
+    new_inner = []
+    for i, (r, s) in enumerate(zip(rules, state.inner)):
+      if r.transform is None:
+        new_inner.append(s)
+        continue
+      sub, s = r.transform.update(_masked(params, state.assignment, i), s, stats)
+      params = _merge(params, sub, state.assignment, i)
+      new_inner.append(s)
+    return params, SelectState(state.assignment, tuple(new_inner))
+
+  return Transform(init, update)
+
+
+def _masked(params, assignment, i):
+  return _map(lambda p, x: x if assignment.get(p) == i else _UNSELECTED, params)
+
+
+def _merge(params, sub, assignment, i):
+  flat_sub = dict(leaves_with_paths_marked(sub))
+  return _map(lambda p, x: flat_sub[p] if assignment.get(p) == i else x, params)
+
+
+def leaves_with_paths_marked(params):
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_marker)
+  return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def to_abstract(params: Params) -> Params:
+  """The same tree with every array replaced by a ``jax.ShapeDtypeStruct``."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
+def apply(transform: Transform, params: Params, stats: Any = None) -> tuple[Params, Any]:
+  """``init`` then ``update``: returns ``(new_params, state)``.
+
+  ``params`` may be a nested dict of arrays or an ``nnx.State``; an ``nnx.State`` comes back as
+  an ``nnx.State`` of the same structure with rewritten values.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  if isinstance(params, nnx.State):
+    pure = nnx.to_pure_dict(params)
+    new, state = apply(transform, pure, stats)
+    out = jax.tree.map(lambda x: x, params)  # a copy: never mutate the caller's state
+    nnx.replace_by_pure_dict(out, new)
+    return out, state
+  state = transform.init(params)
+  return transform.update(params, state, stats)
+
+
+def plan(transform: Transform, abstract_params: Params, state: Any = None) -> Params:
+  """Shapes and dtypes of the compressed tree, from a tree of ``jax.ShapeDtypeStruct``.
+
+  Nothing is computed: the rewrite is traced with ``jax.eval_shape``.
+  """
+  state = transform.init(abstract_params) if state is None else state
+  return jax.eval_shape(lambda p: transform.update(p, state)[0], abstract_params)

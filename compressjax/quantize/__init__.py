@@ -1,0 +1,15 @@
+"""Quantization algorithms (pure math in ``*_core`` modules)."""
+
+from compressjax.quantize.rtn_core import RTN_BITS
+from compressjax.quantize.rtn_core import quantize_codes
+from compressjax.quantize.rtn_core import quantize_rtn
+from compressjax.quantize.rtn_core import rtn_codes
+from compressjax.quantize.rtn_core import rtn_params
+
+__all__ = [
+    "RTN_BITS",
+    "quantize_codes",
+    "quantize_rtn",
+    "rtn_codes",
+    "rtn_params",
+]

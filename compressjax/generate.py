@@ -60,7 +60,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = Tru
       logits, cache = nnx.merge(graphdef, state)(toks, cache)
       return _pick(logits[:, -1].astype(jnp.float32), temperature, key), cache
 
-    cache = init_cache(model.cfg, bsz, total, dtype=model.embed.embedding.value.dtype)
+    cache = init_cache(model.cfg, bsz, total, dtype=model.embed.embedding.get_value().dtype)
     key, sub = jax.random.split(key)
     tok, cache = step(state, jnp.asarray(prompt), cache, sub)
     tok = record(tok)

@@ -257,9 +257,9 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = formats.dot(x, self.kernel.value)
+    y = formats.dot(x, self.kernel.get_value())
     if self.bias is not None:
-      y = y + self.bias.value.astype(y.dtype)
+      y = y + self.bias.get_value().astype(y.dtype)
     return y
 
 
@@ -273,7 +273,7 @@ class RMSNorm(nnx.Module):
     xf = x.astype(jnp.float32)
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    return (y * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -368,7 +368,7 @@ class Llama(nnx.Module):
     """Final normalized hidden states ``(B, T, D)`` and the updated cache (or None)."""
     cfg = self.cfg
     bsz, t = tokens.shape
-    x = self.embed.embedding.value[tokens]
+    x = self.embed.embedding.get_value()[tokens]
     if cache is None:
       q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
       k_pos = q_pos
@@ -395,7 +395,7 @@ class Llama(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     if self.lm_head is None:
-      return formats.dot(h, self.embed.embedding.value.T)
+      return formats.dot(h, self.embed.embedding.get_value().T)
     return self.lm_head(h)
 
   def __call__(self, tokens: jax.Array, cache: KVCache | None = None):

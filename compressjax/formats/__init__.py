@@ -18,6 +18,7 @@ Examples:
 """
 
 from compressjax.formats.base import CompressedArray
+from compressjax.formats.base import accumulation_dtype
 from compressjax.formats.base import array_nbytes
 from compressjax.formats.base import is_compressed
 from compressjax.formats.base import tree_nbytes
@@ -43,6 +44,7 @@ __all__ = [
     "CompressedArray",
     "MatmulImpl",
     "QuantizedArray",
+    "accumulation_dtype",
     "array_nbytes",
     "dequantize",
     "dot",

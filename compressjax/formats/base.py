@@ -17,7 +17,30 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CompressedArray", "array_nbytes", "is_compressed", "tree_nbytes"]
+__all__ = [
+    "CompressedArray",
+    "accumulation_dtype",
+    "array_nbytes",
+    "is_compressed",
+    "tree_nbytes",
+]
+
+
+def accumulation_dtype(*dtypes: Any) -> np.dtype:
+  """``float64`` if any of ``dtypes`` is ``float64``, else ``float32``.
+
+  The dtype in which formats decode and accumulate. Chosen explicitly rather
+  than by type promotion so that code also runs under
+  ``jax_numpy_dtype_promotion="strict"``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> accumulation_dtype(jnp.float16, jnp.bfloat16)
+    dtype('float32')
+  """
+  if any(np.dtype(d) == np.float64 for d in dtypes):
+    return np.dtype(np.float64)
+  return np.dtype(np.float32)
 
 
 def array_nbytes(x: Any) -> int:

@@ -199,10 +199,6 @@ def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array
 # "xla" implementation for QuantizedArray.
 
 
-def _accumulation_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
   """Pure-jnp ``x @ w`` for a :class:`~compressjax.formats.QuantizedArray`.
 
@@ -223,7 +219,7 @@ def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array
   ``jnp.result_type(x.dtype, w.dtype)``.
   """
   out_dtype = jnp.result_type(x.dtype, w.dtype)
-  acc = _accumulation_dtype(out_dtype)
+  acc = base.accumulation_dtype(out_dtype)
   k, n = w.shape
   batch = x.shape[:-1]
   m = math.prod(batch)
@@ -236,10 +232,11 @@ def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array
   g, gs = w.num_groups, w.group_size
   xg = x.reshape(batch + (g, gs))
   # Centered codes q - 2**(bits-1) lie in [-128, 127]: exact in every float
-  # dtype used for activations (bf16 included), and centering keeps the partial
-  # products small, so little precision is lost when the zero term is added.
-  cdtype = jnp.promote_types(x.dtype, jnp.bfloat16) if jnp.issubdtype(
-      x.dtype, jnp.floating) else acc
+  # dtype of 16 bits or more (bf16 included), so the codes enter the product
+  # in the activation dtype; centering keeps the partial products small, so
+  # little precision is lost when the zero term is added.
+  floating = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize >= 2
+  cdtype = x.dtype if floating else acc
   center = 2**(w.bits - 1)
   q = (w.grouped_codes().astype(jnp.int32) - center).astype(cdtype)
   partial = jnp.einsum("...gk,gkn->...gn", xg.astype(cdtype), q, preferred_element_type=acc)

@@ -107,8 +107,8 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
     whose size becomes ``packed_length(codes.shape[axis], bits)``.
 
   Raises:
-    ValueError: if ``bits`` is unsupported, ``codes`` is a scalar or ``axis`` is
-      out of bounds.
+    ValueError: if ``bits`` is unsupported, ``codes`` is a scalar or not
+      integer, or ``axis`` is out of bounds.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -122,6 +122,8 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
   """
   _check_bits(bits)
   codes = jnp.asarray(codes)
+  if not jnp.issubdtype(codes.dtype, jnp.integer):
+    raise ValueError(f"codes must have an integer dtype, got {codes.dtype}.")
   axis = _normalize_axis(axis, codes.ndim, "codes")
   return _pack(codes, int(bits), axis)
 
@@ -139,19 +141,19 @@ def _pack(codes: jax.Array, bits: int, axis: int) -> jax.Array:
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * len(rest))
   x = x.reshape((n_blocks, BLOCK) + rest)
 
-  lane = np.arange(BLOCK, dtype=np.int64)
+  lane = _lane_shape(x.ndim - 1)
+  start = np.arange(BLOCK, dtype=np.int64) * bits  # stream offset of each code
   words = []
   for w in range(bits):
-    # Offset of each code's bit 0 relative to bit 0 of word ``w``.
-    shift = lane * bits - BLOCK * w
+    # Offset of each code's bit 0 relative to bit 0 of word ``w``: codes with
+    # ``shift >= 0`` enter shifted left (and are truncated at bit 31), codes
+    # that started in the previous word contribute their high bits.
+    shift = start - BLOCK * w
     overlaps = (shift > -bits) & (shift < BLOCK)
-    lo = np.clip(shift, 0, BLOCK - 1).astype(np.uint32)
-    hi = np.clip(-shift, 0, BLOCK - 1).astype(np.uint32)
-    part = jnp.right_shift(
-        jnp.left_shift(x, lo.reshape(_lane_shape(x.ndim - 1))),
-        hi.reshape(_lane_shape(x.ndim - 1)))
-    part = jnp.where(overlaps.reshape(_lane_shape(x.ndim - 1)), part,
-                     np.uint32(0))
+    left = np.clip(shift, 0, BLOCK - 1).astype(np.uint32).reshape(lane)
+    right = np.clip(-shift, 0, BLOCK - 1).astype(np.uint32).reshape(lane)
+    part = jnp.right_shift(jnp.left_shift(x, left), right)
+    part = jnp.where(overlaps.reshape(lane), part, np.uint32(0))
     # The parts occupy disjoint bits, so their sum is their bitwise OR.
     words.append(jnp.sum(part, axis=1, dtype=jnp.uint32))
   packed = jnp.stack(words, axis=1).reshape((n_blocks * bits,) + rest)

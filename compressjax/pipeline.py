@@ -32,7 +32,7 @@ METHODS = {
 _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
-def _method(name: str, kwargs: dict[str, Any], where) -> transforms.Transform | None:
+def _method(name: str, kwargs: dict[str, Any]) -> transforms.Transform | None:
   if name in ("none", "keep"):
     return None
   if name not in METHODS:
@@ -43,7 +43,7 @@ def _method(name: str, kwargs: dict[str, Any], where) -> transforms.Transform | 
     if kwargs["scale_dtype"] not in _DTYPES:
       raise ValueError(f"scale_dtype {kwargs['scale_dtype']!r}: expected one of {sorted(_DTYPES)}")
     kwargs["scale_dtype"] = _DTYPES[kwargs["scale_dtype"]]
-  return METHODS[name](**kwargs, where=where)
+  return METHODS[name](**kwargs)  # default `where`: what the enclosing rule selected
 
 
 def build_transform(comp) -> transforms.Transform:
@@ -61,10 +61,10 @@ def build_transform(comp) -> transforms.Transform:
       if "where" not in r or "method" not in r:
         raise ValueError(f"compression.rules[{i}] needs 'where' and 'method', got {sorted(r)}")
       where, method = r.pop("where"), r.pop("method")
-      built.append(transforms.Rule(where, _method(method, r, where=None)))
+      built.append(transforms.Rule(where, _method(method, r)))
     return transforms.select(*built)
   method = comp.get("method", "none")
-  t = _method(method, dict(comp.get("kwargs") or {}), comp.get("where", transforms.LINEAR_KERNELS))
+  t = _method(method, dict(comp.get("kwargs") or {}))
   if t is None:
     return transforms.identity()
   # Routing through select() makes a `where` that matches nothing an error, not a silent no-op.

@@ -151,3 +151,15 @@ def test_rtn_output_error_decreases_with_bits_on_the_tiny_model():
     errs.append(float(jnp.mean((build_model(model.cfg, q)(toks) - ref) ** 2) / jnp.mean(ref**2)))
   assert errs == sorted(errs, reverse=True), errs
   assert errs[-1] < 1e-3 < errs[0]  # relative logit error: 8 bits is near lossless, 2 bits is not
+
+
+def test_a_transform_that_selects_nothing_is_an_error_not_a_no_op():
+  only_embed = {"embed": {"embedding": jnp.ones((32, 64))}}
+  with pytest.raises(T.UnmatchedRuleError, match="rtn.*selects none"):
+    T.apply(T.rtn(bits=4), only_embed)
+  # Inside a rule the default selection is the rule's: a non-standard path is quantized...
+  out, _ = T.apply(T.select((r"embed/embedding", T.rtn(bits=8))), only_embed)
+  assert isinstance(out["embed"]["embedding"], formats.QuantizedArray)
+  # ...while an explicit `where` still applies on top of the rule and must select something.
+  with pytest.raises(T.UnmatchedRuleError, match="selects none"):
+    T.apply(T.select((r"embed/embedding", T.rtn(bits=8, where=r".*kernel"))), only_embed)

@@ -1,6 +1,6 @@
 """Compression transforms: ``Transform(init, update)`` pairs, chained and routed by rules."""
 
-from compressjax.transforms.base import (ChainState, LeafwiseState, Rule, SelectState, Transform,
+from compressjax.transforms.base import (DEFAULT_WHERE, ChainState, LeafwiseState, Rule, SelectState, Transform,
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
 from compressjax.transforms.quantize import rtn
@@ -8,7 +8,7 @@ from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predi
                                               leaves_with_paths, map_with_path, path_str)
 
 __all__ = [
-    "ChainState", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
+    "ChainState", "DEFAULT_WHERE", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
     "UnmatchedRuleError", "apply", "as_predicate", "chain", "identity", "is_leaf", "leafwise",
     "leaves_with_paths", "map_with_path", "path_str", "plan", "rtn", "select", "to_abstract",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "Rule",
     "UnmatchedRuleError",
     "ChainState",
+    "DEFAULT_WHERE",
     "LeafwiseState",
     "SelectState",
     "chain",
@@ -122,16 +123,45 @@ class LeafwiseState(NamedTuple):
   paths: tuple[str, ...]
 
 
-def leafwise(fn: Callable[[str, Any], Any], where: Selector = LINEAR_KERNELS, *,
+class _DefaultWhere:
+  """The default selection: the decoder's linear kernels, or, under a :func:`select` rule, exactly
+  the parameters the rule selected."""
+
+  def __repr__(self):
+    return "DEFAULT_WHERE"
+
+
+DEFAULT_WHERE = _DefaultWhere()
+
+
+def leafwise(fn: Callable[[str, Any], Any], where: Selector | _DefaultWhere = DEFAULT_WHERE, *,
              name: str = "leafwise") -> Transform:
   """A transform that rewrites each selected leaf independently: ``leaf -> fn(path, leaf)``.
 
-  Errors raised by ``fn`` are re-raised naming the transform and the parameter path.
+  Args:
+    fn: ``(path, leaf) -> new_leaf``.
+    where: which parameters. The default is :data:`LINEAR_KERNELS` when the transform is used on
+      its own and "everything the rule selected" when it is the transform of a :func:`select`
+      rule; an explicit selector always applies (inside a rule, on top of the rule's).
+    name: used in error messages.
+
+  Selecting nothing among the parameters it is given raises :class:`UnmatchedRuleError`, and
+  errors raised by ``fn`` are re-raised naming the transform and the parameter path.
   """
-  pred = as_predicate(where)
 
   def init(params):
-    paths = tuple(p for p, leaf in leaves_with_paths(params) if _visible(leaf) and pred(p, leaf))
+    flat = [(p, leaf) for p, leaf in leaves_with_paths_marked(params) if leaf is not None]
+    visible = [(p, leaf) for p, leaf in flat if _visible(leaf)]
+    if isinstance(where, _DefaultWhere):
+      under_rule = len(visible) < len(flat)
+      pred = (lambda p, x: True) if under_rule else as_predicate(LINEAR_KERNELS)
+    else:
+      pred = as_predicate(where)
+    paths = tuple(p for p, leaf in visible if pred(p, leaf))
+    if visible and not paths:
+      raise UnmatchedRuleError(
+          f"{name}: where={where!r} selects none of the {len(visible)} parameters it was given "
+          f"(e.g. {[p for p, _ in visible[:3]]})")
     return LeafwiseState(paths)
 
   def update(params, state, stats=None):

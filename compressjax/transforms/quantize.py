@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from compressjax.formats import CompressedArray
 from compressjax.quantize import rtn_core
-from compressjax.transforms.base import Transform, leafwise
-from compressjax.transforms.selection import LINEAR_KERNELS, Selector
+from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
+from compressjax.transforms.selection import Selector
 
 __all__ = ["rtn"]
 
@@ -18,7 +18,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
-        scale_dtype=jnp.float16, where: Selector = LINEAR_KERNELS) -> Transform:
+        scale_dtype=jnp.float16, where: Selector = DEFAULT_WHERE) -> Transform:
   """Round-to-nearest quantization of the selected kernels into packed :class:`QuantizedArray` s.
 
   Args:
@@ -27,7 +27,8 @@ def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
       channel). Must divide every selected kernel's input width.
     symmetric: symmetric codes around zero (GPTQ convention) or asymmetric min/scale.
     scale_dtype: dtype the scales (and zeros) are stored in.
-    where: which parameters (default: every linear kernel of the decoder blocks).
+    where: which parameters (default: every linear kernel of the decoder blocks, or what the
+      enclosing :func:`select` rule selected).
 
   Examples:
     >>> import jax.numpy as jnp

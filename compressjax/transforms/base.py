@@ -15,10 +15,10 @@ config can never silently do nothing).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 Params = Any
-log = logging.getLogger(__name__)
+# True while a select() rule plans its transform: the transform's default selection is then the
+# rule's selection (scoped to that init call; never read elsewhere).
+_UNDER_RULE = contextvars.ContextVar("compressjax_under_rule", default=False)
 
 
 class Transform(NamedTuple):
@@ -150,11 +152,9 @@ def leafwise(fn: Callable[[str, Any], Any], where: Selector | _DefaultWhere = DE
   """
 
   def init(params):
-    flat = [(p, leaf) for p, leaf in leaves_with_paths_marked(params) if leaf is not None]
-    visible = [(p, leaf) for p, leaf in flat if _visible(leaf)]
+    visible = [(p, leaf) for p, leaf in leaves_with_paths_marked(params) if _visible(leaf)]
     if isinstance(where, _DefaultWhere):
-      under_rule = len(visible) < len(flat)
-      pred = (lambda p, x: True) if under_rule else as_predicate(LINEAR_KERNELS)
+      pred = (lambda p, x: True) if _UNDER_RULE.get() else as_predicate(LINEAR_KERNELS)
     else:
       pred = as_predicate(where)
     paths = tuple(p for p, leaf in visible if pred(p, leaf))
@@ -241,9 +241,8 @@ def select(*rules: Rule | tuple[Selector, Transform | None], on_unmatched: str =
       if on_unmatched == "error":
         raise UnmatchedRuleError(msg)
       warnings.warn(msg, stacklevel=2)
-    inner = tuple(
-        None if r.transform is None else r.transform.init(_masked(params, assignment, i))
-        for i, r in enumerate(rules))
+    inner = tuple(None if r.transform is None else _init_under_rule(r.transform, params, assignment, i)
+                  for i, r in enumerate(rules))
     return SelectState(assignment, inner)
 
   def update(params, state, stats=None):
@@ -258,6 +257,14 @@ def select(*rules: Rule | tuple[Selector, Transform | None], on_unmatched: str =
     return params, SelectState(state.assignment, tuple(new_inner))
 
   return Transform(init, update)
+
+
+def _init_under_rule(transform, params, assignment, i):
+  token = _UNDER_RULE.set(True)
+  try:
+    return transform.init(_masked(params, assignment, i))
+  finally:
+    _UNDER_RULE.reset(token)
 
 
 def _masked(params, assignment, i):

@@ -218,6 +218,15 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rot * sin
 
 
+def _gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """``table[idx]``; under a mesh with Explicit axes the output follows ``idx``'s sharding."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.explicit_axes:
+    return table[idx]
+  spec = jax.typeof(idx).sharding.spec
+  return table.at[idx].get(out_sharding=jax.sharding.PartitionSpec(*spec, None))
+
+
 # --------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------
@@ -368,7 +377,7 @@ class Llama(nnx.Module):
     """Final normalized hidden states ``(B, T, D)`` and the updated cache (or None)."""
     cfg = self.cfg
     bsz, t = tokens.shape
-    x = self.embed.embedding.get_value()[tokens]
+    x = _gather_rows(self.embed.embedding.get_value(), tokens)
     if cache is None:
       q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
       k_pos = q_pos

@@ -1,5 +1,7 @@
 """Quantization algorithms (pure math in ``*_core`` modules)."""
 
+from compressjax.quantize.gptq_core import gptq_quantize
+from compressjax.quantize.gptq_core import gptq_reference
 from compressjax.quantize.rtn_core import RTN_BITS
 from compressjax.quantize.rtn_core import quantize_codes
 from compressjax.quantize.rtn_core import quantize_rtn
@@ -8,6 +10,8 @@ from compressjax.quantize.rtn_core import rtn_params
 
 __all__ = [
     "RTN_BITS",
+    "gptq_quantize",
+    "gptq_reference",
     "quantize_codes",
     "quantize_rtn",
     "rtn_codes",

@@ -1,0 +1,467 @@
+"""GPTQ: second-order, error-compensating quantization of one weight. Pure math on arrays.
+
+No trees, configs, calibration or parameter paths here (the transform that
+wires GPTQ into a model collects ``H`` and calls :func:`gptq_quantize`); only
+functions of one ``(K, N)`` weight and its ``(K, K)`` input Hessian proxy.
+
+The problem (Frantar et al. 2022, eq. 1): for a linear layer with calibration
+inputs ``X`` (``n`` tokens by ``K`` input features), find quantized ``Q``
+minimizing ``||X W - X Q||_F^2``; its Hessian with respect to each output
+column is ``H = 2 X^T X`` (we take ``H = 2 X^T X / n``; the scale cancels).
+
+Layout and transposition. The paper (and IST-DASLab ``gptq.py``, qwix
+``gptq_core.py``) write the weight as ``W_paper`` of shape ``(rows, columns) =
+(out, in)`` and quantize it *column by column*, a column being one input
+feature. compressjax kernels are ``W`` of shape ``(K, N) = (in, out)``, i.e.
+``W = W_paper^T``; so here a paper column ``W_paper[:, i]`` is our row
+``W[i, :]``, and every column operation of the paper becomes the same row
+operation here:
+
+==========================================  ===========================================
+paper / reference, ``W_paper`` (out, in)    here, ``W`` (K, N) = (in, out)
+==========================================  ===========================================
+``w = W1[:, i]``                            ``w = W1[i]``
+``W1[:, i:] -= outer(err1, Hinv1[i, i:])``  ``W1[i:] -= outer(Hinv1[i, i:], err1)``
+``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]``    ``W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1``
+==========================================  ===========================================
+
+``H``, ``Hinv`` (the upper Cholesky factor of ``H^{-1}``), ``d = Hinv[i, i]``
+and ``blocksize`` are indexed by input feature in both layouts and need no
+transposition.
+
+Algorithm (paper, Algorithm 1), with the reference's preparation:
+
+1. Dead inputs (``H[i, i] == 0``: the feature is always zero) get
+   ``H[i, i] = 1`` and ``W[i, :] = 0``.
+2. Damping ``H += damp * I`` with ``damp = percdamp * mean(diag(H))``;
+   ``Hinv = cholesky(H^{-1}, upper=True)``. If that Cholesky fails (``H`` not
+   numerically positive definite), ``percdamp`` is raised tenfold and the
+   factorization retried (see :data:`DAMP_RETRIES`); the damping used is
+   reported. If every retry fails (e.g. ``H`` holds NaNs), ``Hinv = I``, which
+   makes GPTQ plain RTN, and ``info["cholesky_ok"]`` is ``False``.
+3. Lazy batch updates: for each block of ``blocksize`` rows ``[i1, i2)``, for
+   each row ``i`` of the block, quantize ``w = W[i]`` to the RTN grid of its
+   group (``q``), set ``err1 = (w - q) / d`` and apply the OBS update
+   ``W[i:i2] -= outer(Hinv[i, i:i2], err1)`` inside the block; after the block,
+   ``W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1`` in one matmul. This equals the
+   unblocked recursion ``W[i+1:] -= outer(Hinv[i, i+1:], err1)`` (implemented
+   directly by :func:`gptq_reference`).
+4. ``Losses = (w - q)^2 / d^2 / 2``, summed into ``info["loss"]``.
+
+Grids. Each group's grid (``scale``/``zero`` of :func:`rtn_core.rtn_params`,
+stored in ``scale_dtype``) is computed when the quantizer reaches the group's
+first row, from the *current*, error-updated rows of the group (all updates of
+earlier rows applied). IST-DASLab ``gptq.py`` and qwix read those rows from
+the weight as of the start of the current block, missing updates pending inside
+the block; the two agree whenever ``group_size`` is a multiple of
+``blocksize``, and ours does not depend on ``blocksize``. With
+``static_groups=True`` all grids are computed up front from the original
+weight. Codes and the ``q`` used for the error feedback are computed against
+the stored ``scale_dtype`` values, so ``QuantizedArray.materialize()`` returns
+exactly the ``Q`` the algorithm used.
+
+Activation order (``act_order=True``, the reference's ``actorder``): rows are
+processed in order of decreasing ``diag(H)``, then codes are put back in the
+original row order, so the output is a normal :class:`QuantizedArray` whose
+groups are contiguous ranges of original rows (the packed format and its
+matmul are unchanged). This needs ``static_groups=True`` when
+``group_size < K``: groups formed on the fly in the permuted order are not
+contiguous in the original order and cannot be stored, so that combination
+raises a ``ValueError``. Per-channel (``group_size=None``) has a single group
+and needs no ``static_groups``.
+
+References:
+  Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training
+  Quantization for Generative Pre-trained Transformers", ICLR 2023,
+  arXiv:2210.17323 (Algorithm 1; Cholesky reformulation, lazy batch updates).
+  Frantar, Singh, Alistarh, "Optimal Brain Compression", NeurIPS 2022,
+  arXiv:2208.11580 (the OBS update). IST-DASLab ``gptq/gptq.py``
+  (``fasterquant``: dead inputs, ``percdamp``, ``actorder``,
+  ``static_groups``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.formats import base
+from compressjax.formats.quantized import QuantizedArray
+from compressjax.formats.quantized import dequantize
+from compressjax.quantize import rtn_core
+from compressjax.quantize.rtn_core import quantize_codes
+from compressjax.quantize.rtn_core import rtn_params
+
+# The paper's variable names (H, Hinv, W, Q, Err1, ...) are kept on purpose.
+# pylint: disable=invalid-name
+
+__all__ = ["DAMP_RETRIES", "gptq_quantize", "gptq_reference"]
+
+#: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
+#: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
+DAMP_RETRIES = 6
+
+
+def _percdamp_schedule(percdamp: float, t: int) -> float:
+  """Relative damping of attempt ``t`` (``0 <= t < DAMP_RETRIES``)."""
+  if t == 0:
+    return percdamp
+  return (percdamp if percdamp > 0 else 1e-5) * 10.0**t
+
+
+def _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups) -> int:
+  """Validates arguments; returns the resolved group size."""
+  rtn_core._check_bits(bits)  # pylint: disable=protected-access
+  rtn_core._check_weight(W)  # pylint: disable=protected-access
+  k = W.shape[0]
+  gs = rtn_core._resolve_group_size(group_size, k)  # pylint: disable=protected-access
+  if getattr(H, "ndim", None) != 2 or tuple(H.shape) != (k, k):
+    raise ValueError(f"H must be the (K, K) = ({k}, {k}) input Hessian of W with shape "
+                     f"{tuple(W.shape)}, got H.shape={getattr(H, 'shape', None)}.")
+  if not jnp.issubdtype(H.dtype, jnp.floating):
+    raise ValueError(f"H must have a floating dtype, got {H.dtype}.")
+  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+    raise ValueError(f"blocksize must be a positive int, got blocksize={blocksize!r}.")
+  if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not (
+      percdamp >= 0 and np.isfinite(percdamp)):
+    raise ValueError(f"percdamp must be a finite float >= 0, got percdamp={percdamp!r}.")
+  if act_order and gs < k and not static_groups:
+    raise ValueError(
+        f"act_order=True with group_size={group_size} < K={k} requires static_groups=True: "
+        "groups formed in activation order are not contiguous in the original row order, "
+        "which QuantizedArray cannot store. Pass static_groups=True (grids computed up front "
+        "from the original weight) or use act_order=False.")
+  return gs
+
+
+# ----------------------------------------------------------------------------------------
+# Lazy-batch GPTQ (jitted).
+# ----------------------------------------------------------------------------------------
+
+
+def _hinv_cholesky(H: jax.Array, percdamp: float):
+  """Upper Cholesky factor of ``(H + damp I)^{-1}``, raising ``damp`` until it succeeds.
+
+  Returns ``(Hinv, percdamp_used, damp, ok)``; ``Hinv`` is upper triangular
+  with ``(H + damp I)^{-1} = Hinv^T Hinv``.
+  """
+  K = H.shape[0]
+  eye = jnp.eye(K, dtype=H.dtype)
+  mean_diag = jnp.mean(jnp.diag(H))
+
+  rels = jnp.asarray([_percdamp_schedule(percdamp, t) for t in range(DAMP_RETRIES)], H.dtype)
+
+  def attempt(t):
+    rel = rels[t]
+    damp = rel * mean_diag
+    L = jnp.linalg.cholesky(H + damp * eye)
+    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)  # torch.cholesky_inverse
+    Hinv = jnp.triu(jnp.linalg.cholesky(Hinv, upper=True))
+    return rel, damp, Hinv
+
+  def cond(state):
+    t, _, _, _, ok = state
+    return jnp.logical_and(jnp.logical_not(ok), t < DAMP_RETRIES)
+
+  def body(state):
+    t = state[0]
+    rel, damp, Hinv = attempt(t)
+    return t + 1, rel, damp, Hinv, jnp.all(jnp.isfinite(Hinv))
+
+  zero = jnp.zeros((), H.dtype)
+  _, rel, damp, Hinv, ok = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), zero, zero, eye, jnp.zeros((), bool)))
+  Hinv = jnp.where(ok, Hinv, eye)  # all retries failed: RTN (no error feedback)
+  return Hinv, rel, damp, ok
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("bits", "group_size", "symmetric", "scale_dtype", "blocksize", "percdamp",
+                     "act_order", "static_groups", "with_q"))
+def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp, act_order,
+          static_groups, with_q):
+  """Lazy-batch GPTQ on validated arguments (``group_size`` resolved, ``<= K``).
+
+  Returns ``(codes, scale, zero, Q, info)``; ``Q`` (the dequantized weight the
+  algorithm used, original row order) is ``None`` unless ``with_q``.
+  """
+  K, N = W.shape
+  gs = group_size
+  G = K // gs
+  ctype = base.accumulation_dtype(W.dtype, H.dtype)
+  W = W.astype(ctype)
+  H = H.astype(ctype)
+
+  # 1. Dead inputs.
+  dead = jnp.diag(H) == 0
+  H = H + jnp.diag(dead.astype(ctype))
+  W = jnp.where(dead[:, None], jnp.zeros((), ctype), W)
+
+  # Grids known up front: static groups, or the single per-channel group (whose
+  # grid "at its first row" is that of the unmodified W).
+  upfront = static_groups or gs == K
+  if upfront:
+    scale_all, zero_all = rtn_params(W.reshape(G, gs, N), bits=bits, symmetric=symmetric,
+                                     scale_dtype=scale_dtype)
+    if zero_all is None:
+      zero_all = jnp.zeros_like(scale_all)
+
+  # Activation order: permute rows of W and rows/cols of H.
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(H), stable=True)
+    W = W[perm]
+    H = H[perm][:, perm]
+  else:
+    perm = jnp.arange(K)
+
+  # 2. Damping and Cholesky of the inverse.
+  Hinv, percdamp_used, damp, ok = _hinv_cholesky(H, percdamp)
+
+  # Pad K to a multiple of the block size with dead-like rows: W = 0 and an
+  # identity block of Hinv, so they never feed errors into real rows.
+  B = min(blocksize, K)
+  Kp = -(-K // B) * B
+  if Kp != K:
+    W = jnp.pad(W, ((0, Kp - K), (0, 0)))
+    Hinv = jnp.pad(Hinv, ((0, Kp - K), (0, Kp - K)))
+    Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
+    perm = jnp.concatenate([perm, jnp.arange(K, Kp)])
+  group_of_row = jnp.minimum(perm // gs, G - 1)  # original group of each processed row
+
+  def grid_at(j, W, Hinv1, Err1):
+    """Grid of the group starting at row ``j`` from its current (fully updated) rows."""
+    rows = (jax.lax.dynamic_slice_in_dim(W, j, gs, axis=0)
+            - jax.lax.dynamic_slice_in_dim(Hinv1, j, gs, axis=1).T @ Err1)
+    s, z = rtn_params(rows[None], bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    return s[0], (jnp.zeros_like(s[0]) if z is None else z[0])
+
+  def block_step(b, carry):
+    W, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = carry
+    i1 = b * B
+    Hinv1 = jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)  # (B, Kp): rows of the block
+    Hinv11 = jax.lax.dynamic_slice_in_dim(Hinv1, i1, B, axis=1)  # (B, B): Hinv[i1:i2, i1:i2]
+    W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=0)
+    Err1 = jnp.zeros_like(W1)
+
+    def row_step(i, carry):
+      W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = carry
+      j = i1 + i
+      if upfront:
+        g = group_of_row[j]
+        scale_g, zero_g = scale_all[g], zero_all[g]
+      else:
+        new_group = jnp.logical_and(j % gs == 0, j < K)
+        scale_g, zero_g = jax.lax.cond(new_group, lambda: grid_at(j, W, Hinv1, Err1),
+                                       lambda: (scale_g, zero_g))
+        g = jnp.minimum(j // gs, G - 1)
+        scales = jax.lax.dynamic_update_index_in_dim(
+            scales, jnp.where(new_group, scale_g, scales[g]), g, axis=0)
+        zeros = jax.lax.dynamic_update_index_in_dim(
+            zeros, jnp.where(new_group, zero_g, zeros[g]), g, axis=0)
+      zero_arg = None if symmetric else zero_g
+      w = W1[i]
+      code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
+      q = dequantize(code, scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
+      d = Hinv11[i, i]
+      real = j < K
+      loss = loss + jnp.where(real, jnp.sum((w - q)**2) / d**2 / 2, jnp.zeros((), ctype))
+      err1 = (w - q) / d
+      # Hinv11[i, :i] == 0 (upper triangular), so this is W1[i:] -= outer(Hinv1[i, i:], err1).
+      W1 = W1 - Hinv11[i][:, None] * err1[None, :]
+      Err1 = jax.lax.dynamic_update_index_in_dim(Err1, err1, i, axis=0)
+      codes = jax.lax.dynamic_update_index_in_dim(codes, code, j, axis=0)
+      if with_q:
+        Qbuf = jax.lax.dynamic_update_index_in_dim(Qbuf, q, j, axis=0)
+      return W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros
+
+    W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = jax.lax.fori_loop(
+        0, B, row_step, (W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros))
+    # Lazy batch update of all later rows: W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1. Rows before
+    # i1 get zero (Hinv is upper triangular); rows of this block are done and never read.
+    W = W - Hinv1.T @ Err1
+    return W, codes, Qbuf, loss, scale_g, zero_g, scales, zeros
+
+  codes = jnp.zeros((Kp, N), jnp.uint8)
+  Qbuf = jnp.zeros((Kp, N), ctype) if with_q else jnp.zeros((), ctype)
+  scale_g = jnp.zeros((N,), scale_dtype)
+  scales = jnp.zeros((G, N), scale_dtype)
+  init = (W, codes, Qbuf, jnp.zeros((), ctype), scale_g, scale_g, scales, scales)
+  _, codes, Qbuf, loss, _, _, scales, zeros = jax.lax.fori_loop(0, Kp // B, block_step, init)
+
+  if upfront:
+    scales, zeros = scale_all, zero_all
+  zero = None if symmetric else zeros
+  codes = codes[:K]
+  Q = Qbuf[:K] if with_q else None
+  if act_order:
+    invperm = jnp.argsort(perm[:K])
+    codes = codes[invperm]
+    Q = None if Q is None else Q[invperm]
+  info = {
+      "loss": loss,
+      "damp": damp,
+      "percdamp": percdamp_used,
+      "dead": jnp.sum(dead.astype(jnp.int32)),
+      "cholesky_ok": ok,
+  }
+  return codes, scales, zero, Q, info
+
+
+def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | None = None,
+                  symmetric: bool = True, scale_dtype: Any = jnp.float16, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False,
+                  static_groups: bool = False) -> tuple[QuantizedArray, dict[str, jax.Array]]:
+  """GPTQ-quantizes a ``(K, N)`` weight given its input Hessian ``H``.
+
+  Implements Algorithm 1 of Frantar et al. 2022 with lazy batch updates (see
+  the module docstring for the row/column transposition, grids and activation
+  order). Jittable (all keyword arguments are static): compiles once per shape
+  and configuration; the inner recursion runs as ``lax.fori_loop`` over blocks
+  and rows.
+
+  Args:
+    W: floating weight of shape ``(K, N)`` (``(in, out)``, ``y = x @ W``).
+    H: input Hessian proxy ``2 X^T X / n`` of shape ``(K, K)`` (``X`` the
+      ``(n, K)`` calibration inputs of this layer), floating (``float32``).
+    bits: code width, one of ``(2, 3, 4, 8)``.
+    group_size: rows per group along ``K``; ``None`` means per-channel
+      (``group_size = K``). Must divide ``K``.
+    symmetric: symmetric (GPTQ) or asymmetric min/max (``Q4_1``) grid, as
+      :func:`~compressjax.quantize.quantize_rtn`.
+    scale_dtype: dtype in which ``scale``/``zero`` are stored and used.
+    blocksize: rows per lazy batch update (the paper's ``B``); a performance
+      knob only, the result does not depend on it beyond float rounding.
+    percdamp: damping ``H += percdamp * mean(diag(H)) * I``; raised tenfold
+      (up to :data:`DAMP_RETRIES` attempts) while the Cholesky factorization
+      fails.
+    act_order: process rows in order of decreasing ``diag(H)`` (reference
+      ``actorder``); the output keeps the original row order. With
+      ``group_size < K`` this requires ``static_groups=True``.
+    static_groups: compute every group's grid up front from the original
+      weight instead of from the error-updated rows when the group is reached.
+
+  Returns:
+    ``(qw, info)``: the :class:`QuantizedArray` (logical dtype ``W.dtype``)
+    whose ``materialize()`` is exactly the ``Q`` GPTQ computed, and ``info``, a
+    dict of scalars: ``loss`` (the reference's ``sum(Losses)``, i.e.
+    ``sum((w - q)^2 / d^2) / 2``), ``damp`` (the absolute damping added to
+    ``diag(H)``), ``percdamp`` (the relative damping that succeeded),
+    ``dead`` (number of dead input rows, ``H[i, i] == 0``) and
+    ``cholesky_ok`` (``False`` if every damping failed and RTN was used).
+
+  Raises:
+    ValueError: if ``bits``, ``group_size`` (names ``K`` and the valid sizes),
+      ``blocksize``, ``percdamp`` or the shapes of ``W``/``H`` are invalid, or
+      for ``act_order`` with ``group_size < K`` and ``static_groups=False``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> X = jax.random.normal(jax.random.key(0), (256, 64))
+    >>> W = jax.random.normal(jax.random.key(1), (64, 8))
+    >>> qw, info = gptq_quantize(W, 2 * X.T @ X / 256, bits=4, group_size=32, blocksize=16)
+    >>> qw
+    QuantizedArray(shape=(64, 8), dtype=float32, bits=4, group_size=32, symmetric=True)
+    >>> int(info["dead"]), bool(info["cholesky_ok"]), round(float(info["percdamp"]), 6)
+    (0, True, 0.01)
+    >>> from compressjax.quantize import quantize_rtn
+    >>> out_err = lambda qa: float(jnp.linalg.norm(X @ (W - qa.materialize())))
+    >>> out_err(qw) < out_err(quantize_rtn(W, bits=4, group_size=32))
+    True
+
+  References:
+    Frantar et al., "GPTQ", arXiv:2210.17323, Algorithm 1.
+  """
+  gs = _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups)
+  codes, scale, zero, _, info = _gptq(
+      W, H, bits=bits, group_size=gs, symmetric=bool(symmetric), scale_dtype=scale_dtype,
+      blocksize=blocksize, percdamp=float(percdamp), act_order=bool(act_order),
+      static_groups=bool(static_groups), with_q=False)
+  qw = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
+                                 symmetric=bool(symmetric), dtype=W.dtype)
+  return qw, info
+
+
+# ----------------------------------------------------------------------------------------
+# Slow reference (NumPy, float64, no lazy batching).
+# ----------------------------------------------------------------------------------------
+
+
+def gptq_reference(W, H, *, bits: int, group_size: int | None = None, symmetric: bool = True,
+                   scale_dtype: Any = jnp.float16, percdamp: float = 0.01,
+                   act_order: bool = False,
+                   static_groups: bool = False) -> tuple[QuantizedArray, dict[str, Any]]:
+  """Slow, direct GPTQ in NumPy ``float64``, for tests of :func:`gptq_quantize`.
+
+  No lazy batching: after quantizing row ``i`` it applies the OBS update
+  ``W[i+1:] -= outer(Hinv[i, i+1:] / Hinv[i, i], w - q)`` to all later rows at
+  once (Frantar et al. 2022, eq. 2 with the Cholesky rows of ``H^{-1}``).
+  Grids use the same :func:`rtn_core.rtn_params` / :func:`rtn_core.quantize_codes`
+  as :func:`gptq_quantize`. Same arguments (minus ``blocksize``) and outputs;
+  ``info`` also holds ``"q"``, the ``float64`` ``Q`` (original row order).
+  """
+  _check_args(W, H, bits, group_size, 1, percdamp, act_order, static_groups)
+  W = np.array(W, np.float64)
+  H = np.array(H, np.float64)
+  K, N = W.shape
+  gs = K if group_size is None else group_size
+  G = K // gs
+
+  def grid(rows):
+    s, z = rtn_params(jnp.asarray(rows)[None], bits=bits, symmetric=symmetric,
+                      scale_dtype=scale_dtype)
+    return s[0], (None if z is None else z[0])
+
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[dead] = 0
+  upfront = static_groups or gs == K  # per-channel: one group, its grid is that of W
+  grids = [grid(W[g * gs:(g + 1) * gs]) for g in range(G)] if upfront else [None] * G
+  perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(K)
+  W = W[perm]
+  H = H[perm][:, perm]
+
+  mean_diag = np.mean(np.diag(H))
+  Hinv = np.eye(K)
+  ok = False
+  for t in range(DAMP_RETRIES):
+    used = _percdamp_schedule(float(percdamp), t)
+    damp = used * mean_diag
+    try:
+      Hinv = np.linalg.cholesky(np.linalg.inv(H + damp * np.eye(K))).T  # upper
+    except np.linalg.LinAlgError:
+      continue
+    if np.all(np.isfinite(Hinv)):
+      ok = True
+      break
+  if not ok:
+    Hinv = np.eye(K)
+
+  codes = np.zeros((K, N), np.uint8)
+  Q = np.zeros((K, N))
+  loss = 0.0
+  for i in range(K):
+    if upfront:
+      s, z = grids[perm[i] // gs]
+    elif i % gs == 0:
+      s, z = grids[i // gs] = grid(W[i:i + gs])  # current, error-updated rows of the group
+    w = W[i]
+    code = quantize_codes(jnp.asarray(w), s, z, bits=bits, symmetric=symmetric)
+    q = np.asarray(dequantize(code, s, z, bits=bits, symmetric=symmetric), np.float64)
+    d = Hinv[i, i]
+    codes[i], Q[i] = np.asarray(code), q
+    loss += float(np.sum((w - q)**2) / d**2 / 2)
+    W[i + 1:] -= np.outer(Hinv[i, i + 1:] / d, w - q)
+
+  invperm = np.argsort(perm)
+  scale = jnp.stack([s for s, _ in grids])
+  zero = None if symmetric else jnp.stack([z for _, z in grids])
+  qw = QuantizedArray.from_codes(jnp.asarray(codes[invperm]), scale, zero, bits=bits,
+                                 group_size=gs, symmetric=symmetric, dtype=jnp.float32)
+  info = {"loss": loss, "damp": damp, "percdamp": used, "dead": int(dead.sum()),
+          "cholesky_ok": ok, "q": Q[invperm]}
+  return qw, info

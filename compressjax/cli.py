@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
+# Threaded OpenBLAS makes the small LAPACK calls of calibration (Cholesky) ~100x slower on a
+# loaded CPU; set before numpy/scipy load it. An explicit user setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 USAGE = __doc__
 
 

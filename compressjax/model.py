@@ -34,7 +34,9 @@ from flax import nnx
 from compressjax import formats
 
 __all__ = [
+    "Block",
     "LlamaConfig",
+    "rope_cos_sin",
     "KVCache",
     "Llama",
     "rope_inv_freq",
@@ -202,7 +204,7 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[jax.Arr
   return inv_freq, scaling
 
 
-def _rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, seq_len: int):
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, seq_len: int):
   inv_freq, scaling = rope_inv_freq(cfg, seq_len)
   freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -296,11 +298,16 @@ class Attention(nnx.Module):
     self.v_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype)
     self.o_proj = Linear(h * hd, d, use_bias=False, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None):
-    """x: (B, T, D). q_pos: (B, T). k_pos: (B, S). kv_cache: None or (k, v, start)."""
+  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None, capture=None):
+    """x: (B, T, D). q_pos: (B, T). k_pos: (B, S). kv_cache: None or (k, v, start).
+
+    ``capture`` (a dict, filled at trace time) receives the input of each linear layer.
+    """
     cfg = self.cfg
     bsz, t, _ = x.shape
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if capture is not None:
+      capture["attn/qkv"] = x
     q = self.q_proj(x).reshape(bsz, t, h, hd)
     k = self.k_proj(x).reshape(bsz, t, kv, hd)
     v = self.v_proj(x).reshape(bsz, t, kv, hd)
@@ -324,6 +331,8 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(bsz, t, h * hd)
+    if capture is not None:
+      capture["attn/o_proj"] = out
     return self.o_proj(out), new_kv
 
 
@@ -335,8 +344,12 @@ class MLP(nnx.Module):
     self.up_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype)
     self.down_proj = Linear(f, d, use_bias=False, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, capture=None):
+    act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    if capture is not None:
+      capture["mlp/gate_up"] = x
+      capture["mlp/down_proj"] = act
+    return self.down_proj(act)
 
 
 class Block(nnx.Module):
@@ -347,10 +360,18 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None):
-    a, new_kv = self.attn(self.attn_norm(x), cos, sin, q_pos, k_pos, kv_cache)
+  # Which captured input feeds which linear layer (see ``capture`` in the sub-modules).
+  LINEAR_INPUTS = {
+      "attn/q_proj": "attn/qkv", "attn/k_proj": "attn/qkv", "attn/v_proj": "attn/qkv",
+      "attn/o_proj": "attn/o_proj", "mlp/gate_proj": "mlp/gate_up", "mlp/up_proj": "mlp/gate_up",
+      "mlp/down_proj": "mlp/down_proj",
+  }
+
+  def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None, capture=None):
+    """One decoder block; ``capture`` (optional dict) receives every linear layer's input."""
+    a, new_kv = self.attn(self.attn_norm(x), cos, sin, q_pos, k_pos, kv_cache, capture)
     x = x + a
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), capture)
     return x, new_kv
 
 
@@ -373,11 +394,14 @@ class Llama(nnx.Module):
     self.lm_head = (None if cfg.tie_word_embeddings else
                     Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, dtype=dtype))
 
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    return _gather_rows(self.embed.embedding.get_value(), tokens)
+
   def hidden_states(self, tokens: jax.Array, cache: KVCache | None = None):
     """Final normalized hidden states ``(B, T, D)`` and the updated cache (or None)."""
     cfg = self.cfg
     bsz, t = tokens.shape
-    x = _gather_rows(self.embed.embedding.get_value(), tokens)
+    x = self.embed_tokens(tokens)
     if cache is None:
       q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (bsz, t))
       k_pos = q_pos
@@ -388,7 +412,7 @@ class Llama(nnx.Module):
       slots = jnp.arange(max_len, dtype=jnp.int32)
       k_pos = jnp.broadcast_to(jnp.where(slots < cache.length + t, slots, -1), (bsz, max_len))
       seq_len = max_len
-    cos, sin = _rope_cos_sin(cfg, q_pos, seq_len)
+    cos, sin = rope_cos_sin(cfg, q_pos, seq_len)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kvc = None if cache is None else (cache.k[i], cache.v[i], cache.length)

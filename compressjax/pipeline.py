@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax import accounting, checkpoint, data, evaluate, transforms
+from compressjax import accounting, calibration, checkpoint, data, evaluate, transforms
 from compressjax.io import build_model, load_model, model_params
 from compressjax.model import LlamaConfig
 
@@ -28,7 +28,10 @@ __all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_in
 # Method name -> factory(**kwargs) -> Transform. Later methods (GPTQ, AWQ, ...) register here.
 METHODS = {
     "rtn": transforms.rtn,
+    "gptq": transforms.gptq,
 }
+# Methods that need calibration statistics (run through the sequential calibration engine).
+DATA_AWARE = {"gptq"}
 _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
@@ -69,6 +72,12 @@ def build_transform(comp) -> transforms.Transform:
     return transforms.identity()
   # Routing through select() makes a `where` that matches nothing an error, not a silent no-op.
   return transforms.select((comp.get("where", transforms.LINEAR_KERNELS), t))
+
+
+def needs_calibration(comp) -> bool:
+  comp = dict(comp)
+  methods = [dict(r)["method"] for r in (comp.get("rules") or ())] or [comp.get("method", "none")]
+  return any(m in DATA_AWARE for m in methods)
 
 
 def git_commit() -> str:
@@ -159,7 +168,17 @@ def run_compress(cfg) -> dict[str, Any]:
   before = _eval_all(model, tok, cfg, "fp") if cfg.eval_before else {}
 
   t0 = time.perf_counter()
-  new_params, _ = transforms.apply(transform, params)
+  if needs_calibration(cfg.compression):
+    cal = cfg.calibration
+    windows = data.protocol_calibration_windows(
+        tok, data_dir=cfg.data.dir or None, num=cal.num_windows, seq_len=cal.seq_len,
+        seed=cal.seed, source=cal.source)
+    new_params, _ = calibration.run_sequential(
+        model, windows, transform, batch_size=cal.batch_size, mode=cal.mode,
+        resume_dir=cal.resume_dir or None,
+        recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True))
+  else:
+    new_params, _ = transforms.apply(transform, params)
   new_params = jax.block_until_ready(new_params)
   compress_s = time.perf_counter() - t0
   del params
@@ -185,6 +204,8 @@ def run_compress(cfg) -> dict[str, Any]:
       "eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in after.items()},
       "baseline_eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in before.items()},
       "protocol": {"seq_len": cfg.data.seq_len, "num_eval_windows": cfg.data.num_eval_windows},
+      "calibration": (_to_jsonable(cfg.calibration.to_dict())
+                      if needs_calibration(cfg.compression) else None),
       "wall_s": compress_s,
       "load_s": load_s,
       "total_wall_s": None,

@@ -38,6 +38,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Optional per-parameter rules, first match wins: ({"where": regex, "method": name, **kwargs}, ...).
   c.compression.rules = ()
 
+  c.calibration = ml_collections.ConfigDict()
+  # Calibration windows for data-aware methods (standard protocol: 128 x 512, seed 0).
+  c.calibration.num_windows = 128
+  c.calibration.seq_len = 512
+  c.calibration.seed = 0
+  # "mixed" (wiki after the eval region + five Austen novels), "austen", or a text file/dir.
+  c.calibration.source = "mixed"
+  # "sequential": each block is calibrated on the compressed previous blocks' outputs;
+  # "original": on the uncompressed model's activations.
+  c.calibration.mode = "sequential"
+  # Windows per jitted block call.
+  c.calibration.batch_size = 8
+  # Directory to checkpoint after every block and resume from ("" = no resume).
+  c.calibration.resume_dir = ""
+
   # Evaluate the uncompressed model too (before/after table).
   c.eval_before = True
   # Where the compressed model is saved with orbax ("" = do not save).

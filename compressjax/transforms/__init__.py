@@ -3,12 +3,12 @@
 from compressjax.transforms.base import (DEFAULT_WHERE, ChainState, LeafwiseState, Rule, SelectState, Transform,
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
-from compressjax.transforms.quantize import rtn
+from compressjax.transforms.quantize import gptq, rtn
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, map_with_path, path_str)
 
 __all__ = [
     "ChainState", "DEFAULT_WHERE", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
     "UnmatchedRuleError", "apply", "as_predicate", "chain", "identity", "is_leaf", "leafwise",
-    "leaves_with_paths", "map_with_path", "path_str", "plan", "rtn", "select", "to_abstract",
+    "leaves_with_paths", "map_with_path", "path_str", "plan", "gptq", "rtn", "select", "to_abstract",
 ]

@@ -136,16 +136,18 @@ class _DefaultWhere:
 DEFAULT_WHERE = _DefaultWhere()
 
 
-def leafwise(fn: Callable[[str, Any], Any], where: Selector | _DefaultWhere = DEFAULT_WHERE, *,
-             name: str = "leafwise") -> Transform:
+def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_WHERE, *,
+             name: str = "leafwise", with_stats: bool = False) -> Transform:
   """A transform that rewrites each selected leaf independently: ``leaf -> fn(path, leaf)``.
 
   Args:
-    fn: ``(path, leaf) -> new_leaf``.
+    fn: ``(path, leaf) -> new_leaf``, or ``(path, leaf, stats) -> new_leaf`` with ``with_stats``.
     where: which parameters. The default is :data:`LINEAR_KERNELS` when the transform is used on
       its own and "everything the rule selected" when it is the transform of a :func:`select`
       rule; an explicit selector always applies (inside a rule, on top of the rule's).
     name: used in error messages.
+    with_stats: ``fn`` needs the calibration statistics of the parameter (``stats[path]``, as
+      :func:`compressjax.calibration.run_sequential` provides them); missing ones are an error.
 
   Selecting nothing among the parameters it is given raises :class:`UnmatchedRuleError`, and
   errors raised by ``fn`` are re-raised naming the transform and the parameter path.
@@ -165,14 +167,18 @@ def leafwise(fn: Callable[[str, Any], Any], where: Selector | _DefaultWhere = DE
     return LeafwiseState(paths)
 
   def update(params, state, stats=None):
-    del stats
     selected = set(state.paths)
 
     def rewrite(path, leaf):
       if path not in selected or not _visible(leaf):
         return leaf
+      if with_stats:
+        st = (stats or {}).get(path)
+        if st is None:
+          raise ValueError(f"{name} at parameter {path!r} needs calibration statistics; run it "
+                           "through compressjax.calibration.run_sequential (or pass stats)")
       try:
-        return fn(path, leaf)
+        return fn(path, leaf, st) if with_stats else fn(path, leaf)
       except (ValueError, TypeError, NotImplementedError) as e:
         raise type(e)(f"{name} at parameter {path!r}: {e}") from e
 

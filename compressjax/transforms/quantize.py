@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.formats import CompressedArray
-from compressjax.quantize import rtn_core
+from compressjax.quantize import gptq_core, rtn_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.selection import Selector
 
-__all__ = ["rtn"]
+__all__ = ["rtn", "gptq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -50,11 +50,7 @@ def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
 
   def fn(path, w):
     del path
-    if isinstance(w, CompressedArray):
-      raise ValueError(f"rtn expects a dense kernel but the parameter is already compressed "
-                       f"({type(w).__name__})")
-    if getattr(w, "ndim", None) != 2:
-      raise ValueError(f"rtn expects a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+    _check_dense_2d(w, "rtn")
     if group_size is not None and w.shape[0] % group_size:
       # Validate eagerly so the message names group_size and the width even under jit.
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
@@ -62,3 +58,46 @@ def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     return quant(w)
 
   return leafwise(fn, where, name=f"rtn(bits={bits}, group_size={group_size})")
+
+
+def _check_dense_2d(w, name):
+  if isinstance(w, CompressedArray):
+    raise ValueError(f"{name} expects a dense kernel but the parameter is already compressed "
+                     f"({type(w).__name__})")
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"{name} expects a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+
+
+def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
+         scale_dtype=jnp.float16, blocksize: int = 128, percdamp: float = 0.01,
+         act_order: bool = False, static_groups: bool = False,
+         where: Selector = DEFAULT_WHERE) -> Transform:
+  """GPTQ quantization of the selected kernels, using each layer's input Hessian.
+
+  Needs calibration statistics: run it through :func:`compressjax.calibration.run_sequential`
+  (or the ``compress`` entry point, which does). Arguments as in
+  :func:`compressjax.quantize.gptq_quantize`; the output format is the same packed
+  :class:`QuantizedArray` as :func:`rtn`'s, so both chain and load alike.
+
+  References:
+    Frantar et al. 2022, GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers.
+  """
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"gptq: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  quant = jax.jit(functools.partial(
+      gptq_core.gptq_quantize, bits=bits, group_size=group_size, symmetric=symmetric,
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+      static_groups=static_groups))
+  name = f"gptq(bits={bits}, group_size={group_size})"
+
+  def fn(path, w, stats):
+    del path
+    _check_dense_2d(w, "gptq")
+    if group_size is not None and w.shape[0] % group_size:
+      rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
+                            group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    q, _ = quant(w, stats.gptq_hessian())
+    return q
+
+  return leafwise(fn, where, name=name, with_stats=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,31 @@ def _pick(logits, temperature, key):
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step(graphdef, temperature: float):
+  """Prefill/decode step through the KV cache, jitted once per model structure."""
+
+  @jax.jit
+  def step(state, toks, cache, key):
+    logits, cache = nnx.merge(graphdef, state)(toks, cache)
+    return _pick(logits[:, -1].astype(jnp.float32), temperature, key), cache
+
+  return step
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_full(graphdef, temperature: float):
+  """Full causal forward over a fixed buffer, picking the token after position ``pos - 1``."""
+
+  @jax.jit
+  def full(state, buf, pos, key):
+    logits = nnx.merge(graphdef, state)(buf)
+    last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1, keepdims=False)
+    return _pick(last.astype(jnp.float32), temperature, key)
+
+  return full
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = True,
@@ -54,12 +81,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = Tru
     return tok
 
   if use_cache:
-
-    @jax.jit
-    def step(state, toks, cache, key):
-      logits, cache = nnx.merge(graphdef, state)(toks, cache)
-      return _pick(logits[:, -1].astype(jnp.float32), temperature, key), cache
-
+    step = _cached_step(graphdef, float(temperature))
     cache = init_cache(model.cfg, bsz, total, dtype=model.embed.embedding.get_value().dtype)
     key, sub = jax.random.split(key)
     tok, cache = step(state, jnp.asarray(prompt), cache, sub)
@@ -69,13 +91,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = Tru
       tok, cache = step(state, jnp.asarray(tok)[:, None], cache, sub)
       tok = record(tok)
   else:
-
-    @jax.jit
-    def full(state, buf, pos, key):
-      logits = nnx.merge(graphdef, state)(buf)
-      last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1, keepdims=False)
-      return _pick(last.astype(jnp.float32), temperature, key)
-
+    full = _cached_full(graphdef, float(temperature))
     buf = np.zeros((bsz, total), np.int32)
     buf[:, :t] = prompt
     for i in range(max_new_tokens):

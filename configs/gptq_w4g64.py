@@ -1,4 +1,7 @@
-"""GPTQ, 4-bit symmetric, groups of 64 along the input, on every decoder linear layer."""
+"""GPTQ, 4-bit symmetric, groups of 64 along the input, on every decoder linear layer.
+
+Calibration follows the standard protocol (``calibration`` block of ``configs/default.py``).
+"""
 
 from configs import rtn_w4g64
 

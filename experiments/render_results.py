@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
 COMMANDS = {
-    "bench_rtn": "python experiments/bench_rtn.py",
+    "bench_rtn": "python experiments/bench_quality.py --bench bench_rtn",
+    "bench_gptq": "python experiments/bench_quality.py --bench bench_gptq",
     "bench_throughput": "python experiments/bench_throughput.py",
 }
 INTRO = """# Results

@@ -1,10 +1,11 @@
-"""RTN at 8, 4, 3 and 2 bits on the reference model with the standard protocol.
+"""Quality benchmarks on the reference model with the standard protocol.
 
-  python experiments/bench_rtn.py                    # all configurations, full protocol
-  python experiments/bench_rtn.py --configs rtn_w4g64 --windows 8   # a quick look
+  python experiments/bench_quality.py --bench bench_rtn     # RTN 8/4/3/2 bits + the baseline
+  python experiments/bench_quality.py --bench bench_gptq    # GPTQ 4/3/2 bits
+  python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
 
-Each configuration is one `compressjax compress` job (the uncompressed baseline first); each
-appends one JSON record to experiments/results/bench_rtn.jsonl, and a table is printed at the end.
+Each configuration is one `compressjax compress` job; with the full protocol (64 windows) each
+appends one JSON record to experiments/results/<bench>.jsonl, and a table is printed at the end.
 """
 
 import argparse
@@ -12,28 +13,35 @@ import importlib
 import os
 import sys
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see compressjax/cli.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from compressjax import pipeline  # pylint: disable=g-import-not-at-top
 
-CONFIGS = ("default", "rtn_w8", "rtn_w4g64", "rtn_w3g64", "rtn_w2g64", "rtn_w4g32_asym")
+BENCHES = {
+    "bench_rtn": ("default", "rtn_w8", "rtn_w4g64", "rtn_w3g64", "rtn_w2g64", "rtn_w4g32_asym"),
+    "bench_gptq": ("gptq_w3g64", "gptq_w4g64", "gptq_w2g64"),
+}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--configs", default=",".join(CONFIGS))
+  ap.add_argument("--bench", default="bench_rtn", choices=sorted(BENCHES))
+  ap.add_argument("--configs", default=None, help="comma-separated subset of the bench's configs")
   ap.add_argument("--windows", type=int, default=64, help="evaluation windows per corpus")
-  ap.add_argument("--results", default=os.path.join(ROOT, "experiments/results/bench_rtn.jsonl"))
   args = ap.parse_args()
+  results = os.path.join(ROOT, "experiments", "results", f"{args.bench}.jsonl")
+  configs = args.configs.split(",") if args.configs else BENCHES[args.bench]
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   rows = []
-  for name in args.configs.split(","):
+  for name in configs:
     cfg = importlib.import_module(f"configs.{name}").get_config()
     cfg.eval_before = False  # the baseline is its own row (the "default" config)
     cfg.data.num_eval_windows = args.windows
-    cfg.results_file = args.results if args.windows == 64 else ""
+    cfg.results_file = results if args.windows == 64 else ""
     cfg.output_dir = os.path.join(ROOT, "runs", name)
     cfg.overwrite = True
     r = pipeline.run_compress(cfg)

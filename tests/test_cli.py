@@ -56,3 +56,16 @@ def test_bad_config_values_fail_clearly(tiny_gguf, tiny_data, tmp_path):
             f"--config.model={tmp_path}/missing.gguf", *common[1:]])
   assert r.returncode != 0 and "missing.gguf" in r.stderr
   assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_colab_notebook_is_valid_and_uses_the_public_api():
+  nb = json.load(open(os.path.join(REPO, "colab", "quickstart.ipynb")))
+  src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+  compile(src, "quickstart.ipynb", "exec")  # syntax
+  import compressjax.calibration, compressjax.generate, compressjax.io  # noqa: F401
+  from compressjax import accounting, checkpoint, data, evaluate, transforms
+  for name in ("select", "rtn", "gptq", "plan", "apply", "to_abstract"):
+    assert hasattr(transforms, name), name
+  for mod, name in ((data, "protocol_eval_windows"), (data, "protocol_calibration_windows"),
+                    (evaluate, "perplexity"), (checkpoint, "save"), (accounting, "size_report")):
+    assert hasattr(mod, name), name

@@ -33,7 +33,7 @@ from compressjax.transforms.selection import leaves_with_paths
 
 __all__ = ["CheckpointError", "save", "restore", "read_manifest"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: nested compressed leaves ("tree" entries)
 MANIFEST = "manifest.json"
 
 
@@ -61,24 +61,57 @@ def _decode_static(v):
   return v
 
 
-def _describe(leaf) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Manifest entry and ``{child_name: array}`` of one leaf."""
-  if isinstance(leaf, CompressedArray):
-    cls = type(leaf)
-    static, children = {}, {}
-    for f in dataclasses.fields(leaf):
-      v = getattr(leaf, f.name)
+def _describe_node(node, name: str, children: dict[str, Any]):
+  """Structure spec of one field value; its arrays go into ``children`` under dotted names."""
+  if node is None:
+    return None
+  if isinstance(node, CompressedArray):
+    cls = type(node)
+    static, fields = {}, {}
+    for f in dataclasses.fields(node):
+      v = getattr(node, f.name)
       if f.metadata.get("static"):
         static[f.name] = _encode_static(v)
-      elif v is not None:
-        children[f.name] = v
-    entry = {"kind": "compressed", "class": f"{cls.__module__}:{cls.__qualname__}", "static": static}
+      else:
+        fields[f.name] = _describe_node(v, f.name if not name else f"{name}.{f.name}", children)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "static": static, "fields": fields}
+  if isinstance(node, (tuple, list)):
+    return {"tuple": [_describe_node(v, f"{name}.{i}", children) for i, v in enumerate(node)]}
+  children[name] = node
+  return {"array": name}
+
+
+def _describe(leaf) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Manifest entry and ``{child_name: array}`` of one leaf.
+
+  A compressed leaf's fields may themselves be compressed leaves or tuples of them (a
+  :class:`~compressjax.formats.SumArray` of a quantized base and sparse outliers whose scales
+  are quantized again): the entry's ``tree`` records that structure and its arrays are stored
+  under dotted names (``terms.0.scale.inner.packed``).
+  """
+  children: dict[str, Any] = {}
+  if isinstance(leaf, CompressedArray):
+    tree = _describe_node(leaf, "", children)
+    entry = {"kind": "compressed", "class": tree["class"], "static": tree["static"], "tree": tree}
   else:
     children = {"value": leaf}
     entry = {"kind": "dense"}
   entry["children"] = {k: {"shape": list(np.shape(v)), "dtype": jnp.dtype(v.dtype).name}
                        for k, v in children.items()}
   return entry, children
+
+
+def _build_node(spec, children: dict[str, Any], path: str):
+  if spec is None:
+    return None
+  if "array" in spec:
+    return children[spec["array"]]
+  if "tuple" in spec:
+    return tuple(_build_node(s, children, path) for s in spec["tuple"])
+  cls = _resolve_class(spec["class"], path)
+  static = {k: _decode_static(v) for k, v in spec["static"].items()}
+  fields = {k: _build_node(v, children, path) for k, v in spec["fields"].items()}
+  return cls(**fields, **static)
 
 
 def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
@@ -211,9 +244,6 @@ def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if entry["kind"] == "dense":
       leaf = children["value"]
     else:
-      cls = _resolve_class(entry["class"], path)
-      static = {k: _decode_static(v) for k, v in entry["static"].items()}
-      fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")}
-      leaf = cls(**{k: children.get(k) for k in fields}, **static)
+      leaf = _build_node(entry["tree"], children, path)
     _set(params, p, leaf)
   return params, manifest["metadata"]

@@ -132,7 +132,7 @@ def test_materialize_equals_the_q_of_the_algorithm():
   kw = dict(bits=4, group_size=16, symmetric=False, act_order=True, static_groups=True,
             blocksize=B)
   qw, _ = gptq_core.gptq_quantize(jnp.asarray(w), jnp.asarray(h), **kw)
-  codes, _, _, q, _ = run_with_q(w, h, **kw)
+  codes, _, _, q, _, _ = run_with_q(w, h, **kw)
   np.testing.assert_array_equal(np.asarray(qw.codes()), np.asarray(codes))
   np.testing.assert_array_equal(np.asarray(qw.materialize()), np.asarray(q))
 

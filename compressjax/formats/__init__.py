@@ -22,6 +22,10 @@ from compressjax.formats.base import accumulation_dtype
 from compressjax.formats.base import array_nbytes
 from compressjax.formats.base import is_compressed
 from compressjax.formats.base import tree_nbytes
+from compressjax.formats.composite import KeptRows
+from compressjax.formats.composite import SparseOutliers
+from compressjax.formats.composite import SumArray
+from compressjax.formats.composite import Transposed
 from compressjax.formats.dispatch import FALLBACK_PRIORITY
 from compressjax.formats.dispatch import MatmulImpl
 from compressjax.formats.dispatch import dot
@@ -42,6 +46,10 @@ __all__ = [
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",
     "CompressedArray",
+    "KeptRows",
+    "SparseOutliers",
+    "SumArray",
+    "Transposed",
     "MatmulImpl",
     "QuantizedArray",
     "accumulation_dtype",

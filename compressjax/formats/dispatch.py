@@ -224,8 +224,9 @@ def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array
   batch = x.shape[:-1]
   m = math.prod(batch)
   if m > w.group_size:
+    zero = w.zero_values()
     wd = quantized.dequantize(
-        w.grouped_codes(), w.scale[:, None, :], None if w.zero is None else w.zero[:, None, :],
+        w.grouped_codes(), w.scale_values()[:, None, :], None if zero is None else zero[:, None, :],
         bits=w.bits, symmetric=w.symmetric).reshape(k, n).astype(out_dtype)
     y = jnp.matmul(x.astype(out_dtype), wd, preferred_element_type=acc)
     return y.astype(out_dtype)
@@ -240,12 +241,12 @@ def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array
   center = 2**(w.bits - 1)
   q = (w.grouped_codes().astype(jnp.int32) - center).astype(cdtype)
   partial = jnp.einsum("...gk,gkn->...gn", xg.astype(cdtype), q, preferred_element_type=acc)
-  scale = w.scale.astype(acc)
+  scale = w.scale_values().astype(acc)
   y = jnp.einsum("...gn,gn->...n", partial, scale, preferred_element_type=acc)
   if not w.symmetric:
     # scale * q + zero = scale * (q - center) + (zero + center * scale).
     xsum = jnp.sum(xg.astype(acc), axis=-1)  # (..., G)
-    offset = w.zero.astype(acc) + center * scale
+    offset = w.zero_values().astype(acc) + center * scale
     y = y + jnp.einsum("...g,gn->...n", xsum, offset, preferred_element_type=acc)
   return y.astype(out_dtype)
 

@@ -69,6 +69,10 @@ def dequantize(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, *, bi
   return s * q + zero.astype(ctype)
 
 
+def _dense(x: Any) -> jax.Array:
+  return x.materialize() if isinstance(x, base.CompressedArray) else x
+
+
 def _has_shape(x: Any) -> bool:
   return isinstance(getattr(x, "shape", None), tuple) and hasattr(x, "dtype")
 
@@ -95,8 +99,11 @@ class QuantizedArray(base.CompressedArray):
     along ``K`` by :func:`compressjax.formats.packing.pack` (every 32
     consecutive codes of a column fill exactly ``bits`` words, LSB first; the
     ``K_pad - K`` padding codes are 0).
-  * ``scale``: floating, shape ``(G, N)``.
-  * ``zero``: ``None`` iff ``symmetric``; otherwise floating, shape ``(G, N)``.
+  * ``scale``: floating, shape ``(G, N)``: an array, or itself a compressed leaf of that
+    logical shape (SpQR's bilevel statistics: a :class:`~compressjax.formats.Transposed`
+    ``QuantizedArray``); :meth:`scale_values` decodes it.
+  * ``zero``: ``None`` iff ``symmetric``; otherwise floating, shape ``(G, N)`` (array or
+    compressed leaf, as ``scale``).
   * ``dtype`` is the dtype :meth:`materialize` returns; decoding itself runs
     in ``float32``.
 
@@ -238,10 +245,18 @@ class QuantizedArray(base.CompressedArray):
     k, n = self.shape
     return self.codes().reshape(self.num_groups, self.group_size, n)
 
+  def scale_values(self) -> jax.Array:
+    """The ``(G, N)`` scales as an array (decoded when they are themselves compressed)."""
+    return _dense(self.scale)
+
+  def zero_values(self) -> jax.Array | None:
+    """The ``(G, N)`` zeros as an array (``None`` when symmetric)."""
+    return None if self.zero is None else _dense(self.zero)
+
   def materialize(self) -> jax.Array:
     """Returns the dense ``(K, N)`` weight in ``dtype`` (decoded in ``float32``)."""
-    zero = None if self.zero is None else self.zero[:, None, :]
-    w = dequantize(self.grouped_codes(), self.scale[:, None, :], zero, bits=self.bits,
+    zero = None if self.zero is None else self.zero_values()[:, None, :]
+    w = dequantize(self.grouped_codes(), self.scale_values()[:, None, :], zero, bits=self.bits,
                    symmetric=self.symmetric)
     return w.reshape(self.shape).astype(self.dtype)
 

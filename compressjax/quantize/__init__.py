@@ -3,6 +3,9 @@
 from compressjax.quantize.gptq_core import gptq_quantize
 from compressjax.quantize.gptq_core import gptq_reference
 from compressjax.quantize.rtn_core import RTN_BITS
+from compressjax.quantize.spqr_core import owq_quantize
+from compressjax.quantize.spqr_core import owq_sensitivity
+from compressjax.quantize.spqr_core import spqr_quantize
 from compressjax.quantize.rtn_core import quantize_codes
 from compressjax.quantize.rtn_core import quantize_rtn
 from compressjax.quantize.rtn_core import rtn_codes
@@ -12,6 +15,9 @@ __all__ = [
     "RTN_BITS",
     "gptq_quantize",
     "gptq_reference",
+    "owq_quantize",
+    "owq_sensitivity",
+    "spqr_quantize",
     "quantize_codes",
     "quantize_rtn",
     "rtn_codes",

@@ -179,16 +179,96 @@ def _hinv_cholesky(H: jax.Array, percdamp: float):
   return Hinv, rel, damp, ok
 
 
+def stats_roundtrip(S: jax.Array, *, stats_bits: int, stats_group_size: int,
+                    scale_dtype: Any) -> jax.Array:
+  """SpQR's second quantization level: decodes ``S`` ``(G, N)`` after quantizing its transpose.
+
+  Each first-level statistic (a group's scale or zero) is quantized to ``stats_bits`` with an
+  asymmetric min/max grid shared by ``stats_group_size`` consecutive *output* channels, whose own
+  scale and zero are stored in ``scale_dtype``. This is exactly what
+  ``Transposed(quantize_rtn(S.T, ...)).materialize()`` returns (same functions, same order).
+  """
+  codes, s2, z2 = rtn_core.rtn_codes(S.T.astype(jnp.float32), bits=stats_bits,
+                                     group_size=stats_group_size, symmetric=False,
+                                     scale_dtype=scale_dtype)
+  n, g = codes.shape
+  deq = dequantize(codes.reshape(n // stats_group_size, stats_group_size, g), s2[:, None, :],
+                   z2[:, None, :], bits=stats_bits, symmetric=False)
+  return deq.reshape(n, g).astype(jnp.float32).T
+
+
+def _fit_grid(rows, mask, *, bits, symmetric, scale_dtype, stats_bits, stats_group_size):
+  """Grid ``(scale, zero)`` of one group's rows ``(gs, N)``, ignoring entries where ``mask``.
+
+  Ignored entries are replaced by the mean of the group's other entries of the same column (the
+  SpQR reference's "fit the quantizer without the outliers"), then the RTN grid is fitted and,
+  with ``stats_bits``, passed through the second quantization level.
+  """
+  if mask is not None:
+    keep = jnp.logical_not(mask).astype(rows.dtype)
+    mean = jnp.sum(rows * keep, 0) / jnp.maximum(jnp.sum(keep, 0), 1.0)
+    rows = jnp.where(mask, mean[None, :], rows)
+  sdt = jnp.float32 if stats_bits else scale_dtype
+  s, z = rtn_params(rows[None], bits=bits, symmetric=symmetric, scale_dtype=sdt)
+  s = s[0]
+  z = jnp.zeros_like(s) if z is None else z[0]
+  if stats_bits:
+    qq = functools.partial(stats_roundtrip, stats_bits=stats_bits,
+                           stats_group_size=stats_group_size, scale_dtype=scale_dtype)
+    s = qq(s[None])[0]
+    z = z if symmetric else qq(z[None])[0]
+  return s, z
+
+
+def _loo_outlier_mask(rows, dinv, threshold, *, bits, symmetric):
+  """SpQR's leave-one-out test: which weights of a group ``(gs, N)`` are likely outliers.
+
+  For each weight, the grid is refitted without it; its "usefulness" is how much the
+  Hessian-weighted error ``sum(((w - q) / d)^2)`` of the rest of its group drops compared with
+  quantizing the whole group. Weights whose drop exceeds ``threshold`` are excluded from fitting
+  the group's grid.
+  """
+  gs, N = rows.shape
+  idx = jnp.asarray(np.array([[b for b in range(gs) if b != a] for a in range(gs)], np.int32))
+  loo = rows[idx]  # (gs, gs - 1, N)
+  def err(w, dw):
+    s, z = rtn_params(w, bits=bits, symmetric=symmetric, scale_dtype=jnp.float32)
+    zb = None if z is None else z[:, None, :]
+    q = dequantize(quantize_codes(w, s[:, None, :], zb, bits=bits, symmetric=symmetric),
+                   s[:, None, :], zb, bits=bits, symmetric=symmetric)
+    return jnp.sum(((q - w) * dw)**2, axis=1)
+  base_err = err(rows[None], dinv[None, :, None])  # (1, N)
+  loo_err = err(loo, dinv[idx][:, :, None])  # (gs, N)
+  return (base_err - loo_err) > threshold
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("bits", "group_size", "symmetric", "scale_dtype", "blocksize", "percdamp",
-                     "act_order", "static_groups", "with_q"))
-def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp, act_order,
-          static_groups, with_q):
+                     "act_order", "static_groups", "with_q", "outlier_threshold", "stats_bits",
+                     "stats_group_size"))
+def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp,
+          act_order, static_groups, with_q, outlier_threshold=float("inf"), stats_bits=0,
+          stats_group_size=16):
   """Lazy-batch GPTQ on validated arguments (``group_size`` resolved, ``<= K``).
 
-  Returns ``(codes, scale, zero, Q, info)``; ``Q`` (the dequantized weight the
-  algorithm used, original row order) is ``None`` unless ``with_q``.
+  Extensions shared by SpQR and OWQ (all off by default, giving plain GPTQ):
+
+  * ``outlier_threshold`` (relative, finite = on): SpQR's unstructured outliers. A weight whose
+    Hessian-weighted error ``((w - q) / d)^2`` exceeds ``outlier_threshold * mean_k(var_n(W[k]) /
+    d_k^2)`` keeps its exact (error-updated) value; when grids are fitted on the fly they first
+    leave out likely outliers (leave-one-out test).
+  * ``stats_bits`` (> 0 = on): SpQR's bilevel statistics; every scale and zero is passed through
+    :func:`stats_roundtrip` before it is used.
+  * ``keep`` ``(K,)`` bool (not ``None`` = on): OWQ's weak input rows, processed *last* and kept
+    at their error-updated values, so they absorb the error of all quantized rows; they are left
+    out of the grids (which must be static: ``static_groups`` or per-channel).
+
+  Returns ``(codes, scale, zero, Q, resid, info)``; ``Q`` (the weight the algorithm used, original
+  row order) is ``None`` unless ``with_q``; ``resid`` (``Q`` minus the decoded codes: non-zero
+  only at outliers and kept rows) is ``None`` unless outliers or ``keep`` are on. With
+  ``stats_bits``, ``scale``/``zero`` are the float32 first-level statistics *before* the second
+  level (what :func:`stats_roundtrip` and the stored format quantize).
   """
   K, N = W.shape
   gs = group_size
@@ -196,6 +276,14 @@ def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp
   ctype = base.accumulation_dtype(W.dtype, H.dtype)
   W = W.astype(ctype)
   H = H.astype(ctype)
+  outliers = outlier_threshold != float("inf")
+  track_resid = outliers or keep is not None
+  grid = functools.partial(_fit_grid, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype,
+                           stats_bits=stats_bits, stats_group_size=stats_group_size)
+  # Unrounded statistics (float32 when a second level quantizes them).
+  raw_grid = functools.partial(_fit_grid, bits=bits, symmetric=symmetric,
+                               scale_dtype=jnp.float32 if stats_bits else scale_dtype,
+                               stats_bits=0, stats_group_size=1)
 
   # 1. Dead inputs.
   dead = jnp.diag(H) == 0
@@ -205,22 +293,43 @@ def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp
   # Grids known up front: static groups, or the single per-channel group (whose
   # grid "at its first row" is that of the unmodified W).
   upfront = static_groups or gs == K
+  kmask = None if keep is None else jnp.broadcast_to(keep[:, None], (K, N))
   if upfront:
-    scale_all, zero_all = rtn_params(W.reshape(G, gs, N), bits=bits, symmetric=symmetric,
-                                     scale_dtype=scale_dtype)
-    if zero_all is None:
-      zero_all = jnp.zeros_like(scale_all)
+    # Unrounded first-level statistics (what gets stored) and the ones used (after level 2).
+    wg = W.reshape(G, gs, N)
+    mg = None if kmask is None else kmask.reshape(G, gs, N)
+    def fit(f):
+      if mg is None:
+        return jax.vmap(lambda r: f(r, None))(wg)
+      return jax.vmap(f)(wg, mg)
 
-  # Activation order: permute rows of W and rows/cols of H.
-  if act_order:
-    perm = jnp.argsort(-jnp.diag(H), stable=True)
-    W = W[perm]
-    H = H[perm][:, perm]
+    scale_all, zero_all = fit(raw_grid)
+    use_scale_all, use_zero_all = fit(grid)
+    if not stats_bits:
+      scale_all, zero_all = use_scale_all, use_zero_all
+
+  # Activation order: permute rows of W and rows/cols of H (kept rows go last).
+  order = -jnp.diag(H) if act_order else jnp.arange(K, dtype=ctype)
+  if keep is not None:
+    perm = jnp.lexsort((order, keep.astype(jnp.int32)))
+  elif act_order:
+    perm = jnp.argsort(order, stable=True)
   else:
     perm = jnp.arange(K)
+  permuted = act_order or keep is not None
+  if permuted:
+    W = W[perm]
+    H = H[perm][:, perm]
+  kept_row = (jnp.zeros((K,), bool) if keep is None else keep[perm])
 
   # 2. Damping and Cholesky of the inverse.
   Hinv, percdamp_used, damp, ok = _hinv_cholesky(H, percdamp)
+  dinv_all = jnp.diag(Hinv)
+  if outliers:
+    # SpQR: the threshold is relative to the mean Hessian-weighted weight variance.
+    tau = outlier_threshold * jnp.mean(jnp.var(W, axis=1, ddof=1) / dinv_all**2)
+  else:
+    tau = jnp.asarray(jnp.inf, ctype)
 
   # Pad K to a multiple of the block size with dead-like rows: W = 0 and an
   # identity block of Hinv, so they never feed errors into real rows.
@@ -231,17 +340,29 @@ def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp
     Hinv = jnp.pad(Hinv, ((0, Kp - K), (0, Kp - K)))
     Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
     perm = jnp.concatenate([perm, jnp.arange(K, Kp)])
+    kept_row = jnp.concatenate([kept_row, jnp.zeros((Kp - K,), bool)])
+    dinv_all = jnp.concatenate([dinv_all, jnp.ones((Kp - K,), ctype)])
   group_of_row = jnp.minimum(perm // gs, G - 1)  # original group of each processed row
 
   def grid_at(j, W, Hinv1, Err1):
-    """Grid of the group starting at row ``j`` from its current (fully updated) rows."""
+    """Grid of the group starting at row ``j`` from its current (fully updated) rows.
+
+    Returns the statistics to use and the unrounded ones to store (equal without level 2).
+    """
     rows = (jax.lax.dynamic_slice_in_dim(W, j, gs, axis=0)
             - jax.lax.dynamic_slice_in_dim(Hinv1, j, gs, axis=1).T @ Err1)
-    s, z = rtn_params(rows[None], bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
-    return s[0], (jnp.zeros_like(s[0]) if z is None else z[0])
+    mask = None
+    if outliers:
+      dinv = 1.0 / jax.lax.dynamic_slice_in_dim(dinv_all, j, gs)
+      mask = _loo_outlier_mask(rows, dinv, tau, bits=bits, symmetric=symmetric)
+    s, z = grid(rows, mask)
+    if not stats_bits:
+      return s, z, s, z
+    s_raw, z_raw = raw_grid(rows, mask)
+    return s, z, s_raw, z_raw
 
   def block_step(b, carry):
-    W, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = carry
+    W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = carry
     i1 = b * B
     Hinv1 = jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)  # (B, Kp): rows of the block
     Hinv11 = jax.lax.dynamic_slice_in_dim(Hinv1, i1, B, axis=1)  # (B, B): Hinv[i1:i2, i1:i2]
@@ -249,25 +370,36 @@ def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp
     Err1 = jnp.zeros_like(W1)
 
     def row_step(i, carry):
-      W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = carry
+      W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = carry
       j = i1 + i
       if upfront:
         g = group_of_row[j]
-        scale_g, zero_g = scale_all[g], zero_all[g]
+        scale_g, zero_g = use_scale_all[g], use_zero_all[g]
       else:
         new_group = jnp.logical_and(j % gs == 0, j < K)
-        scale_g, zero_g = jax.lax.cond(new_group, lambda: grid_at(j, W, Hinv1, Err1),
-                                       lambda: (scale_g, zero_g))
+        scale_g, zero_g, s_raw, z_raw = jax.lax.cond(
+            new_group, lambda: grid_at(j, W, Hinv1, Err1),
+            lambda: (scale_g, zero_g, scales[jnp.minimum(j // gs, G - 1)],
+                     zeros[jnp.minimum(j // gs, G - 1)]))
         g = jnp.minimum(j // gs, G - 1)
-        scales = jax.lax.dynamic_update_index_in_dim(
-            scales, jnp.where(new_group, scale_g, scales[g]), g, axis=0)
-        zeros = jax.lax.dynamic_update_index_in_dim(
-            zeros, jnp.where(new_group, zero_g, zeros[g]), g, axis=0)
+        scales = jax.lax.dynamic_update_index_in_dim(scales, s_raw, g, axis=0)
+        zeros = jax.lax.dynamic_update_index_in_dim(zeros, z_raw, g, axis=0)
       zero_arg = None if symmetric else zero_g
       w = W1[i]
-      code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
-      q = dequantize(code, scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
       d = Hinv11[i, i]
+      q = dequantize(quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric),
+                     scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
+      if track_resid:
+        # Outliers (SpQR) and kept rows (OWQ) keep w exactly; their code is that of 0.
+        exact = jnp.logical_or(((w - q) / d)**2 > tau, kept_row[j])
+        code = quantize_codes(jnp.where(exact, jnp.zeros((), ctype), w), scale_g, zero_arg,
+                              bits=bits, symmetric=symmetric)
+        qb = dequantize(code, scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
+        q = jnp.where(exact, w, qb)
+        Rbuf = jax.lax.dynamic_update_index_in_dim(Rbuf, q - qb, j, axis=0)
+        n_out = n_out + jnp.sum(jnp.logical_and(exact, jnp.logical_not(kept_row[j])))
+      else:
+        code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
       real = j < K
       loss = loss + jnp.where(real, jnp.sum((w - q)**2) / d**2 / 2, jnp.zeros((), ctype))
       err1 = (w - q) / d
@@ -277,39 +409,47 @@ def _gptq(W, H, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp
       codes = jax.lax.dynamic_update_index_in_dim(codes, code, j, axis=0)
       if with_q:
         Qbuf = jax.lax.dynamic_update_index_in_dim(Qbuf, q, j, axis=0)
-      return W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros
+      return W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros
 
-    W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros = jax.lax.fori_loop(
-        0, B, row_step, (W1, Err1, codes, Qbuf, loss, scale_g, zero_g, scales, zeros))
+    W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = jax.lax.fori_loop(
+        0, B, row_step,
+        (W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros))
     # Lazy batch update of all later rows: W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1. Rows before
     # i1 get zero (Hinv is upper triangular); rows of this block are done and never read.
     W = W - Hinv1.T @ Err1
-    return W, codes, Qbuf, loss, scale_g, zero_g, scales, zeros
+    return W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros
 
+  sdt = jnp.float32 if stats_bits else scale_dtype
   codes = jnp.zeros((Kp, N), jnp.uint8)
   Qbuf = jnp.zeros((Kp, N), ctype) if with_q else jnp.zeros((), ctype)
-  scale_g = jnp.zeros((N,), scale_dtype)
-  scales = jnp.zeros((G, N), scale_dtype)
-  init = (W, codes, Qbuf, jnp.zeros((), ctype), scale_g, scale_g, scales, scales)
-  _, codes, Qbuf, loss, _, _, scales, zeros = jax.lax.fori_loop(0, Kp // B, block_step, init)
+  Rbuf = jnp.zeros((Kp, N), ctype) if track_resid else jnp.zeros((), ctype)
+  scale_g = jnp.zeros((N,), sdt)
+  scales = jnp.zeros((G, N), sdt)
+  init = (W, codes, Qbuf, Rbuf, jnp.zeros((), ctype), jnp.zeros((), jnp.int32), scale_g, scale_g,
+          scales, scales)
+  _, codes, Qbuf, Rbuf, loss, n_out, _, _, scales, zeros = jax.lax.fori_loop(
+      0, Kp // B, block_step, init)
 
   if upfront:
     scales, zeros = scale_all, zero_all
   zero = None if symmetric else zeros
   codes = codes[:K]
   Q = Qbuf[:K] if with_q else None
-  if act_order:
+  R = Rbuf[:K] if track_resid else None
+  if permuted:
     invperm = jnp.argsort(perm[:K])
     codes = codes[invperm]
     Q = None if Q is None else Q[invperm]
+    R = None if R is None else R[invperm]
   info = {
       "loss": loss,
       "damp": damp,
       "percdamp": percdamp_used,
       "dead": jnp.sum(dead.astype(jnp.int32)),
       "cholesky_ok": ok,
+      "outliers": n_out,
   }
-  return codes, scales, zero, Q, info
+  return codes, scales, zero, Q, R, info
 
 
 def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | None = None,
@@ -377,7 +517,7 @@ def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | No
     Frantar et al., "GPTQ", arXiv:2210.17323, Algorithm 1.
   """
   gs = _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups)
-  codes, scale, zero, _, info = _gptq(
+  codes, scale, zero, _, _, info = _gptq(
       W, H, bits=bits, group_size=gs, symmetric=bool(symmetric), scale_dtype=scale_dtype,
       blocksize=blocksize, percdamp=float(percdamp), act_order=bool(act_order),
       static_groups=bool(static_groups), with_q=False)

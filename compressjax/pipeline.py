@@ -29,24 +29,27 @@ __all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_in
 METHODS = {
     "rtn": transforms.rtn,
     "gptq": transforms.gptq,
+    "spqr": transforms.spqr,
+    "owq": transforms.owq,
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
-DATA_AWARE = {"gptq"}
+DATA_AWARE = {"gptq", "spqr", "owq", "awq"}
+# AWQ rescales norms and linears around the selected kernels, so it runs at the top level of the
+# recipe: method "awq" builds chain(awq(...), select((where, <quantizer>(...)))).
+_AWQ_ONLY = ("n_grid", "clip", "max_shrink", "clip_skip")
 _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def _method(name: str, kwargs: dict[str, Any]) -> transforms.Transform | None:
   if name in ("none", "keep"):
     return None
+  if name == "awq":
+    raise ValueError("method 'awq' cannot be used inside compression.rules (it rescales the norms "
+                     "and linears around the rule's parameters); use compression.method='awq'")
   if name not in METHODS:
     raise ValueError(f"compression method {name!r} is not known; expected one of "
-                     f"{sorted(METHODS) + ['none']}")
-  kwargs = dict(kwargs)
-  if "scale_dtype" in kwargs and isinstance(kwargs["scale_dtype"], str):
-    if kwargs["scale_dtype"] not in _DTYPES:
-      raise ValueError(f"scale_dtype {kwargs['scale_dtype']!r}: expected one of {sorted(_DTYPES)}")
-    kwargs["scale_dtype"] = _DTYPES[kwargs["scale_dtype"]]
-  return METHODS[name](**kwargs)  # default `where`: what the enclosing rule selected
+                     f"{sorted(METHODS) + ['awq', 'none']}")
+  return METHODS[name](**_method_kwargs(kwargs))  # default `where`: what the enclosing rule selected
 
 
 def build_transform(comp) -> transforms.Transform:
@@ -67,11 +70,36 @@ def build_transform(comp) -> transforms.Transform:
       built.append(transforms.Rule(where, _method(method, r)))
     return transforms.select(*built)
   method = comp.get("method", "none")
+  if method == "awq":
+    return _awq_recipe(comp.get("where", transforms.LINEAR_KERNELS), dict(comp.get("kwargs") or {}))
   t = _method(method, dict(comp.get("kwargs") or {}))
   if t is None:
     return transforms.identity()
   # Routing through select() makes a `where` that matches nothing an error, not a silent no-op.
   return transforms.select((comp.get("where", transforms.LINEAR_KERNELS), t))
+
+
+def _awq_recipe(where, kwargs: dict[str, Any]) -> transforms.Transform:
+  """``chain(awq(...), select((where, quantizer(...))))``; ``kwargs["quantizer"]``: rtn or gptq."""
+  kwargs = dict(kwargs)
+  quantizer = kwargs.pop("quantizer", "rtn")
+  if quantizer not in ("rtn", "gptq"):
+    raise ValueError(f"awq: kwargs.quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+  awq_kw = {k: kwargs.pop(k) for k in _AWQ_ONLY if k in kwargs}
+  grid = {k: kwargs[k] for k in ("bits", "group_size", "symmetric", "scale_dtype") if k in kwargs}
+  q = _method(quantizer, kwargs)
+  grid = _method_kwargs(grid)
+  return transforms.chain(transforms.awq(**grid, **awq_kw, where=where),
+                          transforms.select((where, q)))
+
+
+def _method_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+  kwargs = dict(kwargs)
+  if "scale_dtype" in kwargs and isinstance(kwargs["scale_dtype"], str):
+    if kwargs["scale_dtype"] not in _DTYPES:
+      raise ValueError(f"scale_dtype {kwargs['scale_dtype']!r}: expected one of {sorted(_DTYPES)}")
+    kwargs["scale_dtype"] = _DTYPES[kwargs["scale_dtype"]]
+  return kwargs
 
 
 def needs_calibration(comp) -> bool:

@@ -2,6 +2,8 @@
 
   python experiments/bench_quality.py --bench bench_rtn     # RTN 8/4/3/2 bits + the baseline
   python experiments/bench_quality.py --bench bench_gptq    # GPTQ 4/3/2 bits
+  python experiments/bench_quality.py --bench bench_awq     # AWQ (+RTN) 4/3/2 bits
+  python experiments/bench_quality.py --bench bench_spqr    # SpQR near 4 and 3 bits, OWQ 3 bits
   python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
 
 Each configuration is one `compressjax compress` job; with the full protocol (64 windows) each
@@ -23,6 +25,8 @@ from compressjax import pipeline  # pylint: disable=g-import-not-at-top
 BENCHES = {
     "bench_rtn": ("default", "rtn_w8", "rtn_w4g64", "rtn_w3g64", "rtn_w2g64", "rtn_w4g32_asym"),
     "bench_gptq": ("gptq_w3g64", "gptq_w4g64", "gptq_w2g64"),
+    "bench_awq": ("awq_w3g64", "awq_w4g64", "awq_w2g64"),
+    "bench_spqr": ("spqr_w3g16", "spqr_w2g16", "owq_w3"),
 }
 
 

@@ -168,6 +168,8 @@ def sparse_matmul_xla(x: jax.Array, w: SparseOutliers) -> jax.Array:
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
   n = w.shape[1]
+  if w.values.shape[0] == 0:
+    return jnp.zeros(x.shape[:-1] + (n,), out_dtype)
   contrib = x[..., w.rows.astype(jnp.int32)].astype(acc) * w.values.astype(acc)  # (..., nnz)
   batch = x.shape[:-1]
   flat = contrib.reshape(-1, contrib.shape[-1]).T  # (nnz, M)

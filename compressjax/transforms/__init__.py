@@ -1,14 +1,16 @@
 """Compression transforms: ``Transform(init, update)`` pairs, chained and routed by rules."""
 
-from compressjax.transforms.base import (DEFAULT_WHERE, ChainState, LeafwiseState, Rule, SelectState, Transform,
+from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, LeafwiseState, Rule, SelectState, Transform,
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
-from compressjax.transforms.quantize import gptq, rtn
+from compressjax.transforms.awq import awq
+from compressjax.transforms.quantize import gptq, owq, rtn, spqr
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, map_with_path, path_str)
 
 __all__ = [
-    "ChainState", "DEFAULT_WHERE", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
+    "ChainState", "DEFAULT_WHERE", "PLANNING", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
     "UnmatchedRuleError", "apply", "as_predicate", "chain", "identity", "is_leaf", "leafwise",
-    "leaves_with_paths", "map_with_path", "path_str", "plan", "gptq", "rtn", "select", "to_abstract",
+    "leaves_with_paths", "map_with_path", "path_str", "plan", "awq", "gptq", "owq", "rtn", "select",
+    "spqr", "to_abstract",
 ]

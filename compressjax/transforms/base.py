@@ -32,6 +32,7 @@ __all__ = [
     "UnmatchedRuleError",
     "ChainState",
     "DEFAULT_WHERE",
+    "PLANNING",
     "LeafwiseState",
     "SelectState",
     "chain",
@@ -50,10 +51,17 @@ _UNDER_RULE = contextvars.ContextVar("compressjax_under_rule", default=False)
 
 
 class Transform(NamedTuple):
-  """A compression step: ``init(params) -> state``; ``update(params, state, stats) -> (params, state)``."""
+  """A compression step: ``init(params) -> state``; ``update(params, state, stats) -> (params, state)``.
+
+  ``restat(state, stats) -> stats`` (optional) is for steps that change the *inputs* of layers
+  (AWQ's scaling folds ``1/s`` into the previous operation): given the state after ``update``, it
+  maps the calibration statistics of the original inputs to those of the new inputs, which
+  :func:`chain` hands to the steps that follow.
+  """
 
   init: Callable[[Params], Any]
   update: Callable[..., tuple[Params, Any]]
+  restat: Callable[[Any, Any], Any] | None = None
 
 
 class UnmatchedRuleError(ValueError):
@@ -86,6 +94,25 @@ def _map(fn, params):
                                           is_leaf=_leaf_or_marker)
 
 
+class _Planning:
+  """The ``stats`` that :func:`plan` passes: shapes only, no calibration data."""
+
+  __slots__ = ()
+
+  def __repr__(self):
+    return "PLANNING"
+
+
+#: ``stats`` value during :func:`plan` (shape planning). Data-aware transforms then compute with
+#: placeholder statistics (output shapes do not depend on them) or return their input unchanged
+#: when they preserve shapes.
+PLANNING = _Planning()
+
+
+def _real_stats(stats) -> bool:
+  return stats is not None and stats is not PLANNING
+
+
 class ChainState(NamedTuple):
   inner: tuple[Any, ...]
 
@@ -109,10 +136,18 @@ def chain(*transforms: Transform) -> Transform:
     new_states = []
     for t, s in zip(transforms, state.inner):
       params, s = t.update(params, s, stats)
+      if _real_stats(stats) and t.restat is not None:
+        stats = t.restat(s, stats)
       new_states.append(s)
     return params, ChainState(tuple(new_states))
 
-  return Transform(init, update)
+  def restat(state, stats):
+    for t, s in zip(transforms, state.inner):
+      if _real_stats(stats) and t.restat is not None:
+        stats = t.restat(s, stats)
+    return stats
+
+  return Transform(init, update, restat)
 
 
 def identity() -> Transform:
@@ -172,7 +207,10 @@ def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_W
     def rewrite(path, leaf):
       if path not in selected or not _visible(leaf):
         return leaf
-      if with_stats:
+      if with_stats and stats is PLANNING:
+        from compressjax.calibration import LayerStats  # pylint: disable=g-import-not-at-top
+        st = LayerStats.zeros(leaf.shape[0])  # placeholder: only output shapes are planned
+      elif with_stats:
         st = (stats or {}).get(path)
         if st is None:
           raise ValueError(f"{name} at parameter {path!r} needs calibration statistics; run it "
@@ -262,7 +300,13 @@ def select(*rules: Rule | tuple[Selector, Transform | None], on_unmatched: str =
       new_inner.append(s)
     return params, SelectState(state.assignment, tuple(new_inner))
 
-  return Transform(init, update)
+  def restat(state, stats):
+    for r, s in zip(rules, state.inner):
+      if _real_stats(stats) and r.transform is not None and r.transform.restat is not None:
+        stats = r.transform.restat(s, stats)
+    return stats
+
+  return Transform(init, update, restat)
 
 
 def _init_under_rule(transform, params, assignment, i):
@@ -316,4 +360,4 @@ def plan(transform: Transform, abstract_params: Params, state: Any = None) -> Pa
   Nothing is computed: the rewrite is traced with ``jax.eval_shape``.
   """
   state = transform.init(abstract_params) if state is None else state
-  return jax.eval_shape(lambda p: transform.update(p, state)[0], abstract_params)
+  return jax.eval_shape(lambda p: transform.update(p, state, PLANNING)[0], abstract_params)

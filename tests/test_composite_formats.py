@@ -22,11 +22,12 @@ def test_sparse_outliers_round_trip_and_matmul():
   assert s.nnz == nnz
   np.testing.assert_array_equal(np.asarray(s.materialize()), d)
   assert s.nbytes == 4 * (16 + 1) + nnz * (2 + 2)  # int32 pointers, uint16 rows, fp16 values
-  x = np.random.default_rng(1).standard_normal((3, 5, 64)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(formats.dot(jnp.asarray(x), s)), x @ d, rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(np.asarray(jax.jit(formats.dot)(jnp.asarray(x), s)), x @ d,
-                             rtol=1e-5, atol=1e-5)
+  for shape in ((3, 5, 64), (4, 8, 64)):  # gather path (few rows) and dense path (many rows)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(formats.dot(jnp.asarray(x), s)), x @ d, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(formats.dot)(jnp.asarray(x), s)), x @ d,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_empty_sparse_and_bad_shapes():

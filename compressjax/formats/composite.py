@@ -19,6 +19,7 @@ Every class counts the bytes it really stores (index arrays and pointers include
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -79,9 +80,23 @@ class SumArray(base.CompressedArray):
     return out.astype(self.dtype)
 
 
+#: Above this many activation rows, sparse and sum formats are decoded once and multiplied
+#: densely (a gather/scatter per row costs more than decoding); below it (decoding), they are
+#: multiplied term by term without building the dense weight.
+DENSE_ROWS = 16
+
+
+def _rows(x) -> int:
+  return math.prod(x.shape[:-1])
+
+
 def sum_matmul_xla(x: jax.Array, w: SumArray) -> jax.Array:
+  """Term by term for few rows; for many rows, one product with the decoded sum."""
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
+  if _rows(x) > DENSE_ROWS:
+    return jnp.matmul(x.astype(out_dtype), w.materialize().astype(out_dtype),
+                      preferred_element_type=acc).astype(out_dtype)
   y = dispatch.dot(x, w.terms[0]).astype(acc)
   for t in w.terms[1:]:
     y = y + dispatch.dot(x, t).astype(acc)
@@ -170,6 +185,9 @@ def sparse_matmul_xla(x: jax.Array, w: SparseOutliers) -> jax.Array:
   n = w.shape[1]
   if w.values.shape[0] == 0:
     return jnp.zeros(x.shape[:-1] + (n,), out_dtype)
+  if _rows(x) > DENSE_ROWS:
+    return jnp.matmul(x.astype(out_dtype), w.materialize().astype(out_dtype),
+                      preferred_element_type=acc).astype(out_dtype)
   contrib = x[..., w.rows.astype(jnp.int32)].astype(acc) * w.values.astype(acc)  # (..., nnz)
   batch = x.shape[:-1]
   flat = contrib.reshape(-1, contrib.shape[-1]).T  # (nnz, M)

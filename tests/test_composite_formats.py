@@ -59,15 +59,19 @@ def test_sum_of_quantized_and_sparse_multiplies_like_its_materialization():
   assert s.nbytes == q.nbytes + sp.nbytes + rows.nbytes
 
 
-def test_bilevel_statistics_format():
-  rng = np.random.default_rng(4)
-  w = rng.standard_normal((64, 32)).astype(np.float32)
+def _bilevel(seed):
+  """3-bit codes whose group scales and zeros are 3-bit codes again (grouped along N)."""
+  w = np.random.default_rng(seed).standard_normal((64, 32)).astype(np.float32)
   plain = quantize_rtn(jnp.asarray(w), bits=3, group_size=16, symmetric=False,
                        scale_dtype=jnp.float32)
   stat = lambda a: formats.Transposed(quantize_rtn(a.T, bits=3, group_size=16, symmetric=False))
-  bilevel = formats.QuantizedArray(plain.packed, stat(plain.scale), stat(plain.zero), bits=3,
-                                   group_size=16, shape=(64, 32), symmetric=False,
-                                   dtype=jnp.float32)
+  return formats.QuantizedArray(plain.packed, stat(plain.scale), stat(plain.zero), bits=3,
+                                group_size=16, shape=(64, 32), symmetric=False, dtype=jnp.float32)
+
+
+def test_bilevel_statistics_format():
+  rng = np.random.default_rng(4)
+  bilevel = _bilevel(4)
   assert bilevel.scale.shape == (4, 32)
   # 3-bit codes + 2 statistics of 3 bits per 16 weights + fp16 second level per 16 statistics.
   assert bilevel.bits_per_param == pytest.approx(3 + 2 * 3 / 16 + 2 * 2 * 16 / 256)
@@ -77,13 +81,7 @@ def test_bilevel_statistics_format():
 
 
 def test_nested_formats_checkpoint_round_trip(tmp_path):
-  rng = np.random.default_rng(5)
-  w = rng.standard_normal((64, 32)).astype(np.float32)
-  plain = quantize_rtn(jnp.asarray(w), bits=3, group_size=16, symmetric=False,
-                       scale_dtype=jnp.float32)
-  stat = lambda a: formats.Transposed(quantize_rtn(a.T, bits=3, group_size=16, symmetric=False))
-  base = formats.QuantizedArray(plain.packed, stat(plain.scale), stat(plain.zero), bits=3,
-                                group_size=16, shape=(64, 32), symmetric=False, dtype=jnp.float32)
+  base = _bilevel(5)
   leaf = formats.SumArray((base, formats.SparseOutliers.from_dense(_sparse_dense(64, 32))),
                           shape=(64, 32), dtype=jnp.float32)
   params = {"layers": {0: {"mlp": {"up_proj": {"kernel": leaf}}}}, "norm": jnp.ones(3)}

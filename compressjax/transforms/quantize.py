@@ -120,14 +120,20 @@ def spqr(bits: int = 3, group_size: int = 16, *, symmetric: bool = False,
   kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, stats_bits=stats_bits,
             stats_group_size=stats_group_size, outlier_threshold=outlier_threshold,
             scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
+  return _hessian_leafwise(spqr_core.spqr_quantize, kw, where,
+                           f"spqr(bits={bits}, group_size={group_size})")
+
+
+def _hessian_leafwise(quantize, kw, where, name) -> Transform:
+  """A leaf-wise transform calling ``quantize(w, H, **kw) -> (leaf, info)`` with GPTQ's ``H``."""
 
   def fn(path, w, stats):
     del path
-    _check_dense_2d(w, "spqr")
-    leaf, _ = spqr_core.spqr_quantize(w, stats.gptq_hessian(), **kw)
+    _check_dense_2d(w, name.split("(")[0])
+    leaf, _ = quantize(w, stats.gptq_hessian(), **kw)
     return leaf
 
-  return leafwise(fn, where, name=f"spqr(bits={bits}, group_size={group_size})", with_stats=True)
+  return leafwise(fn, where, name=name, with_stats=True)
 
 
 def owq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
@@ -146,11 +152,5 @@ def owq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     raise ValueError(f"owq: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
   kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, keep_fraction=keep_fraction,
             n_keep=n_keep, scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
-
-  def fn(path, w, stats):
-    del path
-    _check_dense_2d(w, "owq")
-    leaf, _ = spqr_core.owq_quantize(w, stats.gptq_hessian(), **kw)
-    return leaf
-
-  return leafwise(fn, where, name=f"owq(bits={bits}, group_size={group_size})", with_stats=True)
+  return _hessian_leafwise(spqr_core.owq_quantize, kw, where,
+                           f"owq(bits={bits}, group_size={group_size})")

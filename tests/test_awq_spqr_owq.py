@@ -213,3 +213,14 @@ def test_spqr_and_owq_transforms_through_the_engine():
   assert isinstance(o, formats.SumArray) and isinstance(o.terms[1], formats.KeptRows)
   m = build_model(model.cfg, out)
   assert np.all(np.isfinite(_logits(m, w)))
+
+
+def test_awq_then_gptq_chain_plans_and_runs():
+  model = tiny.tiny_model(seed=10)
+  recipe = T.chain(T.awq(3, 32), T.gptq(3, 32))
+  planned = T.plan(recipe, T.to_abstract(model_params(model)))
+  assert isinstance(planned["layers"][0]["mlp"]["down_proj"]["kernel"], formats.QuantizedArray)
+  out, state = calibration.run_sequential(model, _windows(), recipe, batch_size=3, progress=False)
+  assert set(state.inner[0].scales) == {p for p, _ in T.leaves_with_paths(out)
+                                        if p.endswith("_proj/kernel") and "o_proj" not in p}
+  assert np.all(np.isfinite(_logits(build_model(model.cfg, out), _windows())))

@@ -28,7 +28,11 @@ by hand. Protocol: `../shared/data/README.md` (SmolLM2-135M-Instruct from the `l
 float64). `bits/param` counts every stored byte of the decoder's linear layers (codes, scales,
 zeros, second-level statistics, outlier values, indices and pointers, kept rows) over their
 106,168,320 original parameters; the tied embedding (28.3M parameters) and the
-norms stay in float32 and are counted only in `model MiB`.
+norms stay in float32 and are counted only in `model MiB`. Data-aware methods calibrate on 128
+windows of 512 tokens (seed 0, wiki after the evaluation region + five Austen novels) in
+"sequential" mode. `compress wall s` is the calibration + compression time only (evaluation
+excluded); the GPTQ/AWQ/SpQR runs shared the 2 cores with test runs or other jobs, so their
+times overstate a quiet machine's by up to about 1.5x.
 """
 
 
@@ -140,6 +144,31 @@ def main():
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))
+  update_readme(render_comparison(all_recs), all_recs.get("bench_throughput", []))
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(comparison, throughput):
+  """Replaces the README's summary (between the results markers) with the rendered table."""
+  path = os.path.join(ROOT, "README.md")
+  with open(path) as f:
+    text = f.read()
+  if START not in text or END not in text:
+    return
+  tp = {(r["method"], r["settings"].get("batch")): r.get("tokens_per_s") for r in throughput}
+  lines = comparison.split("\n")[2:]  # drop the section title
+  if tp:
+    lines.append("Forward throughput on the same 2-core CPU (batch 1 / 4 x 512 tokens, float32): "
+                 f"compressjax {fmt(tp.get(('compressjax-jax', 1)), 0)} / "
+                 f"{fmt(tp.get(('compressjax-jax', 4)), 0)} tokens/s, transformers (PyTorch) "
+                 f"{fmt(tp.get(('transformers-torch', 1)), 0)} / "
+                 f"{fmt(tp.get(('transformers-torch', 4)), 0)} tokens/s.")
+  body = "\n".join([START, "", *lines, "", END])
+  head, rest = text.split(START, 1)
+  with open(path, "w") as f:
+    f.write(head + body + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def _describe(leaf) -> tuple[dict[str, Any], dict[str, Any]]:
   children: dict[str, Any] = {}
   if isinstance(leaf, CompressedArray):
     tree = _describe_node(leaf, "", children)
-    entry = {"kind": "compressed", "class": tree["class"], "static": tree["static"], "tree": tree}
+    entry = {"kind": "compressed", "tree": tree}
   else:
     children = {"value": leaf}
     entry = {"kind": "dense"}

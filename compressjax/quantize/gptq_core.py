@@ -197,27 +197,19 @@ def stats_roundtrip(S: jax.Array, *, stats_bits: int, stats_group_size: int,
   return deq.reshape(n, g).astype(jnp.float32).T
 
 
-def _fit_grid(rows, mask, *, bits, symmetric, scale_dtype, stats_bits, stats_group_size):
-  """Grid ``(scale, zero)`` of one group's rows ``(gs, N)``, ignoring entries where ``mask``.
+def _fit_grid(rows, mask, *, bits, symmetric, dtype):
+  """Grid ``(scale, zero)`` of one group's rows ``(gs, N)`` in ``dtype``, ignoring ``mask``.
 
   Ignored entries are replaced by the mean of the group's other entries of the same column (the
-  SpQR reference's "fit the quantizer without the outliers"), then the RTN grid is fitted and,
-  with ``stats_bits``, passed through the second quantization level.
+  SpQR reference's "fit the quantizer without the outliers") before the RTN grid is fitted.
+  ``zero`` is all zeros for the symmetric grid.
   """
   if mask is not None:
     keep = jnp.logical_not(mask).astype(rows.dtype)
     mean = jnp.sum(rows * keep, 0) / jnp.maximum(jnp.sum(keep, 0), 1.0)
     rows = jnp.where(mask, mean[None, :], rows)
-  sdt = jnp.float32 if stats_bits else scale_dtype
-  s, z = rtn_params(rows[None], bits=bits, symmetric=symmetric, scale_dtype=sdt)
-  s = s[0]
-  z = jnp.zeros_like(s) if z is None else z[0]
-  if stats_bits:
-    qq = functools.partial(stats_roundtrip, stats_bits=stats_bits,
-                           stats_group_size=stats_group_size, scale_dtype=scale_dtype)
-    s = qq(s[None])[0]
-    z = z if symmetric else qq(z[None])[0]
-  return s, z
+  s, z = rtn_params(rows[None], bits=bits, symmetric=symmetric, scale_dtype=dtype)
+  return s[0], (jnp.zeros_like(s[0]) if z is None else z[0])
 
 
 def _loo_outlier_mask(rows, dinv, threshold, *, bits, symmetric):
@@ -278,12 +270,18 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   H = H.astype(ctype)
   outliers = outlier_threshold != float("inf")
   track_resid = outliers or keep is not None
-  grid = functools.partial(_fit_grid, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype,
-                           stats_bits=stats_bits, stats_group_size=stats_group_size)
-  # Unrounded statistics (float32 when a second level quantizes them).
-  raw_grid = functools.partial(_fit_grid, bits=bits, symmetric=symmetric,
-                               scale_dtype=jnp.float32 if stats_bits else scale_dtype,
-                               stats_bits=0, stats_group_size=1)
+  # First-level statistics as stored (float32 when a second level quantizes them) ...
+  sdt = jnp.float32 if stats_bits else scale_dtype
+  fit_grid = functools.partial(_fit_grid, bits=bits, symmetric=symmetric, dtype=sdt)
+
+  def level2(s, z):
+    """... and as used: after SpQR's second quantization level (unchanged without it)."""
+    if not stats_bits:
+      return s, z
+    qq = lambda a: stats_roundtrip(a.reshape(-1, N), stats_bits=stats_bits,
+                                   stats_group_size=stats_group_size,
+                                   scale_dtype=scale_dtype).reshape(a.shape)
+    return qq(s), (z if symmetric else qq(z))
 
   # 1. Dead inputs.
   dead = jnp.diag(H) == 0
@@ -295,18 +293,13 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   upfront = static_groups or gs == K
   kmask = None if keep is None else jnp.broadcast_to(keep[:, None], (K, N))
   if upfront:
-    # Unrounded first-level statistics (what gets stored) and the ones used (after level 2).
+    # First-level statistics as stored, and as used (after level 2).
     wg = W.reshape(G, gs, N)
-    mg = None if kmask is None else kmask.reshape(G, gs, N)
-    def fit(f):
-      if mg is None:
-        return jax.vmap(lambda r: f(r, None))(wg)
-      return jax.vmap(f)(wg, mg)
-
-    scale_all, zero_all = fit(raw_grid)
-    use_scale_all, use_zero_all = fit(grid)
-    if not stats_bits:
-      scale_all, zero_all = use_scale_all, use_zero_all
+    if kmask is None:
+      scale_all, zero_all = jax.vmap(lambda r: fit_grid(r, None))(wg)
+    else:
+      scale_all, zero_all = jax.vmap(fit_grid)(wg, kmask.reshape(G, gs, N))
+    use_scale_all, use_zero_all = level2(scale_all, zero_all)
 
   # Activation order: permute rows of W and rows/cols of H (kept rows go last).
   order = -jnp.diag(H) if act_order else jnp.arange(K, dtype=ctype)
@@ -347,7 +340,7 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   def grid_at(j, W, Hinv1, Err1):
     """Grid of the group starting at row ``j`` from its current (fully updated) rows.
 
-    Returns the statistics to use and the unrounded ones to store (equal without level 2).
+    Returns the statistics to use and the ones to store (equal without level 2).
     """
     rows = (jax.lax.dynamic_slice_in_dim(W, j, gs, axis=0)
             - jax.lax.dynamic_slice_in_dim(Hinv1, j, gs, axis=1).T @ Err1)
@@ -355,11 +348,8 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
     if outliers:
       dinv = 1.0 / jax.lax.dynamic_slice_in_dim(dinv_all, j, gs)
       mask = _loo_outlier_mask(rows, dinv, tau, bits=bits, symmetric=symmetric)
-    s, z = grid(rows, mask)
-    if not stats_bits:
-      return s, z, s, z
-    s_raw, z_raw = raw_grid(rows, mask)
-    return s, z, s_raw, z_raw
+    s_raw, z_raw = fit_grid(rows, mask)
+    return (*level2(s_raw, z_raw), s_raw, z_raw)
 
   def block_step(b, carry):
     W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = carry
@@ -419,7 +409,6 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
     W = W - Hinv1.T @ Err1
     return W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros
 
-  sdt = jnp.float32 if stats_bits else scale_dtype
   codes = jnp.zeros((Kp, N), jnp.uint8)
   Qbuf = jnp.zeros((Kp, N), ctype) if with_q else jnp.zeros((), ctype)
   Rbuf = jnp.zeros((Kp, N), ctype) if track_resid else jnp.zeros((), ctype)

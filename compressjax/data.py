@@ -129,17 +129,22 @@ def protocol_calibration_windows(tokenizer, *, data_dir: str | None = None, num:
     num, seq_len, seed: how many windows, of how many tokens, drawn with which seed.
     source: ``"mixed"`` (the wiki stream after its evaluation windows, then the five Austen
       novels other than Pride and Prejudice, each encoded whole, concatenated in the order of
-      :data:`AUSTEN_CALIBRATION`), ``"austen"`` (the five novels alone), or any text source
-      accepted by :func:`read_text`.
+      :data:`AUSTEN_CALIBRATION`), ``"austen"`` (the five novels alone), ``"wiki"`` (the wiki
+      stream after its evaluation windows alone), or any text source accepted by
+      :func:`read_text`.
     eval_windows_skipped: how many leading wiki windows are reserved for evaluation.
   """
   d = data_dir or default_data_dir()
-  austen = [_encode_file(tokenizer, os.path.join(d, "austen", f"{n}.txt")) for n in AUSTEN_CALIBRATION]
+  austen = lambda: [_encode_file(tokenizer, os.path.join(d, "austen", f"{n}.txt"))
+                    for n in AUSTEN_CALIBRATION]
+  wiki = lambda: _encode_file(tokenizer, os.path.join(d, EVAL_CORPORA["wiki"]))[
+      eval_windows_skipped * seq_len:]
   if source == "mixed":
-    wiki = _encode_file(tokenizer, os.path.join(d, EVAL_CORPORA["wiki"]))
-    stream = np.concatenate([wiki[eval_windows_skipped * seq_len:], *austen])
+    stream = np.concatenate([wiki(), *austen()])
   elif source == "austen":
-    stream = np.concatenate(austen)
+    stream = np.concatenate(austen())
+  elif source == "wiki":
+    stream = wiki()
   else:
     stream = encode(tokenizer, read_text(source))
   return sample_windows(stream, num, seq_len, seed)

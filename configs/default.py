@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibration.num_windows = 128
   c.calibration.seq_len = 512
   c.calibration.seed = 0
-  # "mixed" (wiki after the eval region + five Austen novels), "austen", or a text file/dir.
+  # "mixed" (wiki after the eval region + five Austen novels), "austen", "wiki" (after the eval
+  # region), or a text file/dir.
   c.calibration.source = "mixed"
   # "sequential": each block is calibrated on the compressed previous blocks' outputs;
   # "original": on the uncompressed model's activations.

@@ -5,6 +5,7 @@
   python experiments/bench_quality.py --bench bench_awq     # AWQ (+RTN) 4/3/2 bits
   python experiments/bench_quality.py --bench bench_spqr    # SpQR near 4 and 3 bits, OWQ 3 bits
   python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
+  python experiments/bench_quality.py --bench bench_gptq --configs gptq_w4g64 --cal-source wiki
 
 Each configuration is one `compressjax compress` job; with the full protocol (64 windows) each
 appends one JSON record to experiments/results/<bench>.jsonl, and a table is printed at the end.
@@ -35,6 +36,9 @@ def main():
   ap.add_argument("--bench", default="bench_rtn", choices=sorted(BENCHES))
   ap.add_argument("--configs", default=None, help="comma-separated subset of the bench's configs")
   ap.add_argument("--windows", type=int, default=64, help="evaluation windows per corpus")
+  ap.add_argument("--cal-source", default=None,
+                  help="calibration source other than the config's (wiki, austen, mixed, a path); "
+                       "the method name gets a '-cal-<source>' suffix")
   args = ap.parse_args()
   results = os.path.join(ROOT, "experiments", "results", f"{args.bench}.jsonl")
   configs = args.configs.split(",") if args.configs else BENCHES[args.bench]
@@ -43,6 +47,9 @@ def main():
   rows = []
   for name in configs:
     cfg = importlib.import_module(f"configs.{name}").get_config()
+    if args.cal_source:
+      cfg.calibration.source = args.cal_source
+      cfg.compression.name += f"-cal-{os.path.basename(args.cal_source.rstrip('/'))}"
     cfg.eval_before = False  # the baseline is its own row (the "default" config)
     cfg.data.num_eval_windows = args.windows
     cfg.results_file = results if args.windows == 64 else ""

@@ -305,7 +305,10 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     bsz, t, _ = x.shape
-    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    # Query heads come from the kernel: structured pruning may leave fewer in this block
+    # (the same number in every KV group, so the grouped layout below stays valid).
+    h = self.q_proj.kernel.get_value().shape[1] // hd
     if capture is not None:
       capture["attn/qkv"] = x
     q = self.q_proj(x).reshape(bsz, t, h, hd)

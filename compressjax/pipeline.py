@@ -31,9 +31,15 @@ METHODS = {
     "gptq": transforms.gptq,
     "spqr": transforms.spqr,
     "owq": transforms.owq,
+    "magnitude": transforms.magnitude,
+    "wanda": transforms.wanda,
+    "sparsegpt": transforms.sparsegpt,
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
-DATA_AWARE = {"gptq", "spqr", "owq", "awq"}
+DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured"}
+# Methods that rewrite several parameters of a block together: they run at the top level of
+# the recipe (not inside a `where` rule).
+_TOP_LEVEL = ("awq", "structured")
 # AWQ rescales norms and linears around the selected kernels, so it runs at the top level of the
 # recipe: method "awq" builds chain(awq(...), select((where, <quantizer>(...)))).
 _AWQ_ONLY = ("n_grid", "clip", "max_shrink", "clip_skip")
@@ -43,22 +49,38 @@ _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.floa
 def _method(name: str, kwargs: dict[str, Any]) -> transforms.Transform | None:
   if name in ("none", "keep"):
     return None
-  if name == "awq":
-    raise ValueError("method 'awq' cannot be used inside compression.rules (it rescales the norms "
-                     "and linears around the rule's parameters); use compression.method='awq'")
+  if name in _TOP_LEVEL:
+    raise ValueError(f"method {name!r} cannot be used inside compression.rules (it rewrites "
+                     "several parameters of a block together); use compression.method or a "
+                     "compression.steps entry")
   if name not in METHODS:
     raise ValueError(f"compression method {name!r} is not known; expected one of "
-                     f"{sorted(METHODS) + ['awq', 'none']}")
+                     f"{sorted(METHODS) + list(_TOP_LEVEL) + ['none']}")
   return METHODS[name](**_method_kwargs(kwargs))  # default `where`: what the enclosing rule selected
 
 
-def build_transform(comp) -> transforms.Transform:
+def build_transform(comp, model_cfg: LlamaConfig | None = None) -> transforms.Transform:
   """Builds the transform described by a config's ``compression`` block.
 
-  ``comp.rules`` (a sequence of dicts ``{where, method, **kwargs}``, first match wins) takes
-  precedence; otherwise ``comp.method`` with ``comp.kwargs`` is applied to ``comp.where``.
+  ``comp.steps`` (a sequence of dicts ``{method, where?, **kwargs}``) is a chain: each step is
+  built like a one-method recipe and they run in order (``sparsegpt`` then ``gptq`` is
+  SparseGPT's joint sparse + quantized mode). Otherwise ``comp.rules`` (a sequence of dicts
+  ``{where, method, **kwargs}``, first match wins) takes precedence over ``comp.method`` with
+  ``comp.kwargs`` applied to ``comp.where``. ``model_cfg`` supplies the attention geometry that
+  ``structured`` needs.
   """
   comp = dict(comp)
+  steps = comp.get("steps") or ()
+  if steps:
+    chain = []
+    for i, st in enumerate(steps):
+      st = dict(st)
+      if "method" not in st:
+        raise ValueError(f"compression.steps[{i}] needs 'method', got {sorted(st)}")
+      method = st.pop("method")
+      where = st.pop("where", comp.get("where", transforms.LINEAR_KERNELS))
+      chain.append(build_transform({"method": method, "where": where, "kwargs": st}, model_cfg))
+    return transforms.chain(*chain)
   rules = comp.get("rules") or ()
   if rules:
     built = []
@@ -72,6 +94,12 @@ def build_transform(comp) -> transforms.Transform:
   method = comp.get("method", "none")
   if method == "awq":
     return _awq_recipe(comp.get("where", transforms.LINEAR_KERNELS), dict(comp.get("kwargs") or {}))
+  if method == "structured":
+    kw = dict(comp.get("kwargs") or {})
+    if model_cfg is not None:
+      kw.setdefault("head_dim", model_cfg.head_dim)
+      kw.setdefault("num_kv_heads", model_cfg.num_kv_heads)
+    return transforms.structured(**kw)
   t = _method(method, dict(comp.get("kwargs") or {}))
   if t is None:
     return transforms.identity()
@@ -95,16 +123,19 @@ def _awq_recipe(where, kwargs: dict[str, Any]) -> transforms.Transform:
 
 def _method_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
   kwargs = dict(kwargs)
-  if "scale_dtype" in kwargs and isinstance(kwargs["scale_dtype"], str):
-    if kwargs["scale_dtype"] not in _DTYPES:
-      raise ValueError(f"scale_dtype {kwargs['scale_dtype']!r}: expected one of {sorted(_DTYPES)}")
-    kwargs["scale_dtype"] = _DTYPES[kwargs["scale_dtype"]]
+  for key in ("scale_dtype", "value_dtype"):
+    if key in kwargs and isinstance(kwargs[key], str):
+      if kwargs[key] not in _DTYPES:
+        raise ValueError(f"{key} {kwargs[key]!r}: expected one of {sorted(_DTYPES)}")
+      kwargs[key] = _DTYPES[kwargs[key]]
   return kwargs
 
 
 def needs_calibration(comp) -> bool:
   comp = dict(comp)
-  methods = [dict(r)["method"] for r in (comp.get("rules") or ())] or [comp.get("method", "none")]
+  methods = ([dict(r)["method"] for r in (comp.get("steps") or ())]
+             or [dict(r)["method"] for r in (comp.get("rules") or ())]
+             or [comp.get("method", "none")])
   return any(m in DATA_AWARE for m in methods)
 
 
@@ -190,7 +221,7 @@ def run_compress(cfg) -> dict[str, Any]:
   t0 = time.perf_counter()
   model, tok = load_model(cfg.model, dtype=dtype)
   load_s = time.perf_counter() - t0
-  transform = build_transform(cfg.compression)  # validates the recipe before any long work
+  transform = build_transform(cfg.compression, model.cfg)  # validates the recipe before any long work
   params = model_params(model)
   before_size = accounting.size_report(params)
   before = _eval_all(model, tok, cfg, "fp") if cfg.eval_before else {}
@@ -219,7 +250,11 @@ def run_compress(cfg) -> dict[str, Any]:
       "method": cfg.compression.name,
       "settings": _to_jsonable(cfg.compression.to_dict()),
       "model": cfg.model,
-      "bits_per_param": after_size["linear_bits_per_param"],
+      # Stored bytes over the *original* linear parameter count (structured pruning removes
+      # parameters; their removal is what it saves).
+      "bits_per_param": 8 * after_size["linear_bytes"] / before_size["linear_params"],
+      "linear_params": after_size["linear_params"],
+      "linear_params_removed": 1.0 - after_size["linear_params"] / before_size["linear_params"],
       "model_bytes": after_size["total_bytes"],
       "linear_bytes": after_size["linear_bytes"],
       "other_bytes": after_size["other_bytes"],
@@ -257,7 +292,7 @@ def run_compress(cfg) -> dict[str, Any]:
     rows.append(["uncompressed", before_size["linear_bits_per_param"],
                  before.get("wiki", {}).get("ppl", "-"), before.get("austen", {}).get("ppl", "-"),
                  before_size["total_bytes"] / 2**20, "-"])
-  rows.append([cfg.compression.name, after_size["linear_bits_per_param"],
+  rows.append([cfg.compression.name, record["bits_per_param"],
                after.get("wiki", {}).get("ppl", "-"), after.get("austen", {}).get("ppl", "-"),
                after_size["total_bytes"] / 2**20, compress_s])
   print()

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.compression = ml_collections.ConfigDict()
   # Name of the recipe (used in tables and result records).
   c.compression.name = "uncompressed"
-  # Method applied to `where` when `rules` is empty: "none", "rtn".
+  # Method applied to `where` when `rules` and `steps` are empty: "none", "rtn", "gptq", "awq",
+  # "spqr", "owq", "magnitude", "wanda", "sparsegpt", "structured".
   c.compression.method = "none"
   # Regex (full match) of the parameter paths to compress: every decoder linear kernel.
   c.compression.where = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
@@ -37,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.compression.kwargs = ml_collections.ConfigDict()
   # Optional per-parameter rules, first match wins: ({"where": regex, "method": name, **kwargs}, ...).
   c.compression.rules = ()
+  # Optional chain of steps run in order, each {"method": name, "where"?: regex, **kwargs}, e.g.
+  # ({"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 4, "group_size": 64}).
+  # Takes precedence over `method` and `rules`.
+  c.compression.steps = ()
 
   c.calibration = ml_collections.ConfigDict()
   # Calibration windows for data-aware methods (standard protocol: 128 x 512, seed 0).

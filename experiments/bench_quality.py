@@ -4,6 +4,8 @@
   python experiments/bench_quality.py --bench bench_gptq    # GPTQ 4/3/2 bits
   python experiments/bench_quality.py --bench bench_awq     # AWQ (+RTN) 4/3/2 bits
   python experiments/bench_quality.py --bench bench_spqr    # SpQR near 4 and 3 bits, OWQ 3 bits
+  python experiments/bench_quality.py --bench bench_prune   # magnitude/Wanda/SparseGPT 50%, 2:4, 4:8
+  python experiments/bench_quality.py --bench bench_structured  # MLP channels removed: 10/20/30%
   python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
   python experiments/bench_quality.py --bench bench_gptq --configs gptq_w4g64 --cal-source wiki
 
@@ -28,6 +30,10 @@ BENCHES = {
     "bench_gptq": ("gptq_w3g64", "gptq_w4g64", "gptq_w2g64"),
     "bench_awq": ("awq_w3g64", "awq_w4g64", "awq_w2g64"),
     "bench_spqr": ("spqr_w3g16", "spqr_w2g16", "owq_w3"),
+    "bench_prune": ("magnitude_50", "wanda_50", "sparsegpt_50", "sparsegpt_50_w4g64",
+                    "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4", "magnitude_4of8",
+                    "wanda_4of8", "sparsegpt_4of8", "magnitude_50_lamp"),
+    "bench_structured": ("structured_10", "structured_20", "structured_30"),
 }
 
 

@@ -41,12 +41,17 @@ from compressjax.formats.quantized import QUANTIZED_BITS
 from compressjax.formats.quantized import QuantizedArray
 from compressjax.formats.quantized import dequantize
 from compressjax.formats.quantized import valid_group_sizes
+from compressjax.formats.sparse import BitmaskSparse
+from compressjax.formats.sparse import NMSparse
+from compressjax.formats.sparse import index_bits
 
 __all__ = [
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",
+    "BitmaskSparse",
     "CompressedArray",
     "KeptRows",
+    "NMSparse",
     "SparseOutliers",
     "SumArray",
     "Transposed",
@@ -57,6 +62,7 @@ __all__ = [
     "dequantize",
     "dot",
     "implementations",
+    "index_bits",
     "is_compressed",
     "materialize",
     "pack",

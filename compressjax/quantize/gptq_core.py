@@ -99,7 +99,7 @@ from compressjax.quantize.rtn_core import rtn_params
 # The paper's variable names (H, Hinv, W, Q, Err1, ...) are kept on purpose.
 # pylint: disable=invalid-name
 
-__all__ = ["DAMP_RETRIES", "gptq_quantize", "gptq_reference"]
+__all__ = ["DAMP_RETRIES", "gptq_quantize", "gptq_masked", "gptq_reference"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -239,7 +239,7 @@ def _loo_outlier_mask(rows, dinv, threshold, *, bits, symmetric):
     static_argnames=("bits", "group_size", "symmetric", "scale_dtype", "blocksize", "percdamp",
                      "act_order", "static_groups", "with_q", "outlier_threshold", "stats_bits",
                      "stats_group_size"))
-def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp,
+def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp,
           act_order, static_groups, with_q, outlier_threshold=float("inf"), stats_bits=0,
           stats_group_size=16):
   """Lazy-batch GPTQ on validated arguments (``group_size`` resolved, ``<= K``).
@@ -255,6 +255,9 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   * ``keep`` ``(K,)`` bool (not ``None`` = on): OWQ's weak input rows, processed *last* and kept
     at their error-updated values, so they absorb the error of all quantized rows; they are left
     out of the grids (which must be static: ``static_groups`` or per-channel).
+  * ``prune`` ``(K, N)`` bool (not ``None`` = on): a fixed sparsity mask (``True`` = pruned) that
+    quantization preserves, as SparseGPT's joint mode: pruned weights are forced to exactly 0 (their
+    error is fed back like a quantization error) and left out of the grids.
 
   Returns ``(codes, scale, zero, Q, resid, info)``; ``Q`` (the weight the algorithm used, original
   row order) is ``None`` unless ``with_q``; ``resid`` (``Q`` minus the decoded codes: non-zero
@@ -292,6 +295,8 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   # grid "at its first row" is that of the unmodified W).
   upfront = static_groups or gs == K
   kmask = None if keep is None else jnp.broadcast_to(keep[:, None], (K, N))
+  if prune is not None:
+    kmask = prune if kmask is None else jnp.logical_or(kmask, prune)
   if upfront:
     # First-level statistics as stored, and as used (after level 2).
     wg = W.reshape(G, gs, N)
@@ -313,6 +318,7 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
   if permuted:
     W = W[perm]
     H = H[perm][:, perm]
+  pruned = None if prune is None else (prune[perm] if permuted else prune)
   kept_row = (jnp.zeros((K,), bool) if keep is None else keep[perm])
 
   # 2. Damping and Cholesky of the inverse.
@@ -334,6 +340,8 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
     Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
     perm = jnp.concatenate([perm, jnp.arange(K, Kp)])
     kept_row = jnp.concatenate([kept_row, jnp.zeros((Kp - K,), bool)])
+    if pruned is not None:
+      pruned = jnp.pad(pruned, ((0, Kp - K), (0, 0)))
     dinv_all = jnp.concatenate([dinv_all, jnp.ones((Kp - K,), ctype)])
   group_of_row = jnp.minimum(perm // gs, G - 1)  # original group of each processed row
 
@@ -344,10 +352,11 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
     """
     rows = (jax.lax.dynamic_slice_in_dim(W, j, gs, axis=0)
             - jax.lax.dynamic_slice_in_dim(Hinv1, j, gs, axis=1).T @ Err1)
-    mask = None
+    mask = None if pruned is None else jax.lax.dynamic_slice_in_dim(pruned, j, gs, axis=0)
     if outliers:
       dinv = 1.0 / jax.lax.dynamic_slice_in_dim(dinv_all, j, gs)
-      mask = _loo_outlier_mask(rows, dinv, tau, bits=bits, symmetric=symmetric)
+      loo = _loo_outlier_mask(rows, dinv, tau, bits=bits, symmetric=symmetric)
+      mask = loo if mask is None else jnp.logical_or(loo, mask)
     s_raw, z_raw = fit_grid(rows, mask)
     return (*level2(s_raw, z_raw), s_raw, z_raw)
 
@@ -390,6 +399,8 @@ def _gptq(W, H, keep=None, *, bits, group_size, symmetric, scale_dtype, blocksiz
         n_out = n_out + jnp.sum(jnp.logical_and(exact, jnp.logical_not(kept_row[j])))
       else:
         code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
+      if pruned is not None:
+        q = jnp.where(pruned[j], jnp.zeros((), ctype), q)
       real = j < K
       loss = loss + jnp.where(real, jnp.sum((w - q)**2) / d**2 / 2, jnp.zeros((), ctype))
       err1 = (w - q) / d
@@ -513,6 +524,31 @@ def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | No
   qw = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                  symmetric=bool(symmetric), dtype=W.dtype)
   return qw, info
+
+
+def gptq_masked(W: jax.Array, H: jax.Array, keep: jax.Array, *, bits: int,
+                group_size: int | None = None, symmetric: bool = True,
+                scale_dtype: Any = jnp.float16, blocksize: int = 128, percdamp: float = 0.01,
+                act_order: bool = False, static_groups: bool = False):
+  """GPTQ that preserves a sparsity mask (SparseGPT's joint sparsify-and-quantize step).
+
+  Weights where ``keep`` is ``False`` are forced to exactly zero, their error is compensated by
+  the OBS update like any quantization error, and they are left out of every group's grid.
+  Arguments as :func:`gptq_quantize`.
+
+  Returns:
+    ``(codes, scale, zero, info)``: ``uint8`` ``(K, N)`` codes on the dense grouped grid (codes
+    of pruned entries are meaningless), ``(G, N)`` scales/zeros and the info dict.
+  """
+  gs = _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups)
+  keep = jnp.asarray(keep, bool)
+  if tuple(keep.shape) != tuple(W.shape):
+    raise ValueError(f"keep must have the shape of W {tuple(W.shape)}, got {tuple(keep.shape)}")
+  codes, scale, zero, _, _, info = _gptq(
+      W, H, None, jnp.logical_not(keep), bits=bits, group_size=gs, symmetric=bool(symmetric),
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=float(percdamp),
+      act_order=bool(act_order), static_groups=bool(static_groups), with_q=False)
+  return codes, scale, zero, info
 
 
 # ----------------------------------------------------------------------------------------

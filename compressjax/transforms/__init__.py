@@ -4,6 +4,7 @@ from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, Le
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
 from compressjax.transforms.awq import awq
+from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, map_with_path, path_str)
@@ -12,5 +13,5 @@ __all__ = [
     "ChainState", "DEFAULT_WHERE", "PLANNING", "LeafwiseState", "LINEAR_KERNELS", "Rule", "SelectState", "Selector", "Transform",
     "UnmatchedRuleError", "apply", "as_predicate", "chain", "identity", "is_leaf", "leafwise",
     "leaves_with_paths", "map_with_path", "path_str", "plan", "awq", "gptq", "owq", "rtn", "select",
-    "spqr", "to_abstract",
+    "spqr", "to_abstract", "magnitude", "wanda", "sparsegpt", "structured", "StructuredState",
 ]

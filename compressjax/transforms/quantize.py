@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from compressjax.formats import CompressedArray
+from compressjax.formats import BitmaskSparse, CompressedArray, NMSparse, QuantizedArray
+from compressjax.formats.sparse import compact_nm
 from compressjax.quantize import gptq_core, rtn_core, spqr_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.selection import Selector
@@ -50,14 +52,53 @@ def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
 
   def fn(path, w):
     del path
-    _check_dense_2d(w, "rtn")
+    sparse = _sparse_input(w, "rtn")
     if group_size is not None and w.shape[0] % group_size:
       # Validate eagerly so the message names group_size and the width even under jit.
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
                             group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    if isinstance(sparse, NMSparse):
+      # The kept values are a dense (K n/m, N) matrix; a dense group of `gs` rows is
+      # `gs n/m` compacted rows, so the grid is that of the group's kept entries.
+      gs = (group_size or w.shape[0]) * sparse.n // sparse.m
+      values = rtn_core.quantize_rtn(sparse.values.astype(sparse.dtype), bits=bits,
+                                     group_size=gs, symmetric=symmetric, scale_dtype=scale_dtype)
+      return dataclasses.replace(sparse, values=values)
+    if isinstance(sparse, BitmaskSparse):
+      keep = sparse.keep_mask()
+      codes, scale, zero = _masked_rtn(sparse.materialize(), keep, bits=bits,
+                                       group_size=group_size or w.shape[0], symmetric=symmetric,
+                                       scale_dtype=scale_dtype)
+      return BitmaskSparse.from_codes(codes, keep, scale, zero, bits=bits,
+                                      group_size=group_size or w.shape[0], symmetric=symmetric,
+                                      dtype=sparse.dtype, nnz=sparse.nnz)
     return quant(w)
 
   return leafwise(fn, where, name=f"rtn(bits={bits}, group_size={group_size})")
+
+
+def _sparse_input(w, name):
+  """Validates a quantizer's input: a dense 2-D kernel (returns ``None``) or a sparse leaf with
+  float values (returned: its mask is kept and only the kept values are quantized)."""
+  if isinstance(w, NMSparse) and not isinstance(w.values, CompressedArray):
+    return w
+  if isinstance(w, BitmaskSparse) and w.bits is None:
+    return w
+  _check_dense_2d(w, name)
+  return None
+
+
+def _masked_rtn(w, keep, *, bits, group_size, symmetric, scale_dtype):
+  """RTN codes of ``w`` on grids fitted to the kept entries only (pruned entries ignored)."""
+  k, n = w.shape
+  wg = w.reshape(k // group_size, group_size, n)
+  kg = keep.reshape(wg.shape)
+  mean = jnp.sum(wg * kg, 1, keepdims=True) / jnp.maximum(jnp.sum(kg, 1, keepdims=True), 1)
+  scale, zero = rtn_core.rtn_params(jnp.where(kg, wg, mean), bits=bits, symmetric=symmetric,
+                                    scale_dtype=scale_dtype)
+  codes = rtn_core.quantize_codes(wg, scale[:, None, :], None if zero is None else zero[:, None, :],
+                                  bits=bits, symmetric=symmetric)
+  return codes.reshape(k, n), scale, zero
 
 
 def _check_dense_2d(w, name):
@@ -89,16 +130,33 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
       gptq_core.gptq_quantize, bits=bits, group_size=group_size, symmetric=symmetric,
       scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
       static_groups=static_groups))
+  quant_masked = jax.jit(functools.partial(
+      gptq_core.gptq_masked, bits=bits, group_size=group_size, symmetric=symmetric,
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+      static_groups=static_groups))
   name = f"gptq(bits={bits}, group_size={group_size})"
 
   def fn(path, w, stats):
     del path
-    _check_dense_2d(w, "gptq")
+    sparse = _sparse_input(w, "gptq")
     if group_size is not None and w.shape[0] % group_size:
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
                             group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
-    q, _ = quant(w, stats.gptq_hessian())
-    return q
+    if sparse is None:
+      q, _ = quant(w, stats.gptq_hessian())
+      return q
+    # Sparse input: GPTQ with the mask fixed (SparseGPT's joint sparsify-and-quantize).
+    gs = group_size or w.shape[0]
+    keep = sparse.keep_mask()
+    codes, scale, zero, _ = quant_masked(sparse.materialize(), stats.gptq_hessian(), keep)
+    if isinstance(sparse, NMSparse):
+      ccodes, idx = compact_nm(codes, keep, n=sparse.n, m=sparse.m)
+      values = QuantizedArray.from_codes(ccodes, scale, zero, bits=bits,
+                                         group_size=gs * sparse.n // sparse.m,
+                                         symmetric=bool(symmetric), dtype=sparse.dtype)
+      return dataclasses.replace(sparse, values=values)
+    return BitmaskSparse.from_codes(codes, keep, scale, zero, bits=bits, group_size=gs,
+                                    symmetric=bool(symmetric), dtype=sparse.dtype, nnz=sparse.nnz)
 
   return leafwise(fn, where, name=name, with_stats=True)
 

@@ -1,0 +1,12 @@
+"""Structured pruning, ~10% of every block's linear parameters removed as MLP channels (see
+structured_20; the kept width is rounded to a multiple of 32)."""
+
+from configs import structured_20
+
+
+def get_config():
+  c = structured_20.get_config()
+  c.compression.name = "structured-10%"
+  c.compression.kwargs.fraction = 0.1
+  c.output_dir = "runs/structured_10"
+  return c

@@ -47,6 +47,19 @@ def unpack_mask(words: jax.Array, shape: tuple[int, int]) -> jax.Array:
   return packing.unpack(words, 1, math.prod(shape), axis=0).reshape(shape).astype(bool)
 
 
+def _kept_positions(keep: jax.Array, nnz: int | None) -> tuple[int, jax.Array]:
+  """``(nnz, flat row-major positions of the kept entries)``.
+
+  With ``nnz`` given this traces under jit; without it ``keep`` must be concrete and the
+  positions are found on the host (an eager ``jnp.nonzero(size=nnz)`` would compile once per
+  distinct ``nnz``, i.e. once per layer under layer-adaptive budgets).
+  """
+  if nnz is None:
+    idx = np.flatnonzero(np.asarray(keep))
+    return int(idx.size), jnp.asarray(idx.astype(np.int32))
+  return int(nnz), jnp.nonzero(keep.reshape(-1), size=int(nnz))[0]
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class BitmaskSparse(base.CompressedArray):
   """Unstructured sparse ``(K, N)`` weight: a bitmask and the kept values.
@@ -124,8 +137,7 @@ class BitmaskSparse(base.CompressedArray):
     concrete ``keep`` (outside :func:`jax.jit`).
     """
     keep = jnp.asarray(keep, bool)
-    nnz = int(jnp.sum(keep)) if nnz is None else int(nnz)
-    idx = jnp.nonzero(keep.reshape(-1), size=nnz)[0]
+    nnz, idx = _kept_positions(keep, nnz)
     vals = jnp.asarray(w).reshape(-1)[idx].astype(value_dtype)
     return cls(pack_mask(keep), vals, shape=tuple(keep.shape),
                dtype=jnp.asarray(w).dtype if dtype is None else dtype, nnz=nnz)
@@ -136,8 +148,7 @@ class BitmaskSparse(base.CompressedArray):
     """Quantized values: ``codes`` ``(K, N)`` on the dense grid, stored only where ``keep``
     (``nnz`` as in :meth:`from_dense`)."""
     keep = jnp.asarray(keep, bool)
-    nnz = int(jnp.sum(keep)) if nnz is None else int(nnz)
-    idx = jnp.nonzero(keep.reshape(-1), size=nnz)[0]
+    nnz, idx = _kept_positions(keep, nnz)
     kept = jnp.asarray(codes).reshape(-1)[idx].astype(jnp.uint8)
     return cls(pack_mask(keep), packing.pack(kept, bits, axis=0), scale, zero,
                shape=tuple(keep.shape), dtype=dtype, nnz=nnz, bits=bits, group_size=group_size,

@@ -34,9 +34,13 @@ METHODS = {
     "magnitude": transforms.magnitude,
     "wanda": transforms.wanda,
     "sparsegpt": transforms.sparsegpt,
+    "svd": transforms.svd,
+    "asvd": transforms.asvd,
+    "lq_lora": transforms.lq_lora,
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
-DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured"}
+DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured", "asvd", "eora",
+              "lq_lora"}
 # Methods that rewrite several parameters of a block together: they run at the top level of
 # the recipe (not inside a `where` rule).
 _TOP_LEVEL = ("awq", "structured")
@@ -78,6 +82,11 @@ def build_transform(comp, model_cfg: LlamaConfig | None = None) -> transforms.Tr
       if "method" not in st:
         raise ValueError(f"compression.steps[{i}] needs 'method', got {sorted(st)}")
       method = st.pop("method")
+      if method == "eora":  # compensates everything the steps before it changed
+        if not chain:
+          raise ValueError("compression.steps: 'eora' needs a compressing step before it")
+        chain = [transforms.eora(transforms.chain(*chain), **_method_kwargs(st))]
+        continue
       where = st.pop("where", comp.get("where", transforms.LINEAR_KERNELS))
       chain.append(build_transform({"method": method, "where": where, "kwargs": st}, model_cfg))
     return transforms.chain(*chain)

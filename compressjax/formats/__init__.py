@@ -41,6 +41,7 @@ from compressjax.formats.quantized import QUANTIZED_BITS
 from compressjax.formats.quantized import QuantizedArray
 from compressjax.formats.quantized import dequantize
 from compressjax.formats.quantized import valid_group_sizes
+from compressjax.formats.lowrank import LowRank
 from compressjax.formats.sparse import BitmaskSparse
 from compressjax.formats.sparse import NMSparse
 from compressjax.formats.sparse import index_bits
@@ -51,6 +52,7 @@ __all__ = [
     "BitmaskSparse",
     "CompressedArray",
     "KeptRows",
+    "LowRank",
     "NMSparse",
     "SparseOutliers",
     "SumArray",

@@ -91,15 +91,26 @@ def _rows(x) -> int:
 
 
 def sum_matmul_xla(x: jax.Array, w: SumArray) -> jax.Array:
-  """Term by term for few rows; for many rows, one product with the decoded sum."""
+  """Term by term for few rows; for many rows, one product with the decoded sum of the
+  full-rank terms. Low-rank terms are always multiplied factorized (``(x @ A) @ B``)."""
+  from compressjax.formats.lowrank import LowRank  # pylint: disable=g-import-not-at-top
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
-  if _rows(x) > DENSE_ROWS:
-    return jnp.matmul(x.astype(out_dtype), w.materialize().astype(out_dtype),
-                      preferred_element_type=acc).astype(out_dtype)
-  y = dispatch.dot(x, w.terms[0]).astype(acc)
-  for t in w.terms[1:]:
-    y = y + dispatch.dot(x, t).astype(acc)
+  factored = [t for t in w.terms if isinstance(t, LowRank)]
+  full = [t for t in w.terms if not isinstance(t, LowRank)]
+  y = None
+  if _rows(x) > DENSE_ROWS and full:
+    dense = dispatch.materialize(full[0]).astype(acc)
+    for t in full[1:]:
+      dense = dense + dispatch.materialize(t).astype(acc)
+    y = jnp.matmul(x.astype(out_dtype), dense.astype(out_dtype), preferred_element_type=acc)
+    y = y.astype(acc)
+    terms = factored
+  else:
+    terms = list(w.terms)
+  for t in terms:
+    yt = dispatch.dot(x, t).astype(acc)
+    y = yt if y is None else y + yt
   return y.astype(out_dtype)
 
 

@@ -4,6 +4,7 @@ from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, Le
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
 from compressjax.transforms.awq import awq
+from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
 from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
@@ -14,4 +15,5 @@ __all__ = [
     "UnmatchedRuleError", "apply", "as_predicate", "chain", "identity", "is_leaf", "leafwise",
     "leaves_with_paths", "map_with_path", "path_str", "plan", "awq", "gptq", "owq", "rtn", "select",
     "spqr", "to_abstract", "magnitude", "wanda", "sparsegpt", "structured", "StructuredState",
+    "svd", "asvd", "eora", "lq_lora",
 ]

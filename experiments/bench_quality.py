@@ -6,6 +6,7 @@
   python experiments/bench_quality.py --bench bench_spqr    # SpQR near 4 and 3 bits, OWQ 3 bits
   python experiments/bench_quality.py --bench bench_prune   # magnitude/Wanda/SparseGPT 50%, 2:4, 4:8
   python experiments/bench_quality.py --bench bench_structured  # MLP channels removed: 10/20/30%
+  python experiments/bench_quality.py --bench bench_lowrank  # SVD/ASVD, EoRA ranks, LQ-LoRA
   python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
   python experiments/bench_quality.py --bench bench_gptq --configs gptq_w4g64 --cal-source wiki
 
@@ -34,6 +35,9 @@ BENCHES = {
                     "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4", "magnitude_4of8",
                     "wanda_4of8", "sparsegpt_4of8", "magnitude_50_lamp"),
     "bench_structured": ("structured_10", "structured_20", "structured_30"),
+    "bench_lowrank": ("svd_80", "asvd_80", "svd_60", "asvd_60", "gptq_w3g64_eora16",
+                      "gptq_w3g64_eora32", "gptq_w3g64_eora64", "sparsegpt_2of4_eora16",
+                      "sparsegpt_2of4_eora32", "sparsegpt_2of4_eora64", "lqlora_w3g64_r32"),
 }
 
 

@@ -24,21 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.formats import BitmaskSparse, CompressedArray, NMSparse
+from compressjax.formats import BitmaskSparse, NMSparse
 from compressjax.prune import masks, sparsegpt_core, structured_core
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, _map, _real_stats,
                                          _visible, leaves_with_paths_marked, leafwise)
+from compressjax.transforms.quantize import _check_dense_2d
 from compressjax.transforms.selection import Selector
 
 __all__ = ["magnitude", "wanda", "sparsegpt", "structured", "StructuredState"]
 
 
 def _check_dense(w, name):
-  if isinstance(w, CompressedArray):
-    raise ValueError(f"{name} expects a dense kernel but the parameter is already compressed "
-                     f"({type(w).__name__}); prune before quantizing")
-  if getattr(w, "ndim", None) != 2:
-    raise ValueError(f"{name} expects a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+  """A dense 2-D kernel, or a clear error (pruners run before quantizers in a chain)."""
+  _check_dense_2d(w, name)
 
 
 def _sparse_leaf(w, keep, nm, nnz, value_dtype):

@@ -71,10 +71,12 @@ def test_colab_notebook_is_valid_and_uses_the_public_api():
     assert hasattr(mod, name), name
 
 
-@pytest.mark.parametrize("name, bits", [("gptq_w3g64", 3.25), ("awq_w3g64", 3.25),
-                                        ("spqr_w3g16", None), ("owq_w3", None)])
+@pytest.mark.parametrize("name, bits", [
+    ("gptq_w3g64", 3.25), ("awq_w3g64", 3.25), ("spqr_w3g16", None), ("owq_w3", None),
+    ("sparsegpt_50_w4g64", (3.2, 3.3)), ("wanda_2of4", 9.0), ("magnitude_50_lamp", 9.0),
+    ("structured_20", (20.0, 28.0)), ("gptq_w3g64_eora16", (3.25, 16.0)), ("asvd_80", (10, 13))])
 def test_data_aware_configs_run_end_to_end(tiny_gguf, tiny_data, tmp_path, name, bits):
-  """Each issue-3 recipe: calibrate, compress, evaluate, save, and reload bit for bit."""
+  """Each issue-3/4/5 recipe: calibrate, compress, evaluate, save, and reload bit for bit."""
   import importlib
 
   from compressjax import pipeline
@@ -85,8 +87,14 @@ def test_data_aware_configs_run_end_to_end(tiny_gguf, tiny_data, tmp_path, name,
   cfg.eval_before = False
   cfg.output_dir = str(tmp_path / "ck")
   rec = pipeline.run_compress(cfg)
-  assert rec["ppl_wiki"] > 1 and rec["calibration"]["num_windows"] == 4
-  if bits is not None:
+  assert rec["ppl_wiki"] > 1
+  if pipeline.needs_calibration(cfg.compression):
+    assert rec["calibration"]["num_windows"] == 4
+  else:
+    assert rec["calibration"] is None
+  if isinstance(bits, tuple):
+    assert bits[0] <= rec["bits_per_param"] <= bits[1]
+  elif bits is not None:
     assert rec["bits_per_param"] == pytest.approx(bits)
   else:  # higher-precision extras (statistics, outliers, kept rows) cost something
     assert 3.0 < rec["bits_per_param"] < 5.0

@@ -22,6 +22,7 @@ COMMANDS = {
     "bench_prune": "python experiments/bench_quality.py --bench bench_prune",
     "bench_structured": "python experiments/bench_quality.py --bench bench_structured",
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
+    "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
 }
 INTRO = """# Results
 
@@ -34,8 +35,10 @@ zeros, second-level statistics, outlier values, indices and pointers, kept rows)
 norms stay in float32 and are counted only in `model MiB`. Data-aware methods calibrate on 128
 windows of 512 tokens (seed 0, wiki after the evaluation region + five Austen novels) in
 "sequential" mode. `compress wall s` is the calibration + compression time only (evaluation
-excluded); the GPTQ/AWQ/SpQR runs shared the 2 cores with test runs or other jobs, so their
-times overstate a quiet machine's by up to about 1.5x.
+excluded); most data-aware runs shared the 2 cores with test runs or other jobs, so their
+times overstate a quiet machine's by up to about 1.5x. Sparse and low-rank kernels are counted the
+same way (mask bits, in-group indices, float16 kept values, factors); structured pruning's
+bits/param divides the smaller model's bytes by the *original* parameter count.
 """
 
 
@@ -101,7 +104,7 @@ def render_comparison(all_recs):
         by[r["method"]] = r
   rows = []
   for label, names in (("8 bit", ["rtn-w8"]),
-                       ("4 bit g64", ["rtn-w4g64", "gptq-w4g64", "awq-w4g64"]),
+                       ("4 bit g64", ["rtn-w4g64", "gptq-w4g64", "gptq-w4g64-cal-wiki", "awq-w4g64"]),
                        ("~4 bit, SpQR", ["spqr-w3g16"]),
                        ("3 bit g64", ["rtn-w3g64", "gptq-w3g64", "awq-w3g64"]),
                        ("~3 bit, SpQR / OWQ", ["spqr-w2g16", "owq-w3"]),
@@ -174,6 +177,37 @@ def render_pruning(all_recs):
              "tokens/s b4", "compress s"], srows), ""])
 
 
+def render_lowrank(all_recs):
+  """SVD vs activation-aware SVD; EoRA ranks on GPTQ 3-bit and SparseGPT 2:4 with the share of
+  the gap to the uncompressed model each closes; LQ-LoRA against plain quantization."""
+  by = _latest_by_method(all_recs, ["bench_rtn", "bench_gptq", "bench_prune", "bench_lowrank"])
+  base = by.get("uncompressed")
+  rows = []
+  for label, names in (("80% params kept", ["svd-80%", "asvd-80%"]),
+                       ("60% params kept", ["svd-60%", "asvd-60%"])):
+    rows += [[label, n] + _quality_cells(by.get(n)) for n in names]
+  erows = []
+  for b in ("gptq-w3g64", "sparsegpt-2:4"):
+    rb = by.get(b)
+    for n in [b] + [f"{b}+eora{r}" for r in (16, 32, 64)]:
+      r = by.get(n)
+      closed = "-"
+      if r and rb and base and n != b:
+        closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
+      erows.append([n] + _quality_cells(r)[:3] + [closed])
+  lrows = [[n] + _quality_cells(by.get(n))[:3] for n in
+           ("lqlora-w3g64-r32", "gptq-w3g64", "rtn-w4g64", "gptq-w4g64")]
+  return "\n".join([
+      "## Low rank side by side", "",
+      table(["budget", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",
+             "peak RSS MiB"], rows), "",
+      "EoRA (rank-r float16 correction) on a compressed base; `gap closed` is the share of the "
+      "base's wiki perplexity gap to the uncompressed model that the correction removes:", "",
+      table(["method", "bits/param", "ppl wiki", "ppl austen", "gap closed (wiki)"], erows), "",
+      "Quantized + low-rank (LQ-LoRA-style) against plain quantization at neighbouring bits:", "",
+      table(["method", "bits/param", "ppl wiki", "ppl austen"], lrows), ""])
+
+
 def render_throughput(name, recs):
   rows = []
   for r in recs:
@@ -193,6 +227,7 @@ def main():
               if f.endswith(".jsonl")}
   parts.append(render_comparison(all_recs))
   parts.append(render_pruning(all_recs))
+  parts.append(render_lowrank(all_recs))
   for name, recs in all_recs.items():
     if name in ("bench_throughput", "bench_structured_speed"):
       parts.append(render_throughput(name, recs))

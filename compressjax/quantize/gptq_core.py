@@ -239,9 +239,9 @@ def _loo_outlier_mask(rows, dinv, threshold, *, bits, symmetric):
     static_argnames=("bits", "group_size", "symmetric", "scale_dtype", "blocksize", "percdamp",
                      "act_order", "static_groups", "with_q", "outlier_threshold", "stats_bits",
                      "stats_group_size"))
-def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dtype, blocksize, percdamp,
-          act_order, static_groups, with_q, outlier_threshold=float("inf"), stats_bits=0,
-          stats_group_size=16):
+def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dtype, blocksize,
+          percdamp, act_order, static_groups, with_q, outlier_threshold=float("inf"),
+          stats_bits=0, stats_group_size=16):
   """Lazy-batch GPTQ on validated arguments (``group_size`` resolved, ``<= K``).
 
   Extensions shared by SpQR and OWQ (all off by default, giving plain GPTQ):

@@ -93,7 +93,8 @@ def _masked_rtn(w, keep, *, bits, group_size, symmetric, scale_dtype):
   k, n = w.shape
   wg = w.reshape(k // group_size, group_size, n)
   kg = keep.reshape(wg.shape)
-  mean = jnp.sum(wg * kg, 1, keepdims=True) / jnp.maximum(jnp.sum(kg, 1, keepdims=True), 1)
+  kf = kg.astype(wg.dtype)
+  mean = jnp.sum(wg * kf, 1, keepdims=True) / jnp.maximum(jnp.sum(kf, 1, keepdims=True), 1.0)
   scale, zero = rtn_core.rtn_params(jnp.where(kg, wg, mean), bits=bits, symmetric=symmetric,
                                     scale_dtype=scale_dtype)
   codes = rtn_core.quantize_codes(wg, scale[:, None, :], None if zero is None else zero[:, None, :],
@@ -150,7 +151,7 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     keep = sparse.keep_mask()
     codes, scale, zero, _ = quant_masked(sparse.materialize(), stats.gptq_hessian(), keep)
     if isinstance(sparse, NMSparse):
-      ccodes, idx = compact_nm(codes, keep, n=sparse.n, m=sparse.m)
+      ccodes, _ = compact_nm(codes, keep, n=sparse.n, m=sparse.m)
       values = QuantizedArray.from_codes(ccodes, scale, zero, bits=bits,
                                          group_size=gs * sparse.n // sparse.m,
                                          symmetric=bool(symmetric), dtype=sparse.dtype)

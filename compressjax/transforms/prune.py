@@ -34,11 +34,6 @@ from compressjax.transforms.selection import Selector
 __all__ = ["magnitude", "wanda", "sparsegpt", "structured", "StructuredState"]
 
 
-def _check_dense(w, name):
-  """A dense 2-D kernel, or a clear error (pruners run before quantizers in a chain)."""
-  _check_dense_2d(w, name)
-
-
 def _sparse_leaf(w, keep, nm, nnz, value_dtype):
   if nm is not None:
     return NMSparse.from_dense(w, keep, n=nm[0], m=nm[1], value_dtype=value_dtype, dtype=w.dtype)
@@ -106,7 +101,7 @@ def magnitude(sparsity: float = 0.5, pattern: str | None = None, *, scope: str =
 
   def fn(path, w):
     del path
-    _check_dense(w, "magnitude")
+    _check_dense_2d(w, "magnitude")
     keep = _mask(jnp.abs(w), sparsity, nm, per_output=False)
     return _sparse_leaf(w, keep, nm, _nnz(w.shape, sparsity, nm, False), value_dtype)
 
@@ -121,7 +116,7 @@ def magnitude(sparsity: float = 0.5, pattern: str | None = None, *, scope: str =
     leaves = {p: w for p, w in leaves_with_paths_marked(params) if p in selected and _visible(w)}
     for p, w in leaves.items():
       try:
-        _check_dense(w, "magnitude")
+        _check_dense_2d(w, "magnitude")
       except ValueError as e:
         raise ValueError(f"{name} at parameter {p!r}: {e}") from e
     score = {p: (masks.lamp_score(w) if budget == "lamp" else jnp.abs(w)) for p, w in leaves.items()}
@@ -146,7 +141,7 @@ def wanda(sparsity: float = 0.5, pattern: str | None = None, *, value_dtype: Any
 
   def fn(path, w, stats):
     del path
-    _check_dense(w, "wanda")
+    _check_dense_2d(w, "wanda")
     keep = _mask(masks.wanda_score(w, stats.sq_sum), sparsity, nm, per_output=True)
     return _sparse_leaf(w, keep, nm, _nnz(w.shape, sparsity, nm, True), value_dtype)
 
@@ -176,7 +171,7 @@ def sparsegpt(sparsity: float = 0.5, pattern: str | None = None, *, blocksize: i
 
   def fn(path, w, stats):
     del path
-    _check_dense(w, "sparsegpt")
+    _check_dense_2d(w, "sparsegpt")
     wp, keep, _ = sparsegpt_core.sparsegpt_prune(w, stats.gptq_hessian(), sparsity=sparsity,
                                                  pattern=pattern, blocksize=blocksize,
                                                  percdamp=percdamp)
@@ -246,7 +241,7 @@ def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | No
     get = lambda name: leaves[f"layers/{i}/{name}/kernel"]
     for name in ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj", "attn/q_proj", "attn/o_proj"):
       w = get(name)
-      _check_dense(w, f"structured at parameter 'layers/{i}/{name}/kernel'")
+      _check_dense_2d(w, f"structured at parameter 'layers/{i}/{name}/kernel'")
     d, f = get("mlp/gate_proj").shape
     total = sum(int(np.prod(get(n).shape)) for n in
                 ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",

@@ -89,14 +89,14 @@ def _sparse_input(w, name):
 
 
 def _masked_rtn(w, keep, *, bits, group_size, symmetric, scale_dtype):
-  """RTN codes of ``w`` on grids fitted to the kept entries only (pruned entries ignored)."""
+  """RTN codes of ``w`` on grids fitted to the kept entries only (pruned entries ignored, as
+  GPTQ's ``_fit_grid`` ignores SpQR outliers)."""
   k, n = w.shape
   wg = w.reshape(k // group_size, group_size, n)
-  kg = keep.reshape(wg.shape)
-  kf = kg.astype(wg.dtype)
-  mean = jnp.sum(wg * kf, 1, keepdims=True) / jnp.maximum(jnp.sum(kf, 1, keepdims=True), 1.0)
-  scale, zero = rtn_core.rtn_params(jnp.where(kg, wg, mean), bits=bits, symmetric=symmetric,
-                                    scale_dtype=scale_dtype)
+  fit = functools.partial(gptq_core._fit_grid, bits=bits, symmetric=symmetric,  # pylint: disable=protected-access
+                          dtype=scale_dtype)
+  scale, zero = jax.vmap(fit)(wg, jnp.logical_not(keep.reshape(wg.shape)))
+  zero = None if symmetric else zero
   codes = rtn_core.quantize_codes(wg, scale[:, None, :], None if zero is None else zero[:, None, :],
                                   bits=bits, symmetric=symmetric)
   return codes.reshape(k, n), scale, zero

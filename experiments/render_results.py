@@ -196,7 +196,8 @@ def render_lowrank(all_recs):
         closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
       erows.append([n] + _quality_cells(r)[:3] + [closed])
   lrows = [[n] + _quality_cells(by.get(n))[:3] for n in
-           ("lqlora-w3g64-r32", "gptq-w3g64", "rtn-w4g64", "gptq-w4g64")]
+           ("lqlora-w3g64-r16", "lqlora-w3g64-r32", "rtn-w3g64", "gptq-w3g64", "rtn-w4g64",
+            "gptq-w4g64")]
   return "\n".join([
       "## Low rank side by side", "",
       table(["budget", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",

@@ -161,7 +161,8 @@ def render_pruning(all_recs):
                   *(_quality_cells(r)[1:3] if r else ["not measured yet", "-"]),
                   *[("-" if x is None else f"{x['tokens_per_s']:.0f} ({x['speedup_vs_dense']:.2f}x)")
                     for x in sp],
-                  "-" if r is None else fmt(r["wall_s"], 0)])
+                  "-" if r is None else fmt(r["wall_s"], 0),
+                  "-" if r is None else fmt(r["peak_rss_mb"], 0)])
   dense = [speed.get(("dense", b)) for b in (1, 4)]
   return "\n".join([
       "## Pruning side by side", "",
@@ -174,7 +175,7 @@ def render_pruning(all_recs):
       "jitted float32 forward at batch 1 / 4 x 512 against the dense model's "
       + " / ".join("-" if d is None else f"{d['tokens_per_s']:.0f}" for d in dense) + "):", "",
       table(["model", "linear params removed", "ppl wiki", "ppl austen", "tokens/s b1",
-             "tokens/s b4", "compress s"], srows), ""])
+             "tokens/s b4", "compress s", "peak RSS MiB"], srows), ""])
 
 
 def render_lowrank(all_recs):

@@ -153,7 +153,9 @@ def git_commit() -> str:
   try:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+    # Appended benchmark records do not make the code that produced them dirty.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                            ":(top,exclude)experiments/results"], cwd=here,
                            capture_output=True, text=True, check=True).stdout.strip()
     return sha + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):

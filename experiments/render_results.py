@@ -58,6 +58,8 @@ def fmt(v, nd=2):
   if v is None:
     return "-"
   if isinstance(v, float):
+    if abs(v) >= 1e5:  # a destroyed model's perplexity: 3 significant digits are plenty
+      return f"{v:.3g}"
     return f"{v:.{nd}f}"
   return str(v)
 

@@ -242,7 +242,8 @@ def main():
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))
-  update_readme(render_comparison(all_recs) + "\n" + render_pruning(all_recs),
+  update_readme(render_comparison(all_recs) + "\n" + render_pruning(all_recs) + "\n"
+                + render_lowrank(all_recs),
                 all_recs.get("bench_throughput", []))
 
 
@@ -258,6 +259,7 @@ def update_readme(comparison, throughput):
     return
   tp = {(r["method"], r["settings"].get("batch")): r.get("tokens_per_s") for r in throughput}
   lines = comparison.split("\n")[2:]  # drop the section title
+  lines = ["#" + l if l.startswith("## ") else l for l in lines]  # sub-sections of "Results"
   if tp:
     lines.append("Forward throughput on the same 2-core CPU (batch 1 / 4 x 512 tokens, float32): "
                  f"compressjax {fmt(tp.get(('compressjax-jax', 1)), 0)} / "

@@ -229,9 +229,8 @@ def main():
   parts = [INTRO]
   all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
               if f.endswith(".jsonl")}
-  parts.append(render_comparison(all_recs))
-  parts.append(render_pruning(all_recs))
-  parts.append(render_lowrank(all_recs))
+  summary = [render_comparison(all_recs), render_pruning(all_recs), render_lowrank(all_recs)]
+  parts += summary
   for name, recs in all_recs.items():
     if name in ("bench_throughput", "bench_structured_speed"):
       parts.append(render_throughput(name, recs))
@@ -242,9 +241,7 @@ def main():
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))
-  update_readme(render_comparison(all_recs) + "\n" + render_pruning(all_recs) + "\n"
-                + render_lowrank(all_recs),
-                all_recs.get("bench_throughput", []))
+  update_readme("\n".join(summary), all_recs.get("bench_throughput", []))
 
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -198,9 +198,9 @@ def render_lowrank(all_recs):
       if r and rb and base and n != b:
         closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
       erows.append([n] + _quality_cells(r)[:3] + [closed])
-  lrows = [[n] + _quality_cells(by.get(n))[:3] for n in
-           ("lqlora-w3g64-r16", "lqlora-w3g64-r32", "rtn-w3g64", "gptq-w3g64", "rtn-w4g64",
-            "gptq-w4g64")]
+  lrows = [[n] + _quality_cells(by.get(n))[:3] for n in  # ordered by bits: equal-bits neighbours
+           ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16", "lqlora-w3g64-r21",
+            "rtn-w4g64", "gptq-w4g64", "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
   return "\n".join([
       "## Low rank side by side", "",
       table(["budget", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",
@@ -208,7 +208,8 @@ def render_lowrank(all_recs):
       "EoRA (rank-r float16 correction) on a compressed base; `gap closed` is the share of the "
       "base's wiki perplexity gap to the uncompressed model that the correction removes:", "",
       table(["method", "bits/param", "ppl wiki", "ppl austen", "gap closed (wiki)"], erows), "",
-      "Quantized + low-rank (LQ-LoRA-style) against plain quantization at neighbouring bits:", "",
+      "Quantized + low-rank (LQ-LoRA-style) against plain quantization, ordered by bits per parameter "
+      "(each LQ-LoRA rank is chosen to spend no more bits than the plain setting just below it):", "",
       table(["method", "bits/param", "ppl wiki", "ppl austen"], lrows), ""])
 
 

@@ -100,3 +100,27 @@ def test_data_aware_configs_run_end_to_end(tiny_gguf, tiny_data, tmp_path, name,
     assert 3.0 < rec["bits_per_param"] < 5.0
   again = pipeline.run_eval(cfg.output_dir)
   assert all(r["matches_saved"] for r in again.values())
+
+
+def test_every_config_builds_its_recipe_and_every_bench_entry_exists():
+  """A typo in a config (method, kwarg) or a bench entry without a config fails here, not an hour
+  into a benchmark run."""
+  import importlib
+
+  from compressjax import pipeline
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  try:
+    bench_quality = importlib.import_module("bench_quality")
+  finally:
+    sys.path.pop(0)
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                 if f.endswith(".py") and f != "__init__.py")
+  out_dirs = {}
+  for name in names:
+    cfg = importlib.import_module(f"configs.{name}").get_config()
+    pipeline.build_transform(cfg.compression)
+    assert cfg.output_dir not in out_dirs, (name, out_dirs.get(cfg.output_dir))
+    out_dirs[cfg.output_dir] = name
+  for bench, configs in bench_quality.BENCHES.items():
+    missing = [c for c in configs if c not in names]
+    assert not missing, (bench, missing)

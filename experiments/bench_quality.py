@@ -38,7 +38,8 @@ BENCHES = {
     "bench_lowrank": ("svd_80", "asvd_80", "svd_60", "asvd_60", "gptq_w3g64_eora16",
                       "gptq_w3g64_eora32", "gptq_w3g64_eora64", "sparsegpt_2of4_eora16",
                       "sparsegpt_2of4_eora32", "sparsegpt_2of4_eora64", "lqlora_w3g64_r16",
-                      "lqlora_w3g64_r21", "lqlora_w2g64_r21", "lqlora_w3g64_r32"),
+                      "lqlora_w3g64_r21", "lqlora_w2g64_r21", "lqlora_w3g64_r32",
+                      "gptq_w3g64_eora64_f4"),
 }
 
 

@@ -192,24 +192,28 @@ def render_lowrank(all_recs):
   erows = []
   for b in ("gptq-w3g64", "sparsegpt-2:4"):
     rb = by.get(b)
-    for n in [b] + [f"{b}+eora{r}" for r in (16, 32, 64)]:
+    extra = ["gptq-w3g64+eora64-f4"] if b == "gptq-w3g64" else []  # 4-bit factors
+    for n in [b] + [f"{b}+eora{r}" for r in (16, 32, 64)] + extra:
       r = by.get(n)
       closed = "-"
       if r and rb and base and n != b:
         closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
       erows.append([n] + _quality_cells(r)[:3] + [closed])
   lrows = [[n] + _quality_cells(by.get(n))[:3] for n in  # ordered by bits: equal-bits neighbours
-           ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16", "lqlora-w3g64-r21",
-            "rtn-w4g64", "gptq-w4g64", "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
+           ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16",
+            "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64", "gptq-w4g64",
+            "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
   return "\n".join([
       "## Low rank side by side", "",
       table(["budget", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",
              "peak RSS MiB"], rows), "",
-      "EoRA (rank-r float16 correction) on a compressed base; `gap closed` is the share of the "
+      "EoRA (rank-r float16 correction; `-f4`: factors as 4-bit RTN codes) on a compressed base; "
+      "`gap closed` is the share of the "
       "base's wiki perplexity gap to the uncompressed model that the correction removes:", "",
       table(["method", "bits/param", "ppl wiki", "ppl austen", "gap closed (wiki)"], erows), "",
-      "Quantized + low-rank (LQ-LoRA-style) against plain quantization, ordered by bits per parameter "
-      "(each LQ-LoRA rank is chosen to spend no more bits than the plain setting just below it):", "",
+      "Quantized + low-rank (LQ-LoRA-style, and GPTQ + EoRA) against plain quantization, ordered "
+      "by bits per parameter (2-bit + rank 21 spends no more bits than plain 3-bit g64; 3-bit + "
+      "rank 21 and GPTQ-3-bit + EoRA-64 with 4-bit factors no more than plain 4-bit g64):", "",
       table(["method", "bits/param", "ppl wiki", "ppl austen"], lrows), ""])
 
 

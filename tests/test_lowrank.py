@@ -131,3 +131,32 @@ def test_eora_after_quantizer_and_pruner_through_the_engine_and_pipeline():
   leaf = T.plan(pipeline.build_transform(comp), T.to_abstract(model_params(model)))[
       "layers"][0]["attn"]["q_proj"]["kernel"]
   assert isinstance(leaf, formats.SumArray) and leaf.terms[1].rank == 8
+
+
+def test_quantized_factors_cost_fewer_bytes_and_keep_most_of_the_correction():
+  """``factor_bits``: EoRA / SVD factors stored as RTN codes multiply like their materialization,
+  cost well under half the float16 bytes at 4 bits, and 4-bit EoRA keeps most of its gain."""
+  x, w = _x(), _w()
+  params = {"layers": {0: {"mlp": {"up_proj": {"kernel": jnp.asarray(w)}}}}}
+  stats = {"layers/0/mlp/up_proj/kernel": calibration.LayerStats.zeros(64).add(jnp.asarray(x))}
+  base = T.rtn(3, 32)
+  q = T.apply(base, params)[0]["layers"][0]["mlp"]["up_proj"]["kernel"]
+  leaves = {}
+  for fb in (None, 4):
+    out, _ = T.apply(T.eora(base, 16, factor_bits=fb, factor_group_size=32), params, stats)
+    leaves[fb] = out["layers"][0]["mlp"]["up_proj"]["kernel"]
+  lr16, lr4 = leaves[None].terms[1], leaves[4].terms[1]
+  assert isinstance(lr4.a, formats.QuantizedArray) and lr4.a.group_size == 32
+  assert lr4.b.group_size == 16  # 16 rank rows: not a multiple of 32, so per-channel
+  assert lr4.nbytes < 0.45 * lr16.nbytes  # scales and packing padding weigh more this small
+  e_base, e16, e4 = (_err(x, w, l.materialize()) for l in (q, leaves[None], leaves[4]))
+  assert e16 < e4 < e_base and (e_base - e4) > 0.7 * (e_base - e16)
+  xs = jax.random.normal(jax.random.key(0), (5, 64))
+  np.testing.assert_allclose(np.asarray(formats.dot(xs, leaves[4])),
+                             np.asarray(xs @ leaves[4].materialize()), rtol=2e-5, atol=2e-4)
+  out, _ = T.apply(T.svd(8, factor_bits=8), params)
+  assert isinstance(out["layers"][0]["mlp"]["up_proj"]["kernel"].b, formats.QuantizedArray)
+  with pytest.raises(ValueError, match="eora: factor_bits must be None or one of"):
+    T.eora(base, 16, factor_bits=5)
+  with pytest.raises(ValueError, match="svd: factor_group_size must be None or a positive int"):
+    T.svd(8, factor_bits=4, factor_group_size=0)

@@ -8,7 +8,8 @@
   correction of what it changed, fitted in the activations' eigenspace;
 * :func:`lq_lora` quantized + low-rank decomposition by alternation.
 
-Results are :class:`~compressjax.formats.LowRank` leaves (factors stored in ``factor_dtype``) or
+Results are :class:`~compressjax.formats.LowRank` leaves (factors stored in ``factor_dtype``, or
+as RTN codes with ``factor_bits``) or
 ``SumArray((base, LowRank))`` for compensated / decomposed weights.
 """
 
@@ -50,11 +51,34 @@ def _check_budget(name, rank, keep_fraction):
     raise ValueError(f"{name}: keep_fraction must be in (0, 1], got {keep_fraction!r}")
 
 
-def _leaf(a, b, dtype, factor_dtype):
-  return LowRank(a.astype(factor_dtype), b.astype(factor_dtype), dtype=dtype)
+def _factor_store(name, factor_dtype, factor_bits, factor_group_size):
+  """How factors are stored: ``factor_dtype`` floats, or (``factor_bits`` set) symmetric RTN codes
+  with ``factor_dtype`` scales, in groups of ``factor_group_size`` along each factor's input
+  dimension (per-channel where that dimension is not a multiple of it, e.g. ``B``'s rank rows).
+  Returns ``store(a, b, dtype) -> LowRank``."""
+  if factor_bits is not None and factor_bits not in SUPPORTED_BITS:
+    raise ValueError(f"{name}: factor_bits must be None or one of {SUPPORTED_BITS}, "
+                     f"got {factor_bits!r}")
+  if factor_group_size is not None and (not isinstance(factor_group_size, int)
+                                        or factor_group_size < 1):
+    raise ValueError(f"{name}: factor_group_size must be None or a positive int, "
+                     f"got {factor_group_size!r}")
+
+  def quantize(f):
+    g = factor_group_size
+    g = g if g is not None and f.shape[0] % g == 0 else None
+    return rtn_core.quantize_rtn(f.astype(jnp.float32), bits=factor_bits, group_size=g,
+                                 scale_dtype=factor_dtype)
+
+  def store(a, b, dtype):
+    if factor_bits is None:
+      return LowRank(a.astype(factor_dtype), b.astype(factor_dtype), dtype=dtype)
+    return LowRank(quantize(a), quantize(b), dtype=dtype)
+
+  return store
 
 
-def _budgeted(name, with_stats, rank, keep_fraction, allocate, factor_dtype, where, percdamp):
+def _budgeted(name, with_stats, rank, keep_fraction, allocate, store, where, percdamp):
   """Per-leaf factorization, or ranks allocated across the leaves one update sees."""
   _check_budget(name, rank, keep_fraction)
 
@@ -66,7 +90,7 @@ def _budgeted(name, with_stats, rank, keep_fraction, allocate, factor_dtype, whe
     _check_dense_2d(w, name)
     r = _rank(w.shape, rank, keep_fraction)
     a, b = lowrank_core.factorize(w, r, hess(st[0]) if st else None, percdamp)
-    return _leaf(a, b, w.dtype, factor_dtype)
+    return store(a, b, w.dtype)
 
   per_leaf = leafwise(fn, where, name=name, with_stats=with_stats)
   if not allocate:
@@ -95,14 +119,15 @@ def _budgeted(name, with_stats, rank, keep_fraction, allocate, factor_dtype, whe
     new = {}
     for p, w in leaves.items():
       a, b = lowrank_core.factorize(w, ranks[p], h[p], percdamp)
-      new[p] = _leaf(a, b, w.dtype, factor_dtype)
+      new[p] = store(a, b, w.dtype)
     return _map(lambda p, x: new.get(p, x), params), state
 
   return Transform(per_leaf.init, update)
 
 
 def svd(rank: int | None = None, *, keep_fraction: float | None = None, allocate: bool = False,
-        factor_dtype: Any = jnp.float16, where: Selector = DEFAULT_WHERE) -> Transform:
+        factor_dtype: Any = jnp.float16, factor_bits: int | None = None,
+        factor_group_size: int | None = 64, where: Selector = DEFAULT_WHERE) -> Transform:
   """Truncated SVD ``W ~ A @ B`` of the selected kernels (data-free).
 
   Args:
@@ -111,18 +136,23 @@ def svd(rank: int | None = None, *, keep_fraction: float | None = None, allocate
       (``r (K + N) <= keep_fraction K N``).
     allocate: spend the same total budget with per-layer ranks allocated greedily on relative
       energy across all selected kernels (:func:`compressjax.factorize.allocate_ranks`).
-    factor_dtype: dtype of the stored factors.
+    factor_dtype: dtype of the stored factors (of their scales with ``factor_bits``).
+    factor_bits: store the factors as RTN codes of this many bits (2, 3, 4 or 8) instead of
+      floats; ``factor_group_size`` rows per scale along each factor's input dimension
+      (per-channel where that dimension is not a multiple of it). The budget (``rank`` /
+      ``keep_fraction``) counts factor parameters, not bits.
     where: which parameters (default: the decoder's linear kernels).
 
   References:
     Eckart & Young 1936.
   """
-  return _budgeted("svd", False, rank, keep_fraction, allocate, factor_dtype, where, 0.0)
+  store = _factor_store("svd", factor_dtype, factor_bits, factor_group_size)
+  return _budgeted("svd", False, rank, keep_fraction, allocate, store, where, 0.0)
 
 
 def asvd(rank: int | None = None, *, keep_fraction: float | None = None, allocate: bool = False,
-         percdamp: float = 1e-4, factor_dtype: Any = jnp.float16,
-         where: Selector = DEFAULT_WHERE) -> Transform:
+         percdamp: float = 1e-4, factor_dtype: Any = jnp.float16, factor_bits: int | None = None,
+         factor_group_size: int | None = 64, where: Selector = DEFAULT_WHERE) -> Transform:
   """Activation-aware SVD: the rank-r factors minimizing ``||X W - X A B||`` on the calibration
   inputs (whitening by ``X^T X``). Arguments as :func:`svd`; with ``allocate`` the ranks are
   allocated across the kernels of each block (the calibration engine shows one block at a time).
@@ -131,16 +161,20 @@ def asvd(rank: int | None = None, *, keep_fraction: float | None = None, allocat
   References:
     Wang et al. 2024, SVD-LLM (arXiv:2403.07378); Yuan et al. 2023, ASVD (arXiv:2312.05821).
   """
-  return _budgeted("asvd", True, rank, keep_fraction, allocate, factor_dtype, where, percdamp)
+  store = _factor_store("asvd", factor_dtype, factor_bits, factor_group_size)
+  return _budgeted("asvd", True, rank, keep_fraction, allocate, store, where, percdamp)
 
 
 def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
-         factor_dtype: Any = jnp.float16) -> Transform:
+         factor_dtype: Any = jnp.float16, factor_bits: int | None = None,
+         factor_group_size: int | None = 64) -> Transform:
   """EoRA: runs ``base`` (any compressing transform) and adds to every leaf it changed a rank-r
   correction of its residual in the activations' eigenspace: ``SumArray((base_leaf, LowRank))``.
 
   ``eora(gptq(3, 64), 32)`` is GPTQ then EoRA; ``eora(chain(sparsegpt(pattern="2:4"), ...), 16)``
   compensates a whole chain. Needs calibration statistics (the layer inputs' ``X^T X``).
+  ``factor_bits`` stores the correction's factors as RTN codes (as :func:`svd`); EoRA reports
+  4-bit factors losing little against float16 ones.
 
   References:
     Liu et al. 2024, "EoRA: Training-free Compensation for Compressed LLM with Eigenspace
@@ -148,6 +182,7 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
   """
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"eora: rank must be a positive int, got {rank!r}")
+  store = _factor_store("eora", factor_dtype, factor_bits, factor_group_size)
 
   def update(params, state, stats=None):
     new_params, state = base.update(params, state, stats)
@@ -169,7 +204,7 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
         h = st.hessian
       r = min(rank, *old.shape)
       a, b = lowrank_core.eora_factors(old, leaf.materialize(), h, r, percdamp)
-      out[p] = SumArray((leaf, _leaf(a, b, old.dtype, factor_dtype)), shape=old.shape,
+      out[p] = SumArray((leaf, store(a, b, old.dtype)), shape=old.shape,
                         dtype=old.dtype)
     return _map(lambda p, x: out.get(p, x), new_params), state
 
@@ -178,17 +213,20 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
 
 def lq_lora(bits: int, group_size: int | None = None, rank: int = 32, *, iters: int = 5,
             symmetric: bool = True, scale_dtype: Any = jnp.float16,
-            factor_dtype: Any = jnp.float16, data_aware: bool = True, percdamp: float = 1e-4,
+            factor_dtype: Any = jnp.float16, factor_bits: int | None = None,
+            factor_group_size: int | None = 64, data_aware: bool = True, percdamp: float = 1e-4,
             where: Selector = DEFAULT_WHERE) -> Transform:
   """Quantized + low-rank decomposition ``W ~ RTN(W - A B) + A B`` by alternation (LQ-LoRA's
   initialization), output-error weighted by ``X^T X`` when ``data_aware`` (needs calibration
-  statistics then). The result is ``SumArray((QuantizedArray, LowRank))``.
+  statistics then). The result is ``SumArray((QuantizedArray, LowRank))``. ``factor_bits``
+  quantizes the final factors (as :func:`svd`) after the alternation.
 
   References:
     Guo et al. 2024, LQ-LoRA (arXiv:2311.12023).
   """
   if bits not in SUPPORTED_BITS:
     raise ValueError(f"lq_lora: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  store = _factor_store("lq_lora", factor_dtype, factor_bits, factor_group_size)
   quant = jax.jit(functools.partial(rtn_core.quantize_rtn, bits=bits, group_size=group_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype))
 
@@ -201,6 +239,6 @@ def lq_lora(bits: int, group_size: int | None = None, rank: int = 32, *, iters: 
       q, a, b = quant(w), jnp.zeros((w.shape[0], r)), jnp.zeros((r, w.shape[1]))
     else:
       q, a, b, _ = lowrank_core.lq_decompose(w, quant, r, h, iters, percdamp)
-    return SumArray((q, _leaf(a, b, w.dtype, factor_dtype)), shape=w.shape, dtype=w.dtype)
+    return SumArray((q, store(a, b, w.dtype)), shape=w.shape, dtype=w.dtype)
 
   return leafwise(fn, where, name=f"lq_lora(bits={bits}, rank={rank})", with_stats=data_aware)

@@ -195,10 +195,11 @@ def render_lowrank(all_recs):
     extra = ["gptq-w3g64+eora64-f4"] if b == "gptq-w3g64" else []  # 4-bit factors
     for n in [b] + [f"{b}+eora{r}" for r in (16, 32, 64)] + extra:
       r = by.get(n)
-      closed = "-"
+      closed = added = "-"
       if r and rb and base and n != b:
         closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
-      erows.append([n] + _quality_cells(r)[:3] + [closed])
+        added = "+" + fmt(r["bits_per_param"] - rb["bits_per_param"], 2)
+      erows.append([n] + _quality_cells(r)[:3] + [added, closed])
   lrows = [[n] + _quality_cells(by.get(n))[:3] for n in  # ordered by bits: equal-bits neighbours
            ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16",
             "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64", "gptq-w4g64",
@@ -210,7 +211,8 @@ def render_lowrank(all_recs):
       "EoRA (rank-r float16 correction; `-f4`: factors as 4-bit RTN codes) on a compressed base; "
       "`gap closed` is the share of the "
       "base's wiki perplexity gap to the uncompressed model that the correction removes:", "",
-      table(["method", "bits/param", "ppl wiki", "ppl austen", "gap closed (wiki)"], erows), "",
+      table(["method", "bits/param", "ppl wiki", "ppl austen", "bits added", "gap closed (wiki)"],
+            erows), "",
       "Quantized + low-rank (LQ-LoRA-style, and GPTQ + EoRA) against plain quantization, ordered "
       "by bits per parameter (2-bit + rank 21 spends no more bits than plain 3-bit g64; 3-bit + "
       "rank 21 and GPTQ-3-bit + EoRA-64 with 4-bit factors no more than plain 4-bit g64):", "",

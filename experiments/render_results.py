@@ -202,7 +202,7 @@ def render_lowrank(all_recs):
       erows.append([n] + _quality_cells(r)[:3] + [added, closed])
   lrows = [[n] + _quality_cells(by.get(n))[:3] for n in  # ordered by bits: equal-bits neighbours
            ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16",
-            "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64", "gptq-w4g64",
+            "gptq-w3g64+eora16", "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64", "gptq-w4g64",
             "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
   return "\n".join([
       "## Low rank side by side", "",

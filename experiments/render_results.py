@@ -197,13 +197,14 @@ def render_lowrank(all_recs):
       r = by.get(n)
       closed = added = "-"
       if r and rb and base and n != b:
-        closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / (rb["ppl_wiki"] - base["ppl_wiki"]), 0) + "%"
+        gap = rb["ppl_wiki"] - base["ppl_wiki"]
+        closed = fmt(100 * (rb["ppl_wiki"] - r["ppl_wiki"]) / gap, 0) + "%"
         added = "+" + fmt(r["bits_per_param"] - rb["bits_per_param"], 2)
       erows.append([n] + _quality_cells(r)[:3] + [added, closed])
   lrows = [[n] + _quality_cells(by.get(n))[:3] for n in  # ordered by bits: equal-bits neighbours
            ("lqlora-w2g64-r21", "rtn-w3g64", "gptq-w3g64", "lqlora-w3g64-r16",
-            "gptq-w3g64+eora16", "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64", "gptq-w4g64",
-            "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
+            "gptq-w3g64+eora16", "gptq-w3g64+eora64-f4", "lqlora-w3g64-r21", "rtn-w4g64",
+            "gptq-w4g64", "lqlora-w3g64-r32", "gptq-w3g64+eora32")]
   return "\n".join([
       "## Low rank side by side", "",
       table(["budget", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",

@@ -190,10 +190,10 @@ def render_lowrank(all_recs):
                        ("60% params kept", ["svd-60%", "asvd-60%"])):
     rows += [[label, n] + _quality_cells(by.get(n)) for n in names]
   erows = []
-  for b in ("gptq-w3g64", "sparsegpt-2:4"):
+  for b, ranks in (("gptq-w3g64", ("16", "32", "64", "64-f4")),  # -f4: 4-bit factors
+                   ("sparsegpt-2:4", ("16", "32", "64"))):
     rb = by.get(b)
-    extra = ["gptq-w3g64+eora64-f4"] if b == "gptq-w3g64" else []  # 4-bit factors
-    for n in [b] + [f"{b}+eora{r}" for r in (16, 32, 64)] + extra:
+    for n in [b] + [f"{b}+eora{r}" for r in ranks]:
       r = by.get(n)
       closed = added = "-"
       if r and rb and base and n != b:

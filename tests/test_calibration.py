@@ -97,15 +97,33 @@ def test_gptq_through_the_engine_beats_rtn_on_held_out_output():
 
 
 def test_modes_and_errors():
+  """``mode`` decides which inputs the next block is calibrated on: "original" gives every block
+  the uncompressed model's activations, "sequential" the compressed blocks' outputs."""
   model = tiny.tiny_model(seed=5)
   w = _windows()
-  seq, _ = calibration.run_sequential(model, w, T.gptq(bits=4), progress=False)
-  orig, _ = calibration.run_sequential(model, w, T.gptq(bits=4), mode="original", progress=False)
-  a = seq["layers"][1]["attn"]["q_proj"]["kernel"].codes()
-  b = orig["layers"][1]["attn"]["q_proj"]["kernel"].codes()
-  assert a.shape == b.shape  # both valid; layer 0 sees identical inputs in both modes
-  np.testing.assert_array_equal(seq["layers"][0]["attn"]["q_proj"]["kernel"].codes(),
-                                orig["layers"][0]["attn"]["q_proj"]["kernel"].codes())
+
+  def recorder(seen):
+    def spy(path, leaf, stats):
+      if not isinstance(stats.hessian, jax.core.Tracer):  # chain() plans the steps first
+        seen[path] = np.asarray(stats.hessian)
+      return leaf
+    return T.leafwise(spy, with_stats=True, name="spy")
+
+  runs = {}
+  for label, quantizer, mode in (("clean", None, "sequential"), ("seq", T.rtn(bits=2), "sequential"),
+                                 ("orig", T.rtn(bits=2), "original")):
+    seen = {}
+    t = recorder(seen) if quantizer is None else T.chain(quantizer, recorder(seen))
+    calibration.run_sequential(model, w, t, mode=mode, progress=False)
+    runs[label] = seen
+  key0, key1 = "layers/0/attn/q_proj/kernel", "layers/1/attn/q_proj/kernel"
+  for label in ("seq", "orig"):  # layer 0 sees the embeddings in every mode
+    np.testing.assert_array_equal(runs[label][key0], runs["clean"][key0])
+  # "original": layer 1 sees the uncompressed layer 0's outputs, exactly as with no compression.
+  np.testing.assert_array_equal(runs["orig"][key1], runs["clean"][key1])
+  # "sequential": layer 1 sees the 2-bit layer 0's outputs, which differ.
+  rel = np.abs(runs["seq"][key1] - runs["clean"][key1]).max() / np.abs(runs["clean"][key1]).max()
+  assert rel > 1e-3, rel
   with pytest.raises(ValueError, match="mode"):
     calibration.run_sequential(model, w, T.gptq(bits=4), mode="parallel")
   with pytest.raises(ValueError, match="needs calibration statistics"):

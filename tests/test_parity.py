@@ -17,10 +17,12 @@ import jax.numpy as jnp
 from compressjax import data
 from compressjax.generate import generate
 from compressjax.io import build_model, load_hf, model_params, save_hf
-from compressjax.io.gguf import load_gguf, reference_model_path
+from compressjax.io.gguf import load_gguf
+from conftest import require, require_reference_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# Fail, never skip, when what these tests need is missing (CI installs all of it).
+torch = require("torch")
+transformers = require("transformers")
 
 # Measured on CPU: max |logit diff| ~1.4e-4 for logits of magnitude ~40 (float32 summation order).
 LOGIT_ATOL = 1e-3
@@ -29,11 +31,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  try:
-    path = reference_model_path()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  cfg, params, tok = load_gguf(path)
+  cfg, params, tok = load_gguf(require_reference_model())
   hf_dir = save_hf(tmp_path_factory.mktemp("hf") / "smollm2", cfg, params, tok)
   return cfg, params, tok, build_model(cfg, params), hf_dir
 

@@ -23,6 +23,7 @@ __all__ = [
     "protocol_eval_windows",
     "protocol_calibration_windows",
     "AUSTEN_CALIBRATION",
+    "check_positive",
 ]
 
 AUSTEN_CALIBRATION = ("emma", "mansfield_park", "northanger_abbey", "persuasion",
@@ -66,8 +67,16 @@ def read_text(source: str) -> str:
     return "\n\n".join(read_text(f) for f in files)
   if not os.path.isfile(source):
     raise FileNotFoundError(f"text source {source!r}: no such file or directory")
-  with open(source, encoding="utf-8") as f:
-    return f.read()
+  with open(source, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"text source {source!r}: not valid UTF-8 text (byte offset {e.start}: "
+                     f"{e.reason})") from e
+  if not text.strip():
+    raise ValueError(f"text source {source!r}: holds no text (empty or whitespace only)")
+  return text
 
 
 def encode(tokenizer, text: str) -> np.ndarray:
@@ -75,8 +84,18 @@ def encode(tokenizer, text: str) -> np.ndarray:
   return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 
+def check_positive(**values) -> None:
+  """Raises ``ValueError`` naming the first setting (keyword name) that is not an int >= 1."""
+  for k, v in values.items():
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{k} must be a positive integer, got {v!r}")
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int | None = None) -> np.ndarray:
   """Cuts a token stream into non-overlapping windows ``(n, seq_len)``; the first ``num_windows``."""
+  check_positive(seq_len=seq_len)
+  if num_windows is not None:
+    check_positive(num_windows=num_windows)
   n = len(tokens) // seq_len
   if num_windows is not None:
     if num_windows > n:
@@ -90,10 +109,17 @@ def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int | None = Non
 def sample_windows(tokens: np.ndarray, num: int, seq_len: int, seed: int) -> np.ndarray:
   """Draws ``num`` windows with start positions uniform in ``[0, len - seq_len]``.
 
-  Uses ``np.random.default_rng(seed).integers``: the same seed gives the same windows.
+  Uses ``np.random.default_rng(seed).integers``: the same seed gives the same windows. Asking
+  for more windows than the text holds without overlap (``len // seq_len``) is an error: the
+  draw would repeat the same text many times over.
   """
+  check_positive(num=num, seq_len=seq_len)
   if len(tokens) < seq_len:
     raise ValueError(f"calibration text has {len(tokens)} tokens, fewer than seq_len={seq_len}")
+  if num > len(tokens) // seq_len:
+    raise ValueError(f"{num} calibration windows of {seq_len} tokens asked for, but the text "
+                     f"({len(tokens)} tokens) holds only {len(tokens) // seq_len} without "
+                     "overlap; use fewer or shorter windows, or more text")
   rng = np.random.default_rng(seed)
   starts = rng.integers(0, len(tokens) - seq_len + 1, size=num)
   return np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int32)

@@ -2,26 +2,40 @@
 
 Layout of a checkpoint directory::
 
-    manifest.json   format version, per-leaf description (dense, or a compressed format's class,
-                    static metadata and children), per-array CRC32, user metadata
+    manifest.json   format version, per-leaf description (dense, or a compressed format's
+                    registered name, static metadata and children), per-array CRC32, user metadata
     arrays/         orbax StandardCheckpointer save of a flat {leaf_key: array} dict
     tokenizer.json  (optional) the tokenizer, so a checkpoint is self-contained
 
-The directory is written under a temporary sibling name and renamed into place only once
-everything (orbax included) is finished, so an interrupted save leaves nothing at ``path``.
-Restoring checks the manifest, the arrays' shapes and dtypes and their checksums, and raises
-:class:`CheckpointError` naming the path and what was wrong.
+Saving never deletes anything it did not write. The directory is written under a temporary
+sibling name and renamed into place only once everything (orbax included) is finished, so an
+interrupted save leaves nothing at ``path``. An existing ``path`` is replaced only when it is an
+empty directory, or a compressjax checkpoint (our ``manifest.json``, nothing else beside our
+files) and ``overwrite=True``; :func:`check_output_path` applies the same rules (and checks for
+room and write access) before a long run starts. A failed save removes its temporaries and
+raises :class:`CheckpointError` stating the real cause (e.g. a full disk).
+
+Restoring never runs code named by a file: compressed leaves name their format by a key of
+:func:`register_format`'s registry (every :mod:`compressjax.formats` class is registered), and
+files reached through symbolic links outside the checkpoint directory are refused. It checks the
+manifest, the arrays' shapes and dtypes and their checksums, and raises :class:`CheckpointError`
+naming the path and what was wrong.
+
+:func:`encode_pytree` / :func:`decode_pytree` store other pytrees (transform states) as data
+only: JSON-able structure plus arrays, with named tuples from an allow-list
+(:func:`register_state_class`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,18 +45,113 @@ import numpy as np
 from compressjax.formats import CompressedArray
 from compressjax.transforms.selection import leaves_with_paths
 
-__all__ = ["CheckpointError", "save", "restore", "read_manifest"]
+__all__ = ["CheckpointError", "CheckpointExistsError", "check_output_path", "decode_pytree",
+           "encode_pytree", "read_manifest", "register_format", "register_state_class",
+           "restore", "save"]
 
 FORMAT_VERSION = 2  # 2: nested compressed leaves ("tree" entries)
+_KNOWN_VERSIONS = (1, 2)  # versions whose directories we recognise as ours (may be replaced)
 MANIFEST = "manifest.json"
+_OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json"})
 
 
 class CheckpointError(ValueError):
-  """A checkpoint is missing, partial, corrupted or of an unknown format."""
+  """A checkpoint is missing, partial, corrupted, unsafe or of an unknown format, or a save
+  failed or was refused."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+  """The output path exists and may not be replaced (a file, a foreign non-empty directory, or
+  a checkpoint without ``overwrite=True``)."""
 
 
 def _crc(x) -> int:
   return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).ravel().tobytes())
+
+
+# --------------------------------------------------------------------------------------------
+# Registries: compressed formats and transform-state classes, by name. Restore looks names up
+# here and never imports a module named by a file.
+# --------------------------------------------------------------------------------------------
+
+_FORMATS: dict[str, type] = {}
+_STATE_CLASSES: dict[str, type] = {}
+
+
+def _class_key(cls: type) -> str:
+  return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_format(cls: type) -> type:
+  """Registers a compressed format class so checkpoints holding it can be restored.
+
+  Every :mod:`compressjax.formats` class is registered already; user formats call this once
+  (it can be used as a class decorator). The key is ``"module:qualname"``, as manifests write it.
+
+  Args:
+    cls: a :class:`~compressjax.formats.CompressedArray` subclass.
+
+  Returns:
+    ``cls``.
+
+  Raises:
+    TypeError: ``cls`` is not a ``CompressedArray`` subclass.
+  """
+  if not (isinstance(cls, type) and issubclass(cls, CompressedArray)):
+    raise TypeError(f"register_format: cls must be a CompressedArray subclass, got {cls!r}")
+  _FORMATS[_class_key(cls)] = cls
+  return cls
+
+
+def _format_registry() -> dict[str, type]:
+  if not any(k.startswith("compressjax.") for k in _FORMATS):
+    from compressjax import formats  # pylint: disable=g-import-not-at-top
+    for name in formats.__all__:
+      obj = getattr(formats, name)
+      if isinstance(obj, type) and issubclass(obj, CompressedArray) and obj is not CompressedArray:
+        _FORMATS.setdefault(_class_key(obj), obj)
+  return _FORMATS
+
+
+def register_state_class(cls: type) -> type:
+  """Allows a ``NamedTuple`` class in transform states stored by :func:`encode_pytree`.
+
+  The compressjax transform states (``ChainState``, ``LeafwiseState``, ``SelectState``,
+  ``StructuredState``, ``AwqGroup``, ``AwqState``) are registered already; a user transform with
+  its own state class calls this once.
+
+  Raises:
+    TypeError: ``cls`` is not a ``NamedTuple`` class.
+  """
+  if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+    raise TypeError(f"register_state_class: cls must be a NamedTuple class, got {cls!r}")
+  _STATE_CLASSES[_class_key(cls)] = cls
+  return cls
+
+
+def _state_registry() -> dict[str, type]:
+  if not any(k.startswith("compressjax.") for k in _STATE_CLASSES):
+    # pylint: disable=g-import-not-at-top
+    from compressjax.transforms import awq, base, prune
+    for cls in (base.ChainState, base.LeafwiseState, base.SelectState, prune.StructuredState,
+                awq.AwqGroup, awq.AwqState):
+      _STATE_CLASSES.setdefault(_class_key(cls), cls)
+  return _STATE_CLASSES
+
+
+def _resolve_class(spec: str, path: str):
+  cls = _format_registry().get(spec)
+  if cls is None:
+    raise CheckpointError(
+        f"checkpoint path {path!r}: unknown compressed format {spec!r} (expected one of the "
+        f"registered formats {sorted(_FORMATS)}; register user formats with "
+        "compressjax.checkpoint.register_format)")
+  return cls
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest entries of compressed leaves.
+# --------------------------------------------------------------------------------------------
 
 
 def _encode_static(v):
@@ -67,6 +176,10 @@ def _describe_node(node, name: str, children: dict[str, Any]):
     return None
   if isinstance(node, CompressedArray):
     cls = type(node)
+    key = _class_key(cls)
+    if _format_registry().get(key) is not cls:
+      raise TypeError(f"checkpoint.save: compressed format {key!r} is not registered; call "
+                      "compressjax.checkpoint.register_format(cls) so it can be restored")
     static, fields = {}, {}
     for f in dataclasses.fields(node):
       v = getattr(node, f.name)
@@ -74,7 +187,7 @@ def _describe_node(node, name: str, children: dict[str, Any]):
         static[f.name] = _encode_static(v)
       else:
         fields[f.name] = _describe_node(v, f.name if not name else f"{name}.{f.name}", children)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "static": static, "fields": fields}
+    return {"class": key, "static": static, "fields": fields}
   if isinstance(node, (tuple, list)):
     return {"tuple": [_describe_node(v, f"{name}.{i}", children) for i, v in enumerate(node)]}
   children[name] = node
@@ -114,6 +227,158 @@ def _build_node(spec, children: dict[str, Any], path: str):
   return cls(**fields, **static)
 
 
+# --------------------------------------------------------------------------------------------
+# Output paths: what may be replaced, forbidden places, room and write access.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_within(child: str, parent: str) -> bool:
+  """Whether real path ``child`` is ``parent`` or inside it."""
+  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _existing(path: str, overwrite: bool) -> str | None:
+  """What is at ``path``: ``None`` (nothing), ``"empty"`` (an empty directory) or
+  ``"checkpoint"`` (ours, replaceable with ``overwrite``); raises for anything else."""
+  if not os.path.lexists(path):
+    return None
+  if os.path.islink(path):
+    raise CheckpointExistsError(
+        f"output path {path!r} is a symbolic link; refusing to replace it (expected a new path, an "
+        "empty directory or a compressjax checkpoint)")
+  if not os.path.isdir(path):
+    raise CheckpointExistsError(
+        f"output path {path!r} is an existing file, not a checkpoint directory; refusing to "
+        "replace it (expected a new path, an empty directory or a compressjax checkpoint)")
+  entries = set(os.listdir(path))
+  if not entries:
+    return "empty"
+  mpath = os.path.join(path, MANIFEST)
+  version = None
+  if os.path.isfile(mpath) and not os.path.islink(mpath):
+    try:
+      with open(mpath, encoding="utf-8") as f:
+        m = json.load(f)
+      version = m.get("format_version") if isinstance(m, dict) else None
+    except (OSError, ValueError):
+      version = None
+  if version not in _KNOWN_VERSIONS:
+    raise CheckpointExistsError(
+        f"output path {path!r} is a non-empty directory that is not a compressjax checkpoint "
+        f"(no {MANIFEST} with a known format_version); refusing to replace it")
+  extra = sorted(entries - _OUR_ENTRIES)
+  if extra:
+    raise CheckpointExistsError(
+        f"output path {path!r} is a compressjax checkpoint that also holds files a checkpoint "
+        f"does not write ({extra[:5]}); refusing to replace it")
+  if not overwrite:
+    raise CheckpointExistsError(
+        f"output path {path!r} already holds a compressjax checkpoint; pass overwrite=True to "
+        "replace it")
+  return "checkpoint"
+
+
+def _existing_ancestor(path: str) -> str:
+  p = os.path.dirname(path)
+  while not os.path.lexists(p):
+    p = os.path.dirname(p)
+  return p
+
+
+def check_output_path(path: str, *, overwrite: bool, forbidden: Sequence[str] = (),
+                      min_free_bytes: int = 0) -> str:
+  """Checks, before any long work, that :func:`save` can write a checkpoint at ``path``.
+
+  Args:
+    path: the checkpoint directory to be written.
+    overwrite: whether an existing compressjax checkpoint at ``path`` may be replaced.
+    forbidden: directories (or files) ``path`` must not equal, lie inside, or contain, e.g.
+      the input model's directory (a model is never compressed into its own folder).
+    min_free_bytes: free space the file system of ``path`` must have.
+
+  Returns:
+    The absolute ``path``.
+
+  Raises:
+    CheckpointExistsError: ``path`` is a file or symbolic link, a non-empty directory that is not
+      a compressjax checkpoint (or holds other files too), or a checkpoint and ``overwrite`` is
+      false. An empty directory is accepted.
+    CheckpointError: ``path`` overlaps a ``forbidden`` path; its parent cannot be created or
+      written; fewer than ``min_free_bytes`` bytes are free.
+  """
+  path = os.path.abspath(os.fspath(path))
+  real = os.path.realpath(path)
+  for f in forbidden:
+    rf = os.path.realpath(os.path.abspath(os.fspath(f)))
+    if _is_within(real, rf) or _is_within(rf, real):
+      how = "is" if real == rf else ("is inside" if _is_within(real, rf) else "contains")
+      raise CheckpointError(f"output path {path!r} {how} the input {os.fspath(f)!r}; choose an "
+                            "output path outside the input model's directory")
+  _existing(path, overwrite)
+  anc = _existing_ancestor(path)
+  if not os.path.isdir(anc):
+    raise CheckpointError(f"output path {path!r}: {anc!r} is not a directory, so the parent "
+                          "directory cannot be created")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".compressjax-probe-", dir=anc)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"output path {path!r}: cannot write in {anc!r} "
+                          f"({e.strerror or e}); expected a writable directory") from e
+  if min_free_bytes > 0:
+    free = shutil.disk_usage(anc).free
+    if free < min_free_bytes:
+      raise CheckpointError(f"output path {path!r}: only {free} bytes free on {anc!r}, "
+                            f"need at least {min_free_bytes}")
+  return path
+
+
+def _makedirs(parent: str) -> list[str]:
+  """``os.makedirs(parent)``; returns the directories it created, deepest first."""
+  created = []
+  p = parent
+  while not os.path.lexists(p):
+    created.append(p)
+    p = os.path.dirname(p)
+  os.makedirs(parent, exist_ok=True)
+  return created
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+  """The first ``OSError`` in ``e``'s cause/context chain (exception groups included)."""
+  seen, todo = set(), [e]
+  while todo:
+    x = todo.pop(0)
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, OSError):
+      return x
+    todo.extend(getattr(x, "exceptions", ()) or ())
+    todo.extend([x.__cause__, x.__context__])
+  return None
+
+
+def _failure_message(path: str, parent: str, e: BaseException) -> str:
+  msg = f"checkpoint save to {path!r} failed"
+  cause = _os_cause(e)
+  if cause is not None and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+    where = parent
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+      where = os.path.dirname(where)  # a parent the failed save created is removed again
+    try:
+      free = f"{shutil.disk_usage(where).free} bytes free"
+    except OSError:
+      free = "free space unknown"
+    return (f"{msg}: the disk is full (No space left on device; {free} on {where!r}); "
+            "the path is unchanged")
+  if cause is not None:
+    where = f" ({cause.filename!r})" if cause.filename else ""
+    return f"{msg}: {cause.strerror or cause}{where}; the path is unchanged"
+  return f"{msg}: {type(e).__name__}: {e}; the path is unchanged"
+
+
 def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
          tokenizer=None, overwrite: bool = False) -> str:
   """Saves ``params`` (nested dict; dense and compressed leaves) atomically to ``path``.
@@ -123,18 +388,21 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     params: the parameter tree.
     metadata: JSON-serializable extras (model config, recipe, results).
     tokenizer: optional ``tokenizers.Tokenizer`` saved as ``tokenizer.json``.
-    overwrite: replace an existing checkpoint at ``path``.
+    overwrite: replace an existing compressjax checkpoint at ``path``. Anything else at
+      ``path`` (a file, a directory of other files) is never replaced; an empty directory is.
 
   Returns:
     The absolute path written.
+
+  Raises:
+    CheckpointExistsError: ``path`` may not be replaced (see :func:`check_output_path`).
+    CheckpointError: the parent cannot be written, lacks room for the arrays, or writing
+      failed; the message states the cause (a full disk says so) and no temporary is left.
+    TypeError: ``metadata`` is not JSON-serializable, or a compressed format is not registered.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"checkpoint path {path!r} already exists (pass overwrite=True)")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
+  path = os.path.abspath(os.fspath(path))
   leaves: dict[str, Any] = {}
   arrays: dict[str, Any] = {}
   for i, (p, leaf) in enumerate(leaves_with_paths(params)):
@@ -147,57 +415,219 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
       entry["crc32"][name] = _crc(arrays[key])
     leaves[p] = entry
   manifest = {"format_version": FORMAT_VERSION, "leaves": leaves, "metadata": metadata or {}}
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   try:
+    manifest_text = json.dumps(manifest, indent=1)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"checkpoint.save({path!r}): metadata is not JSON-serializable ({e})") from e
+  check_output_path(path, overwrite=overwrite,
+                    min_free_bytes=sum(a.nbytes for a in arrays.values()))
+  parent = os.path.dirname(path)
+  created = _makedirs(parent)
+  tmp = old = None
+  moved = False
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, "arrays"), arrays)
-    ckptr.wait_until_finished()
+    try:
+      ckptr.save(os.path.join(tmp, "arrays"), arrays)
+      ckptr.wait_until_finished()
+    finally:
+      ckptr.close()
     if tokenizer is not None:
       tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=1)
-    if os.path.exists(path):
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+      f.write(manifest_text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    kind = _existing(path, overwrite)  # again: something may have appeared meanwhile
+    if kind == "empty":
+      os.rmdir(path)  # fails, deleting nothing, if a file appeared in it
+    elif kind == "checkpoint":
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.replace(path, os.path.join(old, "x"))
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      os.rename(path, os.path.join(old, "checkpoint"))
+      moved = True
+    os.rename(tmp, path)
+    tmp = None
+  except BaseException as e:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+      if moved and not os.path.lexists(path):
+        os.rename(os.path.join(old, "checkpoint"), path)  # the previous checkpoint stays
+      if not os.path.lexists(os.path.join(old, "checkpoint")):
+        shutil.rmtree(old, ignore_errors=True)
+    for d in created:
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+      raise
+    raise CheckpointError(_failure_message(path, parent, e)) from e
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)  # our own previous checkpoint (overwrite=True)
   return path
 
 
+# --------------------------------------------------------------------------------------------
+# Data-only encoding of other pytrees (transform states).
+# --------------------------------------------------------------------------------------------
+
+
+def encode_pytree(tree: Any, *, where: str = "state") -> tuple[Any, dict[str, Any]]:
+  """Encodes ``tree`` as ``(spec, arrays)``: a JSON-able ``spec`` plus ``{key: array}``.
+
+  Allowed: ``None``, ``bool``, ``int``, ``float``, ``str``; lists and tuples (kept apart); dicts
+  with ``str`` or ``int`` keys (key types kept); named tuples of a registered class
+  (:func:`register_state_class`); numpy arrays and scalars and jax arrays (dtype, shape and
+  numpy vs jax kept). No code is stored: :func:`decode_pytree` rebuilds only these.
+
+  Args:
+    tree: the pytree, e.g. a transform state.
+    where: name used in error messages.
+
+  Returns:
+    ``(spec, arrays)``; store ``arrays`` next to the other arrays of a checkpoint and ``spec``
+    in its metadata.
+
+  Raises:
+    TypeError: a value of another type, naming the type and its place in ``tree``.
+  """
+  arrays: dict[str, Any] = {}
+  registry = _state_registry()
+
+  def enc(x, at: str):
+    if x is None or isinstance(x, (bool, str)):
+      return x
+    if isinstance(x, (int, float)) and type(x) in (int, float):
+      return x
+    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
+      key = _class_key(type(x))
+      if registry.get(key) is not type(x):
+        raise TypeError(f"{where}: {at or 'the root'} is a {key} named tuple, which is not "
+                        "registered; call compressjax.checkpoint.register_state_class(cls)")
+      return {"namedtuple": key,
+              "fields": [enc(v, f"{at}.{n}") for n, v in zip(type(x)._fields, x)]}
+    if type(x) in (tuple, list):
+      return {type(x).__name__: [enc(v, f"{at}[{i}]") for i, v in enumerate(x)]}
+    if type(x) is dict:
+      items = []
+      for k, v in x.items():
+        if type(k) not in (str, int):
+          raise TypeError(f"{where}: dict key {k!r} at {at or 'the root'} is a "
+                          f"{type(k).__name__}; expected str or int keys")
+        items.append([k, enc(v, f"{at}[{k!r}]")])
+      return {"dict": items}
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+      kind = ("numpy" if isinstance(x, np.ndarray) else
+              "scalar" if isinstance(x, np.generic) else "jax")
+      key = f"s{len(arrays)}"
+      arrays[key] = np.asarray(x)
+      return {"array": key, "kind": kind, "dtype": arrays[key].dtype.name,
+              "shape": list(arrays[key].shape)}
+    raise TypeError(f"{where}: {at or 'the root'} is a {type(x).__module__}."
+                    f"{type(x).__qualname__}, which cannot be stored as data (expected None, "
+                    "bool, int, float, str, list, tuple, dict, a registered NamedTuple or an "
+                    "array)")
+
+  return enc(tree, ""), arrays
+
+
+def decode_pytree(spec: Any, arrays: dict[str, Any], *, where: str = "state") -> Any:
+  """Inverse of :func:`encode_pytree`; refuses anything it did not write.
+
+  Raises:
+    CheckpointError: an unknown node, an unregistered named-tuple class, a missing array or one
+      whose dtype/shape differs from the spec.
+  """
+  registry = _state_registry()
+
+  def bad(msg):
+    return CheckpointError(f"{where}: {msg}")
+
+  def dec(s):
+    if s is None or isinstance(s, (bool, int, float, str)):
+      return s
+    if not isinstance(s, dict) or len(s) not in (1, 2, 4):
+      raise bad(f"unexpected entry {str(s)[:80]!r} (not written by encode_pytree)")
+    if set(s) == {"list"} and isinstance(s["list"], list):
+      return [dec(v) for v in s["list"]]
+    if set(s) == {"tuple"} and isinstance(s["tuple"], list):
+      return tuple(dec(v) for v in s["tuple"])
+    if set(s) == {"dict"} and isinstance(s["dict"], list):
+      out = {}
+      for item in s["dict"]:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) in (str, int)):
+          raise bad(f"malformed dict item {str(item)[:80]!r}")
+        out[item[0]] = dec(item[1])
+      return out
+    if set(s) == {"namedtuple", "fields"}:
+      cls = registry.get(s["namedtuple"]) if isinstance(s["namedtuple"], str) else None
+      if cls is None:
+        raise bad(f"unknown state class {s['namedtuple']!r} (allowed: {sorted(registry)}; "
+                  "register others with compressjax.checkpoint.register_state_class)")
+      if not isinstance(s["fields"], list) or len(s["fields"]) != len(cls._fields):
+        raise bad(f"{s['namedtuple']} expects {len(cls._fields)} fields")
+      return cls(*(dec(v) for v in s["fields"]))
+    if set(s) == {"array", "kind", "dtype", "shape"} and s["kind"] in ("numpy", "scalar", "jax"):
+      a = arrays.get(s["array"])
+      if a is None:
+        raise bad(f"array {s['array']!r} is missing")
+      if jnp.dtype(a.dtype).name != s["dtype"] or list(a.shape) != s["shape"]:
+        raise bad(f"array {s['array']!r} is {a.shape}/{a.dtype}, expected "
+                  f"{tuple(s['shape'])}/{s['dtype']}")
+      if s["kind"] == "jax":
+        return jnp.asarray(a)
+      a = np.asarray(a)
+      return a[()] if s["kind"] == "scalar" else a
+    raise bad(f"unexpected entry {str(s)[:80]!r} (not written by encode_pytree)")
+
+  return dec(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Restoring.
+# --------------------------------------------------------------------------------------------
+
+
 def read_manifest(path: str) -> dict[str, Any]:
+  """The parsed ``manifest.json`` of the checkpoint at ``path`` (format version checked)."""
   mpath = os.path.join(os.path.abspath(path), MANIFEST)
   if not os.path.isdir(path):
     raise CheckpointError(f"checkpoint path {path!r}: no such directory")
   if not os.path.isfile(mpath):
     raise CheckpointError(f"checkpoint path {path!r}: {MANIFEST} is missing (partial or not a "
                           "compressjax checkpoint)")
+  _check_confined(path, [MANIFEST])
   try:
-    with open(mpath) as f:
+    with open(mpath, encoding="utf-8") as f:
       manifest = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"checkpoint path {path!r}: {MANIFEST} is corrupted ({e})") from e
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"checkpoint path {path!r}: format_version "
-                          f"{manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+  if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    raise CheckpointError(f"checkpoint path {path!r}: format_version {version!r}, expected "
+                          f"{FORMAT_VERSION}")
   return manifest
 
 
-def _resolve_class(spec: str, path: str):
-  mod, _, qual = spec.partition(":")
-  try:
-    obj = importlib.import_module(mod)
-    for part in qual.split("."):
-      obj = getattr(obj, part)
-  except (ImportError, AttributeError) as e:
-    raise CheckpointError(f"checkpoint path {path!r}: unknown compressed format {spec!r}") from e
-  if not (isinstance(obj, type) and issubclass(obj, CompressedArray)):
-    raise CheckpointError(f"checkpoint path {path!r}: {spec!r} is not a compressed format")
-  return obj
+def _check_confined(path: str, names: Sequence[str] | None = None) -> None:
+  """Refuses entries of ``path`` (``names``, or every entry below it) whose real path lies
+  outside the checkpoint directory (symbolic links pointing elsewhere)."""
+  root = os.path.realpath(path)
+  if names is not None:
+    todo = [os.path.join(path, n) for n in names]
+  else:
+    todo = []
+    for d, dirs, files in os.walk(path):  # does not descend into linked directories
+      todo.extend(os.path.join(d, n) for n in dirs + files)
+  for full in todo:
+    real = os.path.realpath(full)
+    if not _is_within(real, root):
+      raise CheckpointError(
+          f"checkpoint path {path!r}: {os.path.relpath(full, path)!r} resolves to {real!r}, "
+          "outside the checkpoint directory (symbolic link); refusing to read it")
 
 
 def _set(tree: dict, path: str, value):
@@ -211,11 +641,17 @@ def _set(tree: dict, path: str, value):
 
 
 def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Restores ``(params, metadata)`` saved by :func:`save`, verifying every array's checksum."""
+  """Restores ``(params, metadata)`` saved by :func:`save`, verifying every array's checksum.
+
+  Raises:
+    CheckpointError: a missing, partial, corrupted or unsafe checkpoint (a file linked from
+      outside the directory, a compressed format that is not registered), naming the path.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)
   manifest = read_manifest(path)
+  _check_confined(path)
   target = {}
   for p, entry in manifest["leaves"].items():
     for name, spec in entry["children"].items():

@@ -1,7 +1,10 @@
 """Orbax checkpoints: exact round trip of compressed trees, atomicity, damage detection."""
 
+import dataclasses
+import errno
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +62,7 @@ def test_failed_save_leaves_nothing(tmp_path):
   class Boom:
     def save(self, path):
       raise RuntimeError("disk full")
-  with pytest.raises(RuntimeError, match="disk full"):
+  with pytest.raises(checkpoint.CheckpointError, match="ck.*failed: RuntimeError: disk full"):
     checkpoint.save(str(tmp_path / "ck"), {"a": jnp.ones(3)}, tokenizer=Boom())
   assert os.listdir(tmp_path) == []
 
@@ -102,3 +105,208 @@ def test_damaged_array_files_are_detected(tmp_path):
     f.write(b"\xff" * 64)
   with pytest.raises(checkpoint.CheckpointError):
     checkpoint.restore(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Saving never deletes what it did not write.
+# ------------------------------------------------------------------------------------------
+
+
+def _tree(root):
+  """``{relative path: file bytes or None (directory)}`` of everything under ``root``."""
+  out = {}
+  for d, dirs, files in os.walk(root):
+    for n in dirs:
+      out[os.path.relpath(os.path.join(d, n), root)] = None
+    for n in files:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+  return out
+
+
+def test_save_refuses_to_replace_foreign_paths(tmp_path):
+  params = {"a": jnp.ones(3)}
+  # A plain file, even with overwrite=True.
+  f = tmp_path / "notes.txt"
+  f.write_text("precious")
+  with pytest.raises(checkpoint.CheckpointExistsError, match="notes.txt.*existing file"):
+    checkpoint.save(str(f), params, overwrite=True)
+  assert f.read_text() == "precious"
+  # A directory of the user's files, and a model directory.
+  for name, files in (("docs", {"a.txt": "x", "sub/b.txt": "y"}),
+                      ("model", {"config.json": "{}", "model.safetensors": "w"})):
+    d = tmp_path / name
+    for rel, text in files.items():
+      (d / rel).parent.mkdir(parents=True, exist_ok=True)
+      (d / rel).write_text(text)
+    before = _tree(str(d))
+    with pytest.raises(checkpoint.CheckpointExistsError, match=f"{name}.*not a compressjax"):
+      checkpoint.save(str(d), params, overwrite=True)
+    assert _tree(str(d)) == before
+  # A checkpoint into which the user put a file of their own.
+  ck = checkpoint.save(str(tmp_path / "ck"), params)
+  (tmp_path / "ck" / "README").write_text("mine")
+  with pytest.raises(checkpoint.CheckpointExistsError, match="README"):
+    checkpoint.save(ck, params, overwrite=True)
+  assert (tmp_path / "ck" / "README").read_text() == "mine"
+  # A symbolic link (to a checkpoint) is not replaced either.
+  ck2 = checkpoint.save(str(tmp_path / "ck2"), params)
+  os.symlink(ck2, tmp_path / "link")
+  with pytest.raises(checkpoint.CheckpointExistsError, match="symbolic link"):
+    checkpoint.save(str(tmp_path / "link"), params, overwrite=True)
+  # An empty directory may be replaced, without overwrite.
+  (tmp_path / "empty").mkdir()
+  checkpoint.save(str(tmp_path / "empty"), params)
+  assert list(checkpoint.restore(str(tmp_path / "empty"))[0]) == ["a"]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_check_output_path(tmp_path):
+  model_dir = tmp_path / "models" / "m"
+  model_dir.mkdir(parents=True)
+  (model_dir / "config.json").write_text("{}")
+  ok = checkpoint.check_output_path(str(tmp_path / "out" / "ck"), overwrite=False,
+                                    forbidden=[str(model_dir)])
+  assert ok == str(tmp_path / "out" / "ck")
+  assert sorted(os.listdir(tmp_path)) == ["models"]  # the check creates nothing
+  for target, how in ((model_dir, "is the input"), (model_dir / "ck", "is inside the input"),
+                      (tmp_path / "models", "contains the input")):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{how} .*m'"):
+      checkpoint.check_output_path(str(target), overwrite=True, forbidden=[str(model_dir)])
+  # The model directory reached through a symbolic link is still the model directory.
+  os.symlink(model_dir, tmp_path / "alias")
+  with pytest.raises(checkpoint.CheckpointError, match="is inside the input"):
+    checkpoint.check_output_path(str(tmp_path / "alias" / "ck"), overwrite=True,
+                                 forbidden=[str(model_dir)])
+  # Existing paths follow save's rules.
+  with pytest.raises(checkpoint.CheckpointExistsError, match="not a compressjax checkpoint"):
+    checkpoint.check_output_path(str(tmp_path / "models"), overwrite=True)
+  ck = checkpoint.save(str(tmp_path / "ck"), {"a": jnp.ones(3)})
+  with pytest.raises(checkpoint.CheckpointExistsError, match="overwrite=True"):
+    checkpoint.check_output_path(ck, overwrite=False)
+  assert checkpoint.check_output_path(ck, overwrite=True) == ck
+  # A parent that cannot be created, and too little room.
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(checkpoint.CheckpointError, match="afile.*not a directory"):
+    checkpoint.check_output_path(str(tmp_path / "afile" / "ck"), overwrite=False)
+  with pytest.raises(checkpoint.CheckpointError, match=r"bytes free .*need at least"):
+    checkpoint.check_output_path(str(tmp_path / "big"), overwrite=False, min_free_bytes=2**62)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_check_output_path_unwritable_parent(tmp_path, monkeypatch):
+  import tempfile
+
+  def denied(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+  monkeypatch.setattr(tempfile, "mkstemp", denied)  # a read-only directory (even for root)
+  with pytest.raises(checkpoint.CheckpointError, match=r"ck.*cannot write in .*Permission denied"):
+    checkpoint.check_output_path(str(tmp_path / "ck"), overwrite=False)
+
+
+def test_disk_full_during_save_reports_cause_and_leaves_nothing(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  def full(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/x/arrays/d/0.data")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"out/ck.*disk is full .*\d+ bytes free") as info:
+    checkpoint.save(str(tmp_path / "out" / "ck"), {"a": jnp.ones(3)})
+  assert isinstance(info.value.__cause__, OSError)
+  assert sorted(os.listdir(tmp_path)) == before  # no temporaries, no created parent
+
+
+def test_async_failure_is_unburied_and_old_checkpoint_kept(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  ck = checkpoint.save(str(tmp_path / "ck"), {"old": jnp.ones(3)})
+  before = _tree(str(tmp_path))
+
+  def closed_loop(self):  # orbax's background commit fails; the caller sees only this
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise RuntimeError("Event loop is closed") from e
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", closed_loop)
+  with pytest.raises(checkpoint.CheckpointError, match="disk is full"):
+    checkpoint.save(ck, {"new": jnp.ones(3)}, overwrite=True)
+  assert _tree(str(tmp_path)) == before
+  monkeypatch.undo()
+  assert list(checkpoint.restore(ck)[0]) == ["old"]
+
+
+def test_bad_metadata_is_a_type_error_before_writing(tmp_path):
+  with pytest.raises(TypeError, match="metadata is not JSON-serializable"):
+    checkpoint.save(str(tmp_path / "ck"), {"a": jnp.ones(3)}, metadata={"f": object()})
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------
+# Restoring runs no code and reads nothing outside the checkpoint.
+# ------------------------------------------------------------------------------------------
+
+
+def test_restore_never_imports_a_module_named_by_the_manifest(tmp_path, monkeypatch):
+  path = checkpoint.save(str(tmp_path / "ck"), {"w": formats.Transposed(jnp.ones((2, 3)))})
+  marker = tmp_path / "pwned"
+  (tmp_path / "ck" / "evil_mod.py").write_text(
+      f"open({str(marker)!r}, 'w').write('ran')\nclass Thing: pass\n")
+  mpath = os.path.join(path, "manifest.json")
+  m = json.load(open(mpath))
+  m["leaves"]["w"]["tree"]["class"] = "evil_mod:Thing"
+  json.dump(m, open(mpath, "w"))
+  monkeypatch.syspath_prepend(path)
+  monkeypatch.chdir(path)
+  with pytest.raises(checkpoint.CheckpointError, match="unknown compressed format 'evil_mod:Thing'"):
+    checkpoint.restore(path)
+  assert not marker.exists() and "evil_mod" not in sys.modules
+  # A real module, but not a registered format, is refused the same way.
+  m["leaves"]["w"]["tree"]["class"] = "os:system"
+  json.dump(m, open(mpath, "w"))
+  with pytest.raises(checkpoint.CheckpointError, match="unknown compressed format 'os:system'"):
+    checkpoint.restore(path)
+
+
+def test_register_user_format(tmp_path):
+  @dataclasses.dataclass(frozen=True, eq=False, repr=False)
+  class MyTransposed(formats.Transposed):
+    pass
+
+  jax.tree_util.register_dataclass(MyTransposed, data_fields=["inner"], meta_fields=[])
+  params = {"w": MyTransposed(jnp.arange(6.0).reshape(2, 3))}
+  with pytest.raises(TypeError, match="MyTransposed.*not registered"):
+    checkpoint.save(str(tmp_path / "ck"), params)
+  with pytest.raises(TypeError, match="CompressedArray subclass"):
+    checkpoint.register_format(dict)
+  assert checkpoint.register_format(MyTransposed) is MyTransposed
+  back, _ = checkpoint.restore(checkpoint.save(str(tmp_path / "ck"), params))
+  assert type(back["w"]) is MyTransposed
+  np.testing.assert_array_equal(back["w"].materialize(), params["w"].materialize())
+
+
+def test_restore_refuses_symlinks_leaving_the_checkpoint(tmp_path):
+  path = checkpoint.save(str(tmp_path / "ck"), {"a": jnp.ones(3)})
+  outside = tmp_path / "outside.json"
+  os.replace(os.path.join(path, "manifest.json"), outside)
+  os.symlink(outside, os.path.join(path, "manifest.json"))
+  with pytest.raises(checkpoint.CheckpointError, match="'manifest.json' resolves to .*outside"):
+    checkpoint.restore(path)
+  os.remove(os.path.join(path, "manifest.json"))
+  os.replace(outside, os.path.join(path, "manifest.json"))
+  # An array file replaced by a link to a file elsewhere.
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(path, "arrays")) for f in fs]
+  victim = files[0]
+  os.replace(victim, tmp_path / "moved")
+  os.symlink(tmp_path / "moved", victim)
+  with pytest.raises(checkpoint.CheckpointError, match="resolves to .*moved.*outside"):
+    checkpoint.restore(path)
+  # Links inside the directory are fine; the directory itself may be reached through a link.
+  os.remove(victim)
+  os.replace(tmp_path / "moved", victim)
+  os.symlink(path, tmp_path / "alias")
+  assert list(checkpoint.restore(str(tmp_path / "alias"))[0]) == ["a"]

@@ -1,12 +1,23 @@
 """``compressjax`` command line: ``compress`` and ``eval``.
 
   compressjax compress --config configs/rtn_w4g64.py [--config.output_dir=... --config.data.num_eval_windows=8]
+  compressjax compress --config configs/default.py --config.compression.method=rtn \
+      --config.compression.kwargs.bits=3 --config.compression.kwargs.group_size=64
+  compressjax compress --config configs/sparsegpt_50_w4g64.py --config.compression.steps.1.bits=3
   compressjax eval --checkpoint runs/rtn_w4g64
+
+Method arguments (``compression.kwargs.NAME``, ``compression.steps.I.NAME``,
+``compression.rules.I.NAME``) may be set whether or not the config already holds them; values are
+read as Python literals (``3``, ``0.01``, ``True``, ``None``, ``(1, 2)``), anything else as a
+string. Errors print one line and exit with status 1; ``--debug`` (or ``COMPRESSJAX_DEBUG=1``)
+shows the full traceback.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 
 # Threaded OpenBLAS makes the small LAPACK calls of calibration (Cholesky) ~100x slower on a
@@ -14,6 +25,67 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 USAGE = __doc__
+_METHOD_ARG = re.compile(r"--config\.compression\.(kwargs|steps\.(\d+)|rules\.(\d+))\.(\w+)=(.*)",
+                         re.S)
+
+
+def _debug(argv) -> bool:
+  return "--debug" in argv or os.environ.get("COMPRESSJAX_DEBUG", "") not in ("", "0")
+
+
+def _fail(prog: str, e: BaseException) -> int:
+  """Prints one line naming what failed (the traceback only with ``--debug``); returns 1."""
+  msg = str(e).strip().splitlines()
+  print(f"{prog}: error: {type(e).__name__}: {msg[0] if msg else ''}"
+        + (" [...]" if len(msg) > 1 else ""), file=sys.stderr)
+  print(f"{prog}: (run with --debug or COMPRESSJAX_DEBUG=1 for the traceback)", file=sys.stderr)
+  return 1
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def split_method_args(argv):
+  """Takes ``--config.compression.{kwargs,steps.I,rules.I}.NAME=VALUE`` out of ``argv``.
+
+  Returns ``(rest, overrides)``, ``overrides`` a list of ``(section, index, name, value)``;
+  ml_collections cannot add a field that a locked config does not hold, so these are applied
+  by :func:`apply_method_args` after the config is loaded.
+  """
+  rest, overrides = [], []
+  for a in argv:
+    m = _METHOD_ARG.fullmatch(a)
+    if not m:
+      rest.append(a)
+      continue
+    section = "kwargs" if m.group(1) == "kwargs" else m.group(1).split(".")[0]
+    index = m.group(2) or m.group(3)
+    overrides.append((section, None if index is None else int(index), m.group(4),
+                      _literal(m.group(5))))
+  return rest, overrides
+
+
+def apply_method_args(cfg, overrides):
+  """Sets method arguments taken by :func:`split_method_args` on ``cfg.compression``."""
+  comp = cfg.compression
+  for section, index, name, value in overrides:
+    if section == "kwargs":
+      with comp.kwargs.unlocked():
+        if name in comp.kwargs and value is not None and comp.kwargs[name] is not None:
+          del comp.kwargs[name]  # the command line may change a field's type (int -> float)
+        comp.kwargs[name] = value
+      continue
+    entries = [dict(e) for e in (comp[section] or ())]
+    if not 0 <= index < len(entries):
+      raise ValueError(f"--config.compression.{section}.{index}.{name}: the config has "
+                       f"{len(entries)} compression.{section} entries (indices 0..{len(entries) - 1})")
+    entries[index][name] = value
+    comp[section] = tuple(entries)
+  return cfg
 
 
 def _add_config_root(argv):
@@ -40,19 +112,40 @@ def compress_main(argv=None):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   argv = list(sys.argv if argv is None else argv)
+  debug = _debug(argv)
+  argv = [a for a in argv if a != "--debug"]
+  argv, overrides = split_method_args(argv)
   _add_config_root(argv)
+  # sys_argv: config_flags reads its overrides from sys.argv unless told otherwise.
   config = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                           lock_config=True)
+                                           lock_config=True, sys_argv=argv)
 
   def main(_):
     from compressjax import pipeline  # pylint: disable=g-import-not-at-top
     _quiet_logs()
     if config.value is None:
       raise app.UsageError("--config is required, e.g. --config configs/rtn_w4g64.py")
-    pipeline.run_compress(config.value)
+    try:
+      pipeline.run_compress(apply_method_args(config.value, overrides))
+    except Exception as e:  # pylint: disable=broad-except
+      if debug:
+        raise
+      sys.exit(_fail("compressjax compress", e))
+    except KeyboardInterrupt:
+      print("compressjax compress: interrupted", file=sys.stderr)
+      sys.exit(130)
 
   flags.FLAGS.unparse_flags()
-  app.run(main, argv=argv)
+  if debug:
+    app.run(main, argv=argv)
+    return 0
+  try:
+    app.run(main, argv=argv)
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    return _fail("compressjax compress", e)
+  return 0
 
 
 def eval_main(argv=None):
@@ -63,11 +156,18 @@ def eval_main(argv=None):
   p.add_argument("--checkpoint", required=True, help="directory written by `compressjax compress`")
   p.add_argument("--corpora", default=None, help="comma-separated subset of wiki,austen")
   p.add_argument("--data-dir", default=None, help="corpora directory (default ../shared/data)")
+  p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   args = p.parse_args(argv)
   _quiet_logs()
   from compressjax import pipeline  # pylint: disable=g-import-not-at-top
-  res = pipeline.run_eval(args.checkpoint, corpora=args.corpora.split(",") if args.corpora else None,
-                          data_dir=args.data_dir)
+  try:
+    res = pipeline.run_eval(args.checkpoint,
+                            corpora=args.corpora.split(",") if args.corpora else None,
+                            data_dir=args.data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or _debug([]):
+      raise
+    return _fail("compressjax eval", e)
   return 0 if all(r["matches_saved"] for r in res.values()) else 1
 
 

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import accounting, calibration, checkpoint, data, evaluate, transforms
-from compressjax.io import build_model, load_model, model_params
+from compressjax.formats import CompressedArray
+from compressjax.io import build_model, load_model, model_params, resolve_model_path
+from compressjax.transforms.selection import leaves_with_paths
 from compressjax.model import LlamaConfig
 
 __all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_info", "git_commit",
-           "peak_rss_mb", "append_record", "format_table"]
+           "peak_rss_mb", "append_record", "format_table", "check_finite", "eval_windows_for",
+           "calibration_windows_for"]
 
 # Method name -> factory(**kwargs) -> Transform. Later methods (GPTQ, AWQ, ...) register here.
 METHODS = {
@@ -202,14 +205,72 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
   return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
-def _eval_all(model, tok, cfg, label: str) -> dict[str, dict[str, Any]]:
+def eval_windows_for(tok, dcfg, max_positions: int | None = None) -> dict[str, np.ndarray]:
+  """The evaluation windows of every corpus in ``dcfg`` (a config's ``data`` block), validated.
+
+  Raises ``ValueError`` naming the setting for impossible values (``seq_len`` or
+  ``num_eval_windows`` below 1, more windows than a corpus holds, a window longer than the
+  model's ``max_positions``), before any long work.
+  """
+  _positive(dcfg, "data", ("seq_len", "num_eval_windows", "batch_size"))
+  if max_positions is not None and dcfg.seq_len > max_positions:
+    raise ValueError(f"data.seq_len={dcfg.seq_len} exceeds the model's maximum position "
+                     f"({max_positions} tokens, max_position_embeddings)")
+  if not dcfg.corpora:
+    raise ValueError("data.corpora is empty: expected a subset of ('wiki', 'austen')")
   out = {}
-  for corpus in cfg.data.corpora:
-    w = data.protocol_eval_windows(tok, corpus, data_dir=cfg.data.dir or None,
-                                   seq_len=cfg.data.seq_len, num_windows=cfg.data.num_eval_windows)
-    out[corpus] = evaluate.perplexity(model, w, batch_size=cfg.data.batch_size,
-                                      desc=f"{label} {corpus}")
+  for corpus in dcfg.corpora:
+    try:
+      out[corpus] = data.protocol_eval_windows(tok, corpus, data_dir=dcfg.dir or None,
+                                               seq_len=dcfg.seq_len,
+                                               num_windows=dcfg.num_eval_windows)
+    except ValueError as e:
+      raise ValueError(f"data (corpus {corpus!r}, data.seq_len={dcfg.seq_len}, "
+                       f"data.num_eval_windows={dcfg.num_eval_windows}): {e}") from e
   return out
+
+
+def _eval_all(model, windows: dict[str, np.ndarray], batch_size: int,
+              label: str) -> dict[str, dict[str, Any]]:
+  return {corpus: evaluate.perplexity(model, w, batch_size=batch_size, desc=f"{label} {corpus}")
+          for corpus, w in windows.items()}
+
+
+def _positive(block, name: str, keys) -> None:
+  data.check_positive(**{f"{name}.{k}": block[k] for k in keys})
+
+
+def check_finite(params, allow_nonfinite: bool = False) -> None:
+  """Raises ``ValueError`` naming the first dense tensor of ``params`` holding NaN or Inf."""
+  if allow_nonfinite:
+    return
+  for path, leaf in leaves_with_paths(params):
+    if isinstance(leaf, CompressedArray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    bad = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
+    if bad:
+      raise ValueError(f"model weight {path!r} has {bad} non-finite values (NaN/Inf) of "
+                       f"{int(np.prod(leaf.shape))}; fix the checkpoint or set "
+                       "allow_nonfinite=True to compress it anyway")
+
+
+def calibration_windows_for(tok, cfg, max_positions: int | None = None) -> np.ndarray:
+  """The calibration windows of a config's ``calibration`` block, validated (see
+  :func:`eval_windows_for`)."""
+  cal = cfg.calibration
+  _positive(cal, "calibration", ("num_windows", "seq_len", "batch_size"))
+  if max_positions is not None and cal.seq_len > max_positions:
+    raise ValueError(f"calibration.seq_len={cal.seq_len} exceeds the model's maximum position "
+                     f"({max_positions} tokens, max_position_embeddings)")
+  if cal.mode not in ("sequential", "original"):
+    raise ValueError(f"calibration.mode must be 'sequential' or 'original', got {cal.mode!r}")
+  try:
+    return data.protocol_calibration_windows(
+        tok, data_dir=cfg.data.dir or None, num=cal.num_windows, seq_len=cal.seq_len,
+        seed=cal.seed, source=cal.source)
+  except ValueError as e:
+    raise ValueError(f"calibration (source {cal.source!r}, calibration.num_windows="
+                     f"{cal.num_windows}, calibration.seq_len={cal.seq_len}): {e}") from e
 
 
 def _to_jsonable(x):
@@ -228,23 +289,38 @@ def run_compress(cfg) -> dict[str, Any]:
   Returns the result record (also appended to ``cfg.results_file`` when set).
   """
   t_start = time.perf_counter()
+  if cfg.dtype not in _DTYPES:
+    raise ValueError(f"dtype {cfg.dtype!r}: expected one of {sorted(_DTYPES)}")
   dtype = _DTYPES[cfg.dtype]
+  # Everything that can be checked is checked before the long work (evaluation, calibration).
+  _, model_path = resolve_model_path(cfg.model)
+  if cfg.output_dir:
+    checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path])
   t0 = time.perf_counter()
   model, tok = load_model(cfg.model, dtype=dtype)
   load_s = time.perf_counter() - t0
-  transform = build_transform(cfg.compression, model.cfg)  # validates the recipe before any long work
+  transform = build_transform(cfg.compression, model.cfg)
   params = model_params(model)
+  check_finite(params, cfg.get("allow_nonfinite", False))
+  # The recipe planned on abstract arrays: unmatched rules, group sizes that do not divide a
+  # width, ranks above a matrix's, ... fail here with the parameter's path.
+  planned = transforms.plan(transform, transforms.to_abstract(params))
+  max_pos = model.cfg.max_position_embeddings
+  windows = eval_windows_for(tok, cfg.data, max_pos)
+  calibrated = needs_calibration(cfg.compression)
+  cal_windows = calibration_windows_for(tok, cfg, max_pos) if calibrated else None
+  if cfg.output_dir:  # room for the compressed checkpoint (planned bytes + 10% slack)
+    need = int(1.1 * accounting.size_report(planned)["total_bytes"])
+    checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path],
+                                 min_free_bytes=need)
   before_size = accounting.size_report(params)
-  before = _eval_all(model, tok, cfg, "fp") if cfg.eval_before else {}
+  before = _eval_all(model, windows, cfg.data.batch_size, "fp") if cfg.eval_before else {}
 
   t0 = time.perf_counter()
-  if needs_calibration(cfg.compression):
+  if calibrated:
     cal = cfg.calibration
-    windows = data.protocol_calibration_windows(
-        tok, data_dir=cfg.data.dir or None, num=cal.num_windows, seq_len=cal.seq_len,
-        seed=cal.seed, source=cal.source)
     new_params, _ = calibration.run_sequential(
-        model, windows, transform, batch_size=cal.batch_size, mode=cal.mode,
+        model, cal_windows, transform, batch_size=cal.batch_size, mode=cal.mode,
         resume_dir=cal.resume_dir or None,
         recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True))
   else:
@@ -255,7 +331,7 @@ def run_compress(cfg) -> dict[str, Any]:
   after_size = accounting.size_report(new_params)
   cmodel = build_model(model.cfg, new_params, dtype=dtype)
   del model
-  after = _eval_all(cmodel, tok, cfg, cfg.compression.name)
+  after = _eval_all(cmodel, windows, cfg.data.batch_size, cfg.compression.name)
 
   record = {
       "method": cfg.compression.name,
@@ -354,7 +430,8 @@ def run_eval(checkpoint_dir: str, *, corpora=None, data_dir: str | None = None,
     dcfg.dir = data_dir
   if batch_size:  # the saved batch size reproduces the saved numbers bit for bit
     dcfg.batch_size = batch_size
-  res = _eval_all(model, tok, ml_collections.ConfigDict({"data": dcfg}), "eval")
+  res = _eval_all(model, eval_windows_for(tok, dcfg, mcfg.max_position_embeddings),
+                  dcfg.batch_size, "eval")
   saved = meta.get("result", {}).get("nll", {})
   rows = []
   for corpus, r in res.items():

@@ -65,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.output_dir = ""
   # Replace an existing checkpoint at output_dir.
   c.overwrite = False
+  # Compress a model whose weights hold NaN/Inf (refused by default, naming the tensor).
+  c.allow_nonfinite = False
   # JSON-lines file to append the result record to ("" = do not record).
   c.results_file = ""
   return c

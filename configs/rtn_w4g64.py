@@ -11,5 +11,4 @@ def get_config():
   c.compression.kwargs.group_size = 64
   c.compression.kwargs.symmetric = True
   c.output_dir = "runs/rtn_w4g64"
-  c.overwrite = True
   return c

@@ -219,16 +219,17 @@ def _as_state(block_module, block_params):
 
 
 def _save_resume(resume_dir: str, fp: str, next_block: int, x, params, state) -> None:
-  import pickle  # pylint: disable=g-import-not-at-top
+  """Checkpoints a finished block: parameters, next inputs and the transform state, as data
+  only (the state's structure in the metadata, its arrays beside the parameters)."""
+  spec, state_arrays = checkpoint.encode_pytree(state, where="calibration transform state")
   os.makedirs(resume_dir, exist_ok=True)
   path = os.path.join(resume_dir, "latest")
-  checkpoint.save(path, {"params": params, "x": np.asarray(x)},
-                  metadata={"fingerprint": fp, "next_block": next_block,
-                            "state": pickle.dumps(state).hex()}, overwrite=True)
+  checkpoint.save(path, {"params": params, "x": np.asarray(x), "state": state_arrays},
+                  metadata={"fingerprint": fp, "next_block": next_block, "state": spec},
+                  overwrite=True)
 
 
 def _try_resume(resume_dir: str, fp: str, params, state):
-  import pickle  # pylint: disable=g-import-not-at-top
   path = os.path.join(resume_dir, "latest")
   if not os.path.isdir(path):
     return 0, None, params, state
@@ -237,5 +238,10 @@ def _try_resume(resume_dir: str, fp: str, params, state):
     raise checkpoint.CheckpointError(
         f"resume_dir {resume_dir!r} holds a run with other calibration data, mode or recipe "
         f"(fingerprint {meta.get('fingerprint')} != {fp}); use another resume_dir or delete it")
-  return (int(meta["next_block"]), saved["x"], _int_keys(saved["params"]),
-          pickle.loads(bytes.fromhex(meta["state"])))
+  if not isinstance(meta.get("next_block"), int) or "state" not in meta:
+    raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: {path!r} is not a calibration "
+                                     "resume point (no next_block/state in its metadata)")
+  saved_state = checkpoint.decode_pytree(
+      meta["state"], saved.get("state", {}),
+      where=f"resume_dir {resume_dir!r}: transform state in {path!r}")
+  return int(meta["next_block"]), saved["x"], _int_keys(saved["params"]), saved_state

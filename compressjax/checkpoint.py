@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ FORMAT_VERSION = 2  # 2: nested compressed leaves ("tree" entries)
 _KNOWN_VERSIONS = (1, 2)  # versions whose directories we recognise as ours (may be replaced)
 MANIFEST = "manifest.json"
 _OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json"})
+_PYTREE_ENCODING = "compressjax.pytree/1"
 
 
 class CheckpointError(ValueError):
@@ -132,9 +134,10 @@ def register_state_class(cls: type) -> type:
 def _state_registry() -> dict[str, type]:
   if not any(k.startswith("compressjax.") for k in _STATE_CLASSES):
     # pylint: disable=g-import-not-at-top
-    from compressjax.transforms import awq, base, prune
-    for cls in (base.ChainState, base.LeafwiseState, base.SelectState, prune.StructuredState,
-                awq.AwqGroup, awq.AwqState):
+    from compressjax.transforms.awq import AwqGroup, AwqState
+    from compressjax.transforms.base import ChainState, LeafwiseState, SelectState
+    from compressjax.transforms.prune import StructuredState
+    for cls in (ChainState, LeafwiseState, SelectState, StructuredState, AwqGroup, AwqState):
       _STATE_CLASSES.setdefault(_class_key(cls), cls)
   return _STATE_CLASSES
 
@@ -411,8 +414,10 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     entry["crc32"] = {}
     for name, v in children.items():
       key = f"a{i}_{name}"
-      arrays[key] = np.asarray(v)
-      entry["crc32"][name] = _crc(arrays[key])
+      a = np.asarray(v)
+      entry["crc32"][name] = _crc(a)
+      if a.size:  # orbax cannot store empty arrays; restore rebuilds them from the manifest
+        arrays[key] = a
     leaves[p] = entry
   manifest = {"format_version": FORMAT_VERSION, "leaves": leaves, "metadata": metadata or {}}
   try:
@@ -427,12 +432,15 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
   moved = False
   try:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    ckptr = ocp.StandardCheckpointer()
-    try:
-      ckptr.save(os.path.join(tmp, "arrays"), arrays)
-      ckptr.wait_until_finished()
-    finally:
-      ckptr.close()
+    if arrays:
+      ckptr = ocp.StandardCheckpointer()
+      try:
+        ckptr.save(os.path.join(tmp, "arrays"), arrays)
+        ckptr.wait_until_finished()
+      finally:
+        ckptr.close()
+    else:
+      os.mkdir(os.path.join(tmp, "arrays"))
     if tokenizer is not None:
       tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
@@ -488,8 +496,8 @@ def encode_pytree(tree: Any, *, where: str = "state") -> tuple[Any, dict[str, An
     where: name used in error messages.
 
   Returns:
-    ``(spec, arrays)``; store ``arrays`` next to the other arrays of a checkpoint and ``spec``
-    in its metadata.
+    ``(spec, arrays)``: ``spec`` is ``{"encoding": "compressjax.pytree/1", "tree": ...}``;
+    store ``arrays`` next to the other arrays of a checkpoint and ``spec`` in its metadata.
 
   Raises:
     TypeError: a value of another type, naming the type and its place in ``tree``.
@@ -531,7 +539,7 @@ def encode_pytree(tree: Any, *, where: str = "state") -> tuple[Any, dict[str, An
                     "bool, int, float, str, list, tuple, dict, a registered NamedTuple or an "
                     "array)")
 
-  return enc(tree, ""), arrays
+  return {"encoding": _PYTREE_ENCODING, "tree": enc(tree, "")}, arrays
 
 
 def decode_pytree(spec: Any, arrays: dict[str, Any], *, where: str = "state") -> Any:
@@ -583,7 +591,12 @@ def decode_pytree(spec: Any, arrays: dict[str, Any], *, where: str = "state") ->
       return a[()] if s["kind"] == "scalar" else a
     raise bad(f"unexpected entry {str(s)[:80]!r} (not written by encode_pytree)")
 
-  return dec(spec)
+  if not (isinstance(spec, dict) and spec.get("encoding") == _PYTREE_ENCODING
+          and set(spec) == {"encoding", "tree"}):
+    raise bad(f"not written by encode_pytree (expected a {{'encoding': {_PYTREE_ENCODING!r}, "
+              f"'tree': ...}} entry, got {str(spec)[:60]!r}); old pickled states are never "
+              "loaded")
+  return dec(spec["tree"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,13 +668,14 @@ def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   target = {}
   for p, entry in manifest["leaves"].items():
     for name, spec in entry["children"].items():
-      target[f"a{entry['index']}_{name}"] = jax.ShapeDtypeStruct(tuple(spec["shape"]),
-                                                                jnp.dtype(spec["dtype"]))
+      if math.prod(spec["shape"]):
+        target[f"a{entry['index']}_{name}"] = jax.ShapeDtypeStruct(tuple(spec["shape"]),
+                                                                  jnp.dtype(spec["dtype"]))
   arrays_dir = os.path.join(path, "arrays")
   if not os.path.isdir(arrays_dir):
     raise CheckpointError(f"checkpoint path {path!r}: arrays/ is missing (partial checkpoint)")
   try:
-    arrays = ocp.StandardCheckpointer().restore(arrays_dir, target)
+    arrays = ocp.StandardCheckpointer().restore(arrays_dir, target) if target else {}
   except Exception as e:  # orbax raises many types for damaged files
     raise CheckpointError(f"checkpoint path {path!r}: arrays could not be restored "
                           f"({type(e).__name__}: {e})") from e
@@ -669,14 +683,17 @@ def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   for p, entry in manifest["leaves"].items():
     children = {}
     for name, spec in entry["children"].items():
-      a = arrays[f"a{entry['index']}_{name}"]
+      key = f"a{entry['index']}_{name}"
+      a = arrays[key] if key in target else np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
       if list(a.shape) != spec["shape"] or jnp.dtype(a.dtype).name != spec["dtype"]:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} has "
                               f"{a.shape}/{a.dtype}, manifest says {spec}")
       if _crc(a) != entry["crc32"][name]:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} fails its checksum "
                               "(corrupted checkpoint)")
-      children[name] = jnp.asarray(a)
+      j = jnp.asarray(a)
+      # Without jax_enable_x64 a 64-bit array would silently become 32-bit: keep it in numpy.
+      children[name] = j if j.dtype == a.dtype else np.asarray(a)
     if entry["kind"] == "dense":
       leaf = children["value"]
     else:

@@ -310,3 +310,19 @@ def test_restore_refuses_symlinks_leaving_the_checkpoint(tmp_path):
   os.replace(tmp_path / "moved", victim)
   os.symlink(path, tmp_path / "alias")
   assert list(checkpoint.restore(str(tmp_path / "alias"))[0]) == ["a"]
+
+
+def test_empty_arrays_and_empty_trees_round_trip(tmp_path):
+  params = {"e": jnp.zeros((0, 4), jnp.bfloat16), "w": jnp.arange(3.0)}
+  _assert_same(params, checkpoint.restore(checkpoint.save(str(tmp_path / "a"), params))[0])
+  back, meta = checkpoint.restore(checkpoint.save(str(tmp_path / "b"), {"e": jnp.zeros((0,))},
+                                                  metadata={"k": 1}))
+  assert back["e"].shape == (0,) and meta == {"k": 1}
+
+
+def test_64_bit_arrays_are_not_silently_narrowed(tmp_path):
+  params = {"i": np.array([2**40, -3], np.int64), "f": np.array([1e-300], np.float64)}
+  back, _ = checkpoint.restore(checkpoint.save(str(tmp_path / "ck"), params))
+  for k, v in params.items():
+    assert back[k].dtype == v.dtype
+    np.testing.assert_array_equal(back[k], v)

@@ -326,3 +326,25 @@ def test_64_bit_arrays_are_not_silently_narrowed(tmp_path):
   for k, v in params.items():
     assert back[k].dtype == v.dtype
     np.testing.assert_array_equal(back[k], v)
+
+
+def test_build_model_with_another_models_parameters_names_them(tmp_path, qparams):
+  model, q = qparams
+  back, _ = checkpoint.restore(checkpoint.save(str(tmp_path / "ck"), q))
+  other = tiny.tiny_config(vocab_size=320)
+  with pytest.raises(ValueError, match=r"'embed/embedding' has shape \(300, 64\), expected \(320, 64\)"):
+    build_model(other, back)
+  with pytest.raises(ValueError, match=r"missing parameters \['layers/2/"):
+    build_model(tiny.tiny_config(num_layers=3), back)
+  with pytest.raises(ValueError, match=r"unexpected parameters \['layers/1/"):
+    build_model(tiny.tiny_config(num_layers=1), back)
+  wide = tiny.tiny_config(hidden_size=128)  # compressed leaves are checked by their logical shape
+  with pytest.raises(ValueError, match=r"'layers/0/attn/k_proj/kernel' has shape \(64, 32\)"):
+    build_model(wide, back)
+  # Smaller MLP / fewer query heads (structured pruning) still build.
+  pruned = jax.tree.map(lambda x: x, model_params(model))
+  for blk in pruned["layers"].values():
+    blk["mlp"]["gate_proj"]["kernel"] = blk["mlp"]["gate_proj"]["kernel"][:, :64]
+    blk["mlp"]["up_proj"]["kernel"] = blk["mlp"]["up_proj"]["kernel"][:, :64]
+    blk["mlp"]["down_proj"]["kernel"] = blk["mlp"]["down_proj"]["kernel"][:64]
+  assert build_model(model.cfg, pruned)(jnp.arange(4)[None]).shape == (1, 4, 300)

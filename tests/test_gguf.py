@@ -89,3 +89,15 @@ def test_reference_model_metadata():
   ids = tok.encode(text, add_special_tokens=False).ids
   assert tok.decode(ids) == text
   assert tok.encode("<|im_start|>", add_special_tokens=False).ids == [1]
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.05, 0.999])
+def test_truncated_gguf_names_the_file(tmp_path, tiny_gguf, fraction):
+  path, _ = tiny_gguf
+  data = open(path, "rb").read()
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(data[: int(len(data) * fraction)])
+  with pytest.raises(ValueError, match=r"cut\.gguf.*truncated"):
+    gguf.load_gguf(str(cut))
+  with pytest.raises(ValueError, match=r"cut\.gguf.*truncated"):
+    load_model(str(cut))

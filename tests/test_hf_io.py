@@ -558,3 +558,72 @@ def test_logits_match_transformers(tmp_path, transformers_mod, name):
   cfg2, params2, _ = load_quiet(path)
   assert cfg2 == cfg
   assert_trees_equal(params2, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Files stay inside the model directory; damaged files are named.
+# --------------------------------------------------------------------------------------------
+
+
+def _sharded(tmp_path):
+  cfg = tiny_config()
+  path = save_hf(tmp_path / "ck", cfg, random_params(cfg), max_shard_bytes=40_000)
+  index_path = os.path.join(path, hf._INDEX_FILE)
+  return path, index_path, json.load(open(index_path))
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_index_naming_a_file_outside_the_directory_is_refused(tmp_path, where):
+  path, index_path, index = _sharded(tmp_path)
+  name = "model.layers.0.self_attn.v_proj.weight"
+  shard = os.path.join(path, index["weight_map"][name])
+  outside = tmp_path / "elsewhere.safetensors"
+  os.replace(shard, outside)
+  moved = {n for n, f in index["weight_map"].items() if f == index["weight_map"][name]}
+  if where in ("absolute", "dotdot"):
+    for n in moved:
+      index["weight_map"][n] = str(outside) if where == "absolute" else "../elsewhere.safetensors"
+  else:
+    os.symlink(outside, shard)
+  json.dump(index, open(index_path, "w"))
+  with pytest.raises(ValueError, match=r"(elsewhere|model-0000).*outside the directory"):
+    load_quiet(path)
+
+
+def test_symlinked_files_leaving_the_directory_are_refused(tmp_path, saved):
+  _, path = saved
+  for name in ("config.json", "model.safetensors"):
+    target = tmp_path / f"outside-{name}"
+    os.replace(os.path.join(path, name), target)
+    os.symlink(target, os.path.join(path, name))
+    with pytest.raises(ValueError, match=f"'{name}' resolves to .*outside-{name}.*outside"):
+      load_quiet(path)
+    if name == "config.json":
+      from compressjax.io import resolve_model_path
+      with pytest.raises(ValueError, match="'config.json' resolves to .*outside"):
+        resolve_model_path(path)
+    os.remove(os.path.join(path, name))
+    os.replace(target, os.path.join(path, name))
+  # A link that stays inside, and a directory reached through a link, are fine.
+  os.replace(os.path.join(path, "model.safetensors"), os.path.join(path, "weights.bin.real"))
+  os.symlink("weights.bin.real", os.path.join(path, "model.safetensors"))
+  os.symlink(path, tmp_path / "alias")
+  load_quiet(str(tmp_path / "alias"))
+
+
+def test_corrupt_safetensors_header_names_the_file(saved):
+  _, path = saved
+  f = os.path.join(path, "model.safetensors")
+  with open(f, "r+b") as fh:
+    fh.write(b"\xff" * 16)
+  with pytest.raises(ValueError, match=f"'{f}' is corrupt or not a safetensors file"):
+    load_quiet(path)
+
+
+def test_truncated_safetensors_names_the_file(saved):
+  _, path = saved
+  f = os.path.join(path, "model.safetensors")
+  with open(f, "r+b") as fh:
+    fh.truncate(os.path.getsize(f) // 2)
+  with pytest.raises(ValueError, match=f"'{f}'.*(corrupt|truncated)"):
+    load_quiet(path)

@@ -51,10 +51,23 @@ def _reader(path: str):
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model path {path!r}: no such GGUF file")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise ValueError(f"model path {path!r}: not a readable GGUF file (expected the magic bytes "
+                     f"b'GGUF' at the start, found {magic!r})")
   try:
-    return gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(path)
   except Exception as e:  # the gguf package raises ValueError/struct.error/etc on bad files
-    raise ValueError(f"model path {path!r}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    raise ValueError(f"model path {path!r}: not a readable GGUF file: it is truncated or corrupt "
+                     f"({size} bytes; {type(e).__name__}: {e})") from e
+  for t in reader.tensors:
+    end = int(t.data_offset) + int(t.n_bytes)
+    if end > size:
+      raise ValueError(f"model path {path!r}: GGUF file is truncated: tensor {t.name!r} needs "
+                       f"bytes up to {end}, the file has {size}")
+  return reader
 
 
 def _field(reader, key: str, default: Any = ...):
@@ -113,12 +126,17 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return (w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape))
 
 
-def _dequantize(t) -> np.ndarray:
+def _dequantize(t, path: str = "<gguf>") -> np.ndarray:
   from gguf import quants  # pylint: disable=g-import-not-at-top
 
-  arr = quants.dequantize(t.data, t.tensor_type)
   # numpy shape is the reverse of ggml's ne: (rows=out, cols=in) for matrices.
-  return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+  shape = tuple(int(d) for d in reversed(t.shape))
+  try:
+    arr = quants.dequantize(t.data, t.tensor_type)
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+  except ValueError as e:  # too few bytes for the declared shape
+    raise ValueError(f"model path {path!r}: GGUF tensor {t.name!r} (shape {shape}) cannot be "
+                     f"read: the file is truncated or corrupt ({e})") from e
 
 
 def gguf_tokenizer(reader):
@@ -175,7 +193,7 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any]:
       if required:
         raise ValueError(f"GGUF file {path!r}: tensor {name!r} is missing")
       return None
-    return _dequantize(t)
+    return _dequantize(t, path)
 
   permute = reader.fields["general.architecture"].contents() in ("llama", "mistral")
 

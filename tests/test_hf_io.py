@@ -17,6 +17,7 @@ from compressjax import formats
 from compressjax.io import build_model, hf, load_hf, load_model, model_params, save_hf
 from compressjax.io.gguf import unpermute_qk
 from compressjax.model import Llama, LlamaConfig, rope_inv_freq
+from conftest import require
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -503,8 +504,8 @@ def test_permute_maps_rotate_half_rope_to_interleaved_rope():
 
 @pytest.fixture(scope="module")
 def transformers_mod():
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = require("torch")  # fail, never skip: CI installs torch and transformers
+  transformers = require("transformers")
   transformers.utils.logging.disable_progress_bar()
   transformers.utils.logging.set_verbosity_error()
   return torch, transformers

@@ -36,8 +36,9 @@ def _debug(argv) -> bool:
 def _fail(prog: str, e: BaseException) -> int:
   """Prints one line naming what failed (the traceback only with ``--debug``); returns 1."""
   msg = str(e).strip().splitlines()
+  notes = "".join(f" {n}" for n in getattr(e, "__notes__", ()))  # where it happened
   print(f"{prog}: error: {type(e).__name__}: {msg[0] if msg else ''}"
-        + (" [...]" if len(msg) > 1 else ""), file=sys.stderr)
+        + (" [...]" if len(msg) > 1 else "") + notes, file=sys.stderr)
   print(f"{prog}: (run with --debug or COMPRESSJAX_DEBUG=1 for the traceback)", file=sys.stderr)
   return 1
 

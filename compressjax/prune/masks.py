@@ -25,8 +25,8 @@ __all__ = ["check_sparsity", "check_nm", "ranks", "unstructured_mask", "nm_mask"
 
 def check_sparsity(sparsity) -> float:
   if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-      0.0 <= sparsity < 1.0):
-    raise ValueError(f"sparsity must be a float in [0, 1), got sparsity={sparsity!r}")
+      0.0 < sparsity < 1.0):
+    raise ValueError(f"sparsity must be a float in (0, 1), got sparsity={sparsity!r}")
   return float(sparsity)
 
 

@@ -115,6 +115,13 @@ def spqr_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, group_size: int 
   base = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                    symmetric=bool(symmetric), dtype=W.dtype)
   info = dict(info)
+  if isinstance(resid, jax.core.Tracer):  # planned on abstract arrays (``T.plan``): the number
+    # of outliers depends on the data, so the plan has the structure with none of them.
+    k, n = W.shape
+    rows_dtype = np.uint16 if k <= 65536 else np.int32
+    sparse = SparseOutliers(jnp.zeros((n + 1,), jnp.int32), jnp.zeros((0,), rows_dtype),
+                            jnp.zeros((0,), outlier_dtype), shape=W.shape, dtype=W.dtype)
+    return SumArray((base, sparse), shape=W.shape, dtype=W.dtype), info
   if resid is None or not np.any(np.asarray(resid)):
     info["outlier_fraction"] = 0.0
     return base, info
@@ -169,16 +176,16 @@ def owq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | Non
                              True)
   sens = owq_sensitivity(jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32), bits=bits,
                          group_size=gs, symmetric=symmetric)
-  rows = np.sort(np.argsort(-np.asarray(sens), kind="stable")[:n_keep]).astype(np.int32)
-  keep = np.zeros((K,), bool)
-  keep[rows] = True
+  # jnp (not numpy) so that planning on abstract arrays (``T.plan``) traces through.
+  rows = jnp.sort(jnp.argsort(-sens, stable=True)[:n_keep]).astype(jnp.int32)
+  keep = jnp.zeros((K,), bool).at[rows].set(True)
   codes, scale, zero, _, resid, info = gptq_core._gptq(  # pylint: disable=protected-access
-      W, H, jnp.asarray(keep), bits=bits, group_size=gs, symmetric=bool(symmetric),
+      W, H, keep, bits=bits, group_size=gs, symmetric=bool(symmetric),
       scale_dtype=scale_dtype, blocksize=blocksize, percdamp=float(percdamp),
       act_order=bool(act_order), static_groups=True, with_q=False)
   base = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                    symmetric=bool(symmetric), dtype=W.dtype)
-  info = dict(info, kept_rows=rows.tolist())
+  info = dict(info, kept_rows=None if isinstance(rows, jax.core.Tracer) else rows.tolist())
   if n_keep == 0:
     return base, info
   kept = KeptRows(jnp.asarray(rows), jnp.asarray(resid)[rows].astype(keep_dtype), shape=W.shape,

@@ -20,6 +20,7 @@ from compressjax.formats import CompressedArray
 from compressjax.quantize import awq_core, rtn_core
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, UnmatchedRuleError,
                                          _UNDER_RULE, _map, _visible, leaves_with_paths_marked)
+from compressjax.transforms.quantize import check_positive_int
 from compressjax.transforms.selection import LINEAR_KERNELS, Selector, as_predicate
 
 __all__ = ["AwqGroup", "AwqState", "awq", "rescale_stats"]
@@ -97,6 +98,12 @@ def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
   """
   if bits not in rtn_core.RTN_BITS:
     raise ValueError(f"awq: bits must be one of {rtn_core.RTN_BITS}, got {bits!r}")
+  check_positive_int("awq", "group_size", group_size, optional=True)
+  check_positive_int("awq", "n_grid", n_grid)
+  if not 0 < max_shrink < 1 or int(n_grid * max_shrink) < 1:
+    raise ValueError(f"awq: max_shrink must be in (0, 1) with n_grid * max_shrink >= 1 (the "
+                     f"clipping search needs a grid point), got max_shrink={max_shrink!r}, "
+                     f"n_grid={n_grid!r}")
   search = jax.jit(functools.partial(awq_core.search_scale, bits=bits, group_size=group_size,
                                      symmetric=symmetric, scale_dtype=scale_dtype,
                                      n_grid=n_grid))

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, path_str)
@@ -216,13 +218,46 @@ def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_W
           raise ValueError(f"{name} at parameter {path!r} needs calibration statistics; run it "
                            "through compressjax.calibration.run_sequential (or pass stats)")
       try:
-        return fn(path, leaf, st) if with_stats else fn(path, leaf)
+        _check_finite(leaf, "weight")
+        if with_stats and stats is not PLANNING:
+          _check_finite(st.hessian, "calibration statistics (X^T X)")
+        out = fn(path, leaf, st) if with_stats else fn(path, leaf)
+        _check_finite(out, "result")  # e.g. a degenerate Hessian: never a silent NaN model
+        return out
       except (ValueError, TypeError, NotImplementedError) as e:
-        raise type(e)(f"{name} at parameter {path!r}: {e}") from e
+        raise _with_context(e, f"{name} at parameter {path!r}: {e}") from e
+      except Exception as e:  # pylint: disable=broad-except  # other types: keep them, add where
+        e.add_note(f"(in {name} at parameter {path!r})")
+        raise
 
     return _map(rewrite, params), state
 
   return Transform(init, update)
+
+
+def _check_finite(tree, what: str) -> None:
+  """Raises ``ValueError`` if a concrete floating array of ``tree`` holds NaN or Inf (tracers
+  and abstract arrays, seen while planning, are skipped)."""
+  bad = 0
+  for x in jax.tree.leaves(tree):
+    if (isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+        and jnp.issubdtype(x.dtype, jnp.inexact)):
+      bad += int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
+  if bad:
+    raise ValueError(f"{what} has {bad} non-finite values (NaN/Inf)")
+
+
+def _with_context(e: Exception, msg: str) -> Exception:
+  """``e``'s type with message ``msg`` when that type is built from a message (as builtin errors
+  are), else the nearest builtin base of ``e`` (a JAX tracer error, say, takes a tracer)."""
+  try:
+    new = type(e)(msg)
+    if str(new) == msg:
+      return new
+  except Exception:  # pylint: disable=broad-except
+    pass
+  base = next(b for b in (NotImplementedError, ValueError, TypeError) if isinstance(e, b))
+  return base(msg)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,16 +28,25 @@ from compressjax.formats import LowRank, SumArray
 from compressjax.quantize import rtn_core
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, _map, _real_stats,
                                          _visible, leafwise, leaves_with_paths_marked)
-from compressjax.transforms.quantize import SUPPORTED_BITS, _check_dense_2d
+from compressjax.transforms.quantize import (SUPPORTED_BITS, _check_dense_2d, check_damping,
+                                             check_grid_args)
 from compressjax.transforms.selection import Selector
 
 __all__ = ["svd", "asvd", "eora", "lq_lora"]
 
 
+def _check_rank(rank: int, shape) -> int:
+  """``rank`` if a ``(K, N)`` kernel has it (``rank <= min(K, N)``); never clamped silently."""
+  if rank > min(shape):
+    raise ValueError(f"rank {rank} exceeds min(K, N) = {min(shape)} of the kernel's shape "
+                     f"{tuple(shape)}")
+  return int(rank)
+
+
 def _rank(shape, rank, keep_fraction):
   k, n = shape
   if rank is not None:
-    return min(int(rank), k, n)
+    return _check_rank(rank, (k, n))
   return lowrank_core.rank_for_fraction(k, n, keep_fraction)
 
 
@@ -81,6 +90,7 @@ def _factor_store(name, factor_dtype, factor_bits, factor_group_size):
 def _budgeted(name, with_stats, rank, keep_fraction, allocate, store, where, percdamp):
   """Per-leaf factorization, or ranks allocated across the leaves one update sees."""
   _check_budget(name, rank, keep_fraction)
+  check_damping(name, percdamp)
 
   def hess(stats):
     return None if stats is None else stats.hessian
@@ -182,6 +192,7 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
   """
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"eora: rank must be a positive int, got {rank!r}")
+  check_damping("eora", percdamp)
   store = _factor_store("eora", factor_dtype, factor_bits, factor_group_size)
 
   def update(params, state, stats=None):
@@ -202,7 +213,10 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
         if st is None:
           raise ValueError(f"eora at parameter {p!r} needs calibration statistics")
         h = st.hessian
-      r = min(rank, *old.shape)
+      try:
+        r = _check_rank(rank, old.shape)
+      except ValueError as e:
+        raise ValueError(f"eora at parameter {p!r}: {e}") from e
       a, b = lowrank_core.eora_factors(old, leaf.materialize(), h, r, percdamp)
       out[p] = SumArray((leaf, store(a, b, old.dtype)), shape=old.shape,
                         dtype=old.dtype)
@@ -224,8 +238,11 @@ def lq_lora(bits: int, group_size: int | None = None, rank: int = 32, *, iters: 
   References:
     Guo et al. 2024, LQ-LoRA (arXiv:2311.12023).
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"lq_lora: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  check_grid_args("lq_lora", bits, group_size, percdamp=percdamp)
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"lq_lora: rank must be a positive int, got {rank!r}")
+  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    raise ValueError(f"lq_lora: iters must be a positive int, got {iters!r}")
   store = _factor_store("lq_lora", factor_dtype, factor_bits, factor_group_size)
   quant = jax.jit(functools.partial(rtn_core.quantize_rtn, bits=bits, group_size=group_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype))
@@ -233,7 +250,7 @@ def lq_lora(bits: int, group_size: int | None = None, rank: int = 32, *, iters: 
   def fn(path, w, *st):
     del path
     _check_dense_2d(w, "lq_lora")
-    r = min(rank, *w.shape)
+    r = _check_rank(rank, w.shape)
     h = st[0].hessian if st else None
     if isinstance(w, jax.core.Tracer):  # planning: shapes only
       q, a, b = quant(w), jnp.zeros((w.shape[0], r)), jnp.zeros((r, w.shape[1]))

@@ -28,7 +28,7 @@ from compressjax.formats import BitmaskSparse, NMSparse
 from compressjax.prune import masks, sparsegpt_core, structured_core
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, _map, _real_stats,
                                          _visible, leaves_with_paths_marked, leafwise)
-from compressjax.transforms.quantize import _check_dense_2d
+from compressjax.transforms.quantize import _check_dense_2d, check_damping, check_positive_int
 from compressjax.transforms.selection import Selector
 
 __all__ = ["magnitude", "wanda", "sparsegpt", "structured", "StructuredState"]
@@ -160,6 +160,8 @@ def sparsegpt(sparsity: float = 0.5, pattern: str | None = None, *, blocksize: i
     Frantar & Alistarh 2023, SparseGPT (arXiv:2301.00774).
   """
   nm = _args(sparsity, pattern)
+  check_positive_int("sparsegpt", "blocksize", blocksize)
+  check_damping("sparsegpt", percdamp)
 
   def nnz(shape):
     if nm is not None:

@@ -19,6 +19,40 @@ __all__ = ["rtn", "gptq", "spqr", "owq"]
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
+def check_positive_int(name: str, arg: str, value, *, optional: bool = False) -> None:
+  """Raises ``ValueError`` naming transform ``name`` and ``arg`` unless ``value`` is an int
+  >= 1 (or ``None`` when ``optional``)."""
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name}: {arg} must be a positive int{' or None' if optional else ''}, "
+                     f"got {value!r}")
+
+
+def check_damping(name: str, percdamp) -> None:
+  """Raises ``ValueError`` unless ``percdamp`` (the damping fraction) is a finite float >= 0."""
+  if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not (
+      0 <= percdamp < float("inf")):
+    raise ValueError(f"{name}: percdamp (damping) must be a finite float >= 0, got {percdamp!r}")
+
+
+def check_grid_args(name: str, bits: int, group_size: int | None = None, *,
+                    blocksize: int | None = None, percdamp: float | None = None) -> None:
+  """Validates a quantizer's arguments when it is built (before any data is seen).
+
+  ``group_size`` must be ``None`` or a positive int (whether it divides a kernel's width is
+  checked when the recipe is planned, per kernel); ``blocksize`` a positive int; ``percdamp``
+  a finite float >= 0. Errors name the transform and the argument.
+  """
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"{name}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  check_positive_int(name, "group_size", group_size, optional=True)
+  if blocksize is not None:
+    check_positive_int(name, "blocksize", blocksize)
+  if percdamp is not None:
+    check_damping(name, percdamp)
+
+
 def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
         scale_dtype=jnp.float16, where: Selector = DEFAULT_WHERE) -> Transform:
   """Round-to-nearest quantization of the selected kernels into packed :class:`QuantizedArray` s.
@@ -43,10 +77,7 @@ def rtn(bits: int, group_size: int | None = None, *, symmetric: bool = True,
   References:
     Frantar et al. 2022, GPTQ (the RTN baseline and its symmetric grid).
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"rtn: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-  if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-    raise ValueError(f"rtn: group_size must be a positive int or None, got {group_size!r}")
+  check_grid_args("rtn", bits, group_size)
   quant = jax.jit(functools.partial(rtn_core.quantize_rtn, bits=bits, group_size=group_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype))
 
@@ -125,8 +156,7 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     Frantar et al. 2022, GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
     Transformers.
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"gptq: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  check_grid_args("gptq", bits, group_size, blocksize=blocksize, percdamp=percdamp)
   quant = jax.jit(functools.partial(
       gptq_core.gptq_quantize, bits=bits, group_size=group_size, symmetric=symmetric,
       scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
@@ -144,7 +174,9 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
                             group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
     if sparse is None:
-      q, _ = quant(w, stats.gptq_hessian())
+      q, info = quant(w, stats.gptq_hessian())
+      if not isinstance(info["loss"], jax.core.Tracer) and not jnp.isfinite(info["loss"]):
+        raise ValueError("the GPTQ solver's loss is not finite (a degenerate Hessian?)")
       return q
     # Sparse input: GPTQ with the mask fixed (SparseGPT's joint sparsify-and-quantize).
     gs = group_size or w.shape[0]
@@ -174,8 +206,7 @@ def spqr(bits: int = 3, group_size: int = 16, *, symmetric: bool = False,
   References:
     Dettmers et al. 2023, SpQR (arXiv:2306.03078).
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"spqr: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  check_grid_args("spqr", bits, group_size, blocksize=blocksize, percdamp=percdamp)
   kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, stats_bits=stats_bits,
             stats_group_size=stats_group_size, outlier_threshold=outlier_threshold,
             scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
@@ -207,8 +238,7 @@ def owq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
   References:
     Lee et al. 2024, OWQ (arXiv:2306.02272).
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"owq: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+  check_grid_args("owq", bits, group_size, blocksize=blocksize, percdamp=percdamp)
   kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, keep_fraction=keep_fraction,
             n_keep=n_keep, scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
   return _hessian_leafwise(spqr_core.owq_quantize, kw, where,

@@ -83,7 +83,8 @@ def apply_method_args(cfg, overrides):
     entries = [dict(e) for e in (comp[section] or ())]
     if not 0 <= index < len(entries):
       raise ValueError(f"--config.compression.{section}.{index}.{name}: the config has "
-                       f"{len(entries)} compression.{section} entries (indices 0..{len(entries) - 1})")
+                       f"{len(entries)} compression.{section} entries "
+                       f"(indices 0..{len(entries) - 1})")
     entries[index][name] = value
     comp[section] = tuple(entries)
   return cfg

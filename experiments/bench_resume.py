@@ -76,7 +76,8 @@ def main():
   rng = np.random.default_rng(args.seed)
   points = sorted(int(b) for b in rng.choice(np.arange(1, args.num_layers), args.kills,
                                              replace=False))
-  job = _job(args.config, killed, args.windows, kill_res, (f"--config.calibration.resume_dir={state}",))
+  job = _job(args.config, killed, args.windows, kill_res,
+             (f"--config.calibration.resume_dir={state}",))
   killed_at, t0 = [], time.perf_counter()
   for k in points:
     print(f"[2/3] run until block {k} is finished, then SIGKILL", flush=True)

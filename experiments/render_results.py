@@ -23,6 +23,7 @@ COMMANDS = {
     "bench_structured": "python experiments/bench_quality.py --bench bench_structured",
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
     "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
+    "bench_resume": "python experiments/bench_resume.py",
 }
 INTRO = """# Results
 
@@ -233,6 +234,29 @@ def render_throughput(name, recs):
              "date"], rows), "", "Machine: " + "; ".join(machines), ""])
 
 
+def render_resume(name, recs):
+  rows = []
+  for r in recs:
+    s = r["settings"]
+    rows.append([r["method"], str(s["calibration_windows"]),
+                 ", ".join(map(str, s["killed_with_blocks_finished"])),
+                 "yes" if r["bit_identical"] else "NO", fmt(r["ppl_wiki"]), fmt(r["ppl_austen"]),
+                 fmt(r["reference_ppl_wiki"]), fmt(r["reference_ppl_austen"]),
+                 fmt(r["wall_s"], 0), fmt(r["peak_rss_mb"], 0), r["commit"], r["date"][:10]])
+  machines = sorted({r["machine"] for r in recs})
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+      "A calibrated compression of the reference model SIGKILLed after random blocks and resumed "
+      "from its resume directory each time, against an uninterrupted run of the same job: "
+      "bit-identical means every stored array of the two checkpoints is equal (manifest CRC32s "
+      "and restored values). `wall s` is the interrupted job's time over all its attempts "
+      "(evaluation included).", "",
+      table(["method", "cal. windows", "killed with blocks done", "bit-identical", "ppl wiki",
+             "ppl austen", "uninterrupted wiki", "uninterrupted austen", "wall s",
+             "peak RSS MiB", "commit", "date"], rows), "",
+      "Machine: " + "; ".join(machines), ""])
+
+
 def main():
   parts = [INTRO]
   all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
@@ -244,6 +268,8 @@ def main():
       parts.append(render_throughput(name, recs))
     elif name == "bench_gptq_speed":
       parts.append(render_gptq_speed(name, recs))
+    elif name == "bench_resume":
+      parts.append(render_resume(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

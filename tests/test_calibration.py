@@ -110,7 +110,8 @@ def test_modes_and_errors():
     return T.leafwise(spy, with_stats=True, name="spy")
 
   runs = {}
-  for label, quantizer, mode in (("clean", None, "sequential"), ("seq", T.rtn(bits=2), "sequential"),
+  for label, quantizer, mode in (("clean", None, "sequential"),
+                                 ("seq", T.rtn(bits=2), "sequential"),
                                  ("orig", T.rtn(bits=2), "original")):
     seen = {}
     t = recorder(seen) if quantizer is None else T.chain(quantizer, recorder(seen))

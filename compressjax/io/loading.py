@@ -13,7 +13,8 @@ from flax import nnx
 
 from compressjax.model import Llama, LlamaConfig
 
-__all__ = ["build_model", "check_params_match", "confined_path", "load_model", "model_params", "resolve_model_path"]
+__all__ = ["build_model", "check_params_match", "confined_path", "load_model", "model_params",
+           "resolve_model_path"]
 
 REFERENCE = "smollm2-135m-instruct"
 

@@ -4,6 +4,7 @@ Each test is a reproduction of a reported problem (data loss on save, silent wro
 late validation, unreadable errors) that now gives the right outcome.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -56,21 +57,46 @@ def _one_line_error(r, *fragments):
   return err[0]
 
 
-# Impossible settings are errors before any work, naming the setting (exit status 1, one line).
+# Impossible settings are errors before any work, naming the setting.
+@pytest.mark.parametrize("key, value, fragments", [
+    ("calibration.seq_len", 0, ["calibration.seq_len", "positive"]),
+    ("calibration.num_windows", 0, ["calibration.num_windows"]),
+    ("calibration.num_windows", 100000, ["100000 calibration windows", "holds only"]),
+    ("data.num_eval_windows", 0, ["data.num_eval_windows"]),
+    ("data.num_eval_windows", 100000, ["num_windows=100000", "wiki"]),
+    ("data.seq_len", 1000, ["data.seq_len=1000", "maximum position"]),
+    ("calibration.seq_len", 1000, ["calibration.seq_len=1000", "maximum position"]),
+    ("compression.kwargs.group_size", 48, ["group_size", "layers/0/"]),
+    ("compression.kwargs.group_size", 0, ["group_size"]),
+    ("compression.kwargs.percdamp", -0.5, ["percdamp"]),
+    ("compression.where", r"layers/\d+/attn/qkv_proj/kernel", ["matched no parameter"]),
+])
+def test_impossible_settings_fail_before_any_work(tiny_gguf, tiny_data, monkeypatch, key, value,
+                                                  fragments):
+  cfg = _cfg("gptq_w4g64", tiny_gguf, tiny_data)
+  cfg.eval_before = True
+  node = cfg
+  *parents, last = key.split(".")
+  for k in parents:
+    node = node[k]
+  with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
+    node[last] = value
+  started = []  # neither the baseline evaluation nor calibration may have started
+  monkeypatch.setattr(pipeline, "_eval_all", lambda *a, **k: started.append("eval"))
+  monkeypatch.setattr(pipeline.calibration, "run_sequential",
+                      lambda *a, **k: started.append("calibration"))
+  with pytest.raises(ValueError) as e:
+    pipeline.run_compress(cfg)
+  for f in fragments:
+    assert f in str(e.value), (f, str(e.value))
+  assert not started
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--config.calibration.seq_len=0"], ["calibration.seq_len", "positive"]),
-    (["--config.calibration.num_windows=0"], ["calibration.num_windows"]),
-    (["--config.calibration.num_windows=100000"], ["100000 calibration windows", "holds only"]),
-    (["--config.data.num_eval_windows=0"], ["data.num_eval_windows"]),
-    (["--config.data.num_eval_windows=100000"], ["num_windows=100000", "wiki"]),
-    (["--config.data.seq_len=1000"], ["data.seq_len=1000", "maximum position"]),
-    (["--config.calibration.seq_len=1000"], ["calibration.seq_len=1000", "maximum position"]),
     (["--config.compression.kwargs.group_size=48"], ["group_size", "layers/0/"]),
-    (["--config.compression.kwargs.group_size=0"], ["group_size"]),
-    (["--config.compression.kwargs.percdamp=-0.5"], ["percdamp"]),
-    ([r"--config.compression.where=layers/\d+/attn/qkv_proj/kernel"], ["matched no parameter"]),
 ])
-def test_impossible_settings_fail_before_any_work(common, args, fragments):
+def test_cli_prints_one_line_and_exits_1(common, args, fragments):
   r = _run(["--config", "configs/gptq_w4g64.py", *common, *args])
   _one_line_error(r, *fragments)
   assert "calibrate" not in r.stderr  # no calibration progress bar: refused before the work

@@ -21,6 +21,7 @@ import numpy as np
 from compressjax import accounting, calibration, checkpoint, data, evaluate, transforms
 from compressjax.formats import CompressedArray
 from compressjax.io import build_model, load_model, model_params, resolve_model_path
+from compressjax.transforms.base import nonfinite_count
 from compressjax.transforms.selection import leaves_with_paths
 from compressjax.model import LlamaConfig
 
@@ -245,9 +246,9 @@ def check_finite(params, allow_nonfinite: bool = False) -> None:
   if allow_nonfinite:
     return
   for path, leaf in leaves_with_paths(params):
-    if isinstance(leaf, CompressedArray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if isinstance(leaf, CompressedArray):
       continue
-    bad = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
+    bad = nonfinite_count(leaf)
     if bad:
       raise ValueError(f"model weight {path!r} has {bad} non-finite values (NaN/Inf) of "
                        f"{int(np.prod(leaf.shape))}; fix the checkpoint or set "

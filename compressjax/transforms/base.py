@@ -40,6 +40,7 @@ __all__ = [
     "chain",
     "identity",
     "leafwise",
+    "nonfinite_count",
     "select",
     "apply",
     "plan",
@@ -235,14 +236,20 @@ def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_W
   return Transform(init, update)
 
 
-def _check_finite(tree, what: str) -> None:
-  """Raises ``ValueError`` if a concrete floating array of ``tree`` holds NaN or Inf (tracers
-  and abstract arrays, seen while planning, are skipped)."""
+def nonfinite_count(tree) -> int:
+  """How many NaN/Inf values the concrete floating arrays of ``tree`` hold (tracers and
+  abstract arrays, seen while planning, are skipped)."""
   bad = 0
   for x in jax.tree.leaves(tree):
     if (isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
         and jnp.issubdtype(x.dtype, jnp.inexact)):
       bad += int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
+  return bad
+
+
+def _check_finite(tree, what: str) -> None:
+  """Raises ``ValueError`` if ``tree`` holds NaN or Inf (see :func:`nonfinite_count`)."""
+  bad = nonfinite_count(tree)
   if bad:
     raise ValueError(f"{what} has {bad} non-finite values (NaN/Inf)")
 

@@ -1,21 +1,33 @@
 """Sequential calibration engine shared by every data-aware method (GPTQ, AWQ, SparseGPT, ...).
 
-The model is run block by block over the calibration windows. For each decoder block:
+The model is run block by block over the calibration windows. For each block:
 
-1. the block's inputs ``X`` (one ``(n, T, D)`` array for all windows) are fed through the
-   *original* block, accumulating per-linear-input statistics (:class:`LayerStats`: the Hessian
-   proxy ``X^T X``, per-channel sums of ``x^2`` and ``|x|``, the token count) without keeping the
-   activations;
-2. the transform's ``update`` is called on a view of the parameter tree that shows only this
-   block's parameters, with ``stats`` keyed by parameter path, and its rewrite is merged back;
+1. the block's inputs ``X`` (all windows, ``(batches, batch_size, T, D)``) are fed through the
+   *original* block in one jitted ``lax.scan`` over the batches, accumulating per-linear-input
+   statistics (:class:`LayerStats`: the Hessian proxy ``X^T X``, per-channel sums of ``x^2`` and
+   ``|x|``, the token count) inside the same program, so captured activations never leave it;
+   only one triangle of each ``X^T X`` is multiplied (tiles of 256 inputs), then mirrored;
+2. the transform's ``update`` sees only this block's parameters (every other leaf hidden), with
+   ``stats`` keyed by parameter path, and its rewrite is kept;
 3. the next block's inputs are the *compressed* block's outputs (``mode="sequential"``, the GPTQ
    reference's default) or the original block's outputs (``mode="original"``).
 
-Peak memory is one block's parameters plus two copies of ``X``, not the model's activations.
-With ``resume_dir`` every finished block is checkpointed atomically (compressed parameters so
-far, the next block's inputs, the transform state); a killed run restarted with the same
-arguments continues from the last finished block and gives the same result as an uninterrupted
-run.
+The model is any :class:`compressjax.blocks.BlockModel` (an NNX
+:class:`compressjax.model.Llama` is adapted automatically); its weights may be lazily loaded
+(:func:`compressjax.io.open_model`): a block is read when the engine reaches it and its dense
+weights are dropped once it is compressed, so peak memory is about one dense block, the
+compressed blocks so far and two copies of ``X`` -- not the model.
+
+**Data parallel**: with ``mesh``, the windows of every batch are split over the mesh axes
+``data_axis`` (all axes by default): the block forward passes run on all devices, the statistics
+are summed across them by the compiled program (XLA all-reduce), and the solvers run on the
+summed statistics. With several processes (``jax.distributed``) every process passes the same
+windows and computes the same compressed model; each process feeds its own devices' slices.
+
+**Resume**: with ``resume_dir`` every finished block is written once, as its own small
+checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
+inputs and the transform state, atomically. A killed run restarted with the same arguments
+continues from the last written block and gives the same result as an uninterrupted run.
 
 References:
   Frantar et al. 2022, GPTQ (sequential block-by-block calibration);
@@ -25,24 +37,25 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import hashlib
 import os
-import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from compressjax import checkpoint
-from compressjax.io.loading import _int_keys, build_model, model_params
-from compressjax.model import Block, rope_cos_sin
+from compressjax.blocks import BlockModel, as_block_model, nest
 from compressjax.transforms.base import Transform, _UNSELECTED, _map
 from compressjax.transforms.selection import leaves_with_paths
 
-__all__ = ["LayerStats", "block_stats", "run_sequential"]
+__all__ = ["LayerStats", "block_stats", "gram", "run_sequential"]
+
+_TILE = 256  # inputs per tile of the one-triangle X^T X
 
 
 @jax.tree_util.register_dataclass
@@ -51,9 +64,9 @@ class LayerStats:
   """Statistics of one linear layer's input ``x`` (rows are tokens), accumulated over calibration.
 
   Invariants: ``hessian`` is ``(K, K)`` float32 ``sum_t x_t x_t^T`` (the GPTQ Hessian is
-  ``2 * hessian / n``); ``sq_sum`` and ``abs_sum`` are ``(K,)`` float32 sums of ``x^2`` and ``|x|``
-  over tokens (Wanda's norm is ``sqrt(sq_sum)``; AWQ's activation scale is ``abs_sum / n``);
-  ``n`` is the float32 token count.
+  ``2 * hessian / n``), exactly symmetric; ``sq_sum`` and ``abs_sum`` are ``(K,)`` float32 sums
+  of ``x^2`` and ``|x|`` over tokens (Wanda's norm is ``sqrt(sq_sum)``; AWQ's activation scale is
+  ``abs_sum / n``); ``n`` is the float32 token count.
   """
 
   hessian: jax.Array
@@ -66,182 +79,339 @@ class LayerStats:
     return cls(jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32),
                jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
 
-  def add(self, x: jax.Array) -> "LayerStats":
+  def add(self, x: jax.Array, weight: jax.Array | None = None) -> "LayerStats":
+    """Adds the rows of ``x`` (``(..., K)``); ``weight`` (0/1 per row) drops padding rows."""
     xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return LayerStats(self.hessian + xf.T @ xf, self.sq_sum + jnp.sum(xf * xf, 0),
-                      self.abs_sum + jnp.sum(jnp.abs(xf), 0), self.n + xf.shape[0])
+    if weight is not None:
+      xf = xf * weight.reshape(-1, 1).astype(jnp.float32)
+    n = xf.shape[0] if weight is None else jnp.sum(weight.astype(jnp.float32))
+    return LayerStats(self.hessian + gram(xf), self.sq_sum + jnp.sum(xf * xf, 0),
+                      self.abs_sum + jnp.sum(jnp.abs(xf), 0), self.n + n)
 
   def gptq_hessian(self) -> jax.Array:
     """``2 X^T X / n``, as the GPTQ reference accumulates it."""
     return 2.0 * self.hessian / jnp.maximum(self.n, 1.0)
 
 
-def _block_fn(graphdef):
-  """Jitted ``(block_state, x, cos, sin, pos) -> (out, captured inputs)``."""
-
-  @jax.jit
-  def run(state, x, cos, sin, pos):
-    block = nnx.merge(graphdef, state)
-    cap: dict[str, jax.Array] = {}
-    out, _ = block(x, cos, sin, pos, pos, None, cap)
-    return out, cap
-
-  return run
+def _tiles(k: int, tile: int) -> list[int]:
+  return list(range(0, k, tile)) + [k]
 
 
-def _batches(n: int, bs: int):
-  return [(i, min(i + bs, n)) for i in range(0, n, bs)]
+def _gram_upper(xf: jax.Array, tile: int = _TILE) -> jax.Array:
+  """``X^T X`` on and above the diagonal tiles (zeros below): ``(nt + 1) / 2nt`` of the work."""
+  k = xf.shape[1]
+  if k < 2 * tile:
+    return xf.T @ xf
+  b = _tiles(k, tile)
+  rows = [jnp.pad(xf[:, a:e].T @ xf[:, a:], ((0, 0), (a, 0))) for a, e in zip(b[:-1], b[1:])]
+  return jnp.concatenate(rows, axis=0)
 
 
-def block_stats(block: Block, x: np.ndarray | jax.Array, cos, sin, pos, *,
-                batch_size: int) -> tuple[dict[str, LayerStats], jax.Array]:
-  """Runs one block over all inputs; returns (stats per captured input, block outputs)."""
-  graphdef, state = nnx.split(block)
-  run = _block_fn(graphdef)
-
-  @jax.jit
-  def accumulate(stats, cap):
-    return {k: stats[k].add(v) for k, v in cap.items()}
-
-  stats = None
-  outs = []
-  for a, b in _batches(x.shape[0], batch_size):
-    out, cap = run(state, jnp.asarray(x[a:b]), cos[: b - a], sin[: b - a], pos[: b - a])
-    if stats is None:
-      stats = {k: LayerStats.zeros(v.shape[-1]) for k, v in cap.items()}
-    stats = accumulate(stats, cap)
-    outs.append(out)
-  return stats, jnp.concatenate(outs)
+def _mirror(upper: jax.Array, tile: int = _TILE) -> jax.Array:
+  """The symmetric matrix whose diagonal tiles and upper part are ``upper``'s."""
+  k = upper.shape[0]
+  if k < 2 * tile:
+    return upper
+  blk = jnp.arange(k) // tile
+  return jnp.where(blk[:, None] > blk[None, :], upper.T, upper)
 
 
-def _block_outputs(block: Block, x, cos, sin, pos, *, batch_size: int) -> jax.Array:
-  graphdef, state = nnx.split(block)
-  run = _block_fn(graphdef)
-  return jnp.concatenate([run(state, jnp.asarray(x[a:b]), cos[: b - a], sin[: b - a],
-                              pos[: b - a])[0] for a, b in _batches(x.shape[0], batch_size)])
+def gram(xf: jax.Array, tile: int = _TILE) -> jax.Array:
+  """``X^T X`` of ``(rows, K)``, computing one triangle of ``tile``-wide tiles and mirroring."""
+  return _mirror(_gram_upper(xf, tile), tile)
 
 
-def _view(params, prefix: str):
-  """The tree with every leaf outside ``prefix`` hidden from transforms."""
-  return _map(lambda p, x: x if p.startswith(prefix) else _UNSELECTED, params)
+def block_stats(model: BlockModel, block: dict[str, Any], xs: jax.Array, weights=None, *,
+                keep_outputs: bool = False):
+  """Runs one block over all batches ``xs`` ``(nb, bs, T, D)`` in one jitted scan.
+
+  Returns ``(stats, outputs)``: ``stats`` maps each capture name to its :class:`LayerStats`
+  (rows weighted by ``weights`` ``(nb, bs)``, 0 for padding windows); ``outputs`` is the
+  block's outputs ``(nb, bs, T, D)`` with ``keep_outputs``, else ``None`` (then the compiled
+  program drops the work only the output needs).
+  """
+  return _Passes(model).stats(keep_outputs)(block, xs, weights)
 
 
-def _merge_block(params, new_view, prefix: str):
-  flat = dict(leaves_with_paths(new_view))
-  return _map(lambda p, x: flat[p] if p.startswith(prefix) else x, params)
+class _Passes:
+  """The jitted programs of one engine run (compiled once, reused by every block)."""
+
+  def __init__(self, model: BlockModel):
+    self.model = model
+    self._stats = {}
+    self.forward = jax.jit(lambda block, xs: jax.lax.map(
+        lambda x: model.apply_block(block, x, None), xs))
+    self.embed = jax.jit(lambda outside, toks: jax.lax.map(
+        lambda tk: model.embed(outside, tk), toks))
+
+  def stats(self, keep_outputs: bool):
+    if keep_outputs not in self._stats:
+      self._stats[keep_outputs] = jax.jit(functools.partial(self._run_stats,
+                                                            keep_outputs=keep_outputs))
+    return self._stats[keep_outputs]
+
+  def _run_stats(self, block, xs, weights, *, keep_outputs):
+    model = self.model
+
+    def capture_shapes(block, x):
+      cap: dict[str, jax.Array] = {}
+      model.apply_block(block, x, cap)
+      return cap
+
+    caps = jax.eval_shape(capture_shapes, block, xs[0])
+    # carry per capture: (upper X^T X, sum x^2, sum |x|, rows)
+    init = {k: (jnp.zeros((v.shape[-1],) * 2, jnp.float32), jnp.zeros((v.shape[-1],)),
+                jnp.zeros((v.shape[-1],)), jnp.zeros(()))
+            for k, v in caps.items()}
+    t = xs.shape[2]
+
+    def body(carry, inp):
+      x, w = inp
+      cap: dict[str, jax.Array] = {}
+      out = model.apply_block(block, x, cap)
+      rw = None if w is None else jnp.repeat(w, t)[:, None]
+      new = {}
+      for k, (up, sq, ab, n) in carry.items():
+        xf = cap[k].reshape(-1, cap[k].shape[-1]).astype(jnp.float32)
+        if rw is not None:
+          xf = xf * rw
+        rows = xf.shape[0] if rw is None else jnp.sum(rw)
+        new[k] = (up + _gram_upper(xf), sq + jnp.sum(xf * xf, 0), ab + jnp.sum(jnp.abs(xf), 0),
+                  n + rows)
+      return new, (out if keep_outputs else None)
+
+    carry, outs = jax.lax.scan(body, init, (xs, weights))
+    stats = {k: LayerStats(_mirror(up), sq, ab, n) for k, (up, sq, ab, n) in carry.items()}
+    return stats, outs
 
 
-def _block_params(params, i: int):
-  return params["layers"][i]
-
-
-def _fingerprint(windows: np.ndarray, mode: str, n_layers: int, extra: str) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
+def _fingerprint(windows: np.ndarray, mode: str, n_blocks: int, extra: str) -> str:
   h = hashlib.sha256(np.ascontiguousarray(windows).tobytes())
-  h.update(f"{mode}|{n_layers}|{extra}".encode())
+  h.update(f"{mode}|{n_blocks}|{extra}".encode())
   return h.hexdigest()[:16]
+
+
+class _Placement:
+  """Where the engine's arrays live: one device, or a mesh (data-parallel over windows)."""
+
+  def __init__(self, mesh, data_axis):
+    self.mesh = mesh
+    if mesh is None:
+      self.data_size = 1
+      return
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      # The engine's programs are sharded by their inputs (Auto axes of the same devices).
+      mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                               axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+      self.mesh = mesh
+    axes = tuple(mesh.axis_names) if data_axis is None else (
+        (data_axis,) if isinstance(data_axis, str) else tuple(data_axis))
+    for a in axes:
+      if a not in mesh.axis_names:
+        raise ValueError(f"data_axis {a!r} is not an axis of the mesh {mesh.axis_names}")
+    self.axes = axes
+    self.data_size = int(np.prod([mesh.shape[a] for a in axes]))
+
+  def batches(self, shape) -> Any:
+    """Sharding of an ``(nb, bs, ...)`` array: windows of a batch split over the data axes."""
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, P(None, self.axes, *([None] * (len(shape) - 2))))
+
+  def put(self, a, sharding=None):
+    """A global array from host data every process holds in full."""
+    if self.mesh is None:
+      return jnp.asarray(a)
+    sharding = sharding or NamedSharding(self.mesh, P())
+    if isinstance(a, jax.Array) and a.is_fully_addressable and jax.process_count() == 1:
+      return jax.device_put(a, sharding)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  def put_tree(self, tree):
+    return jax.tree.map(self.put, tree)
+
+  def local(self, tree):
+    """Replicated results as ordinary arrays of this process (for the solvers)."""
+    if self.mesh is None:
+      return tree
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a.addressable_data(0))), tree)
+
+  def host(self, x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      raise ValueError("resume_dir with several processes is not supported: the inputs of the "
+                       "next block are split over processes (run without resume_dir)")
+    return np.asarray(x)
+
+
+def _check_scope(transform: Transform) -> None:
+  scope = getattr(transform, "scope", "block")
+  if scope == "global":
+    raise ValueError(
+        "the recipe holds a step with a global scope (magnitude(scope='global') or "
+        "svd(allocate=True): one threshold or rank budget across all layers), but the "
+        "calibration engine shows a transform one block at a time, where it would silently "
+        "become per-block. Run that step data-free before calibration (transforms.apply), or use "
+        "its per-layer form")
 
 
 def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_size: int = 8,
                    mode: str = "sequential", resume_dir: str | None = None,
-                   recipe_key: str = "", progress: bool = True) -> tuple[Any, Any]:
+                   recipe_key: str = "", progress: bool = True, mesh=None,
+                   data_axis: str | Sequence[str] | None = None) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
-    model: a :class:`compressjax.model.Llama`.
+    model: a :class:`compressjax.model.Llama` or any :class:`compressjax.blocks.BlockModel`
+      (e.g. :class:`compressjax.blocks.LlamaBlocks` over lazily loaded weights).
     windows: int ``(n, T)`` calibration windows.
     transform: the compression transform; its ``update`` receives ``stats`` mapping each of the
       current block's linear kernel paths (``layers/{i}/attn/q_proj/kernel``...) to the
       :class:`LayerStats` of that layer's input.
-    batch_size: windows per jitted block call.
+    batch_size: windows per step of the block scan (a multiple of the data axes' size with a
+      mesh); a short last batch is padded with windows that carry zero weight.
     mode: ``"sequential"`` (next block sees the compressed block's outputs) or ``"original"``.
-    resume_dir: where to checkpoint after each block and resume from; ``None`` disables it.
+    resume_dir: where to write each finished block and resume from; ``None`` disables it.
     recipe_key: a string identifying the recipe (part of the resume fingerprint, so a resume dir
       is never reused by a different recipe or data).
+    progress: show a progress bar.
+    mesh: a ``jax.sharding.Mesh`` to run the block passes data-parallel on (Auto or Explicit
+      axes); ``None``: the default device.
+    data_axis: the mesh axis (or axes) the windows are split over; default all.
 
   Returns:
-    ``(new_params, transform_state)``. Parameters outside the decoder blocks are passed through
-    the transform last, with ``stats=None``.
+    ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
+    Parameters outside the blocks are passed through the transform last, with ``stats=None``.
+
+  Raises:
+    ValueError: bad ``mode``/``windows``/``batch_size``, a recipe step with a global scope, or a
+      ``resume_dir`` of another run.
   """
   if mode not in ("sequential", "original"):
     raise ValueError(f"mode must be 'sequential' or 'original', got {mode!r}")
   windows = np.asarray(windows, np.int32)
-  if windows.ndim != 2:
-    raise ValueError(f"windows must be (n, seq_len), got shape {windows.shape}")
-  cfg = model.cfg
-  params = model_params(model)
-  state = transform.init(params)
+  if windows.ndim != 2 or windows.shape[0] < 1:
+    raise ValueError(f"windows must be (n >= 1, seq_len), got shape {windows.shape}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  _check_scope(transform)
+  bm = as_block_model(model)
+  place = _Placement(mesh, data_axis)
+  if batch_size % place.data_size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the data axes' size "
+                     f"{place.data_size} (mesh {dict(place.mesh.shape)})")
+  abstract = bm.abstract_params()
+  state = transform.init(abstract)
   n, t = windows.shape
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (min(batch_size, n), t))
-  cos, sin = rope_cos_sin(cfg, pos, t)
-  fp = _fingerprint(windows, mode, cfg.num_layers, recipe_key)
+  bs = batch_size if place.mesh is not None else min(batch_size, n)
+  nb = -(-n // bs)
+  pad = nb * bs - n
+  toks = np.concatenate([windows, np.repeat(windows[:1], pad, 0)]).reshape(nb, bs, t)
+  weights = None
+  if pad:
+    weights = place.put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+                        .reshape(nb, bs), place.batches((nb, bs)))
+  fp = _fingerprint(windows, mode, bm.num_blocks, recipe_key)
+  passes = _Passes(bm)
 
-  start = 0
-  x = None
+  done: dict[str, Any] = {}  # compressed block leaves by full path
+  start, x = 0, None
   if resume_dir:
-    start, x, params, state = _try_resume(resume_dir, fp, params, state)
+    start, x, state, done = _try_resume(resume_dir, fp, state, abstract, bm)
+  xshape = (nb, bs, t)
   if x is None:
-    embed = jax.jit(lambda e, tok: e[tok])
-    emb = model.embed.embedding.get_value()
-    x = jnp.concatenate([embed(emb, jnp.asarray(windows[a:b])) for a, b in _batches(n, batch_size)])
+    outside = place.put_tree(bm.outside_params())
+    x = passes.embed(outside, place.put(toks, place.batches(xshape)))
+    del outside
+  else:
+    x = place.put(x, place.batches(x.shape))
 
-  graphdef = nnx.graphdef(model.layers[0])
-  bar = tqdm(range(start, cfg.num_layers), desc="calibrate", disable=not progress, unit="block",
-             initial=start, total=cfg.num_layers)
+  bar = tqdm(range(start, bm.num_blocks), desc="calibrate", disable=not progress, unit="block",
+             initial=start, total=bm.num_blocks)
   for i in bar:
-    prefix = f"layers/{i}/"
-    block = nnx.merge(graphdef, _as_state(model.layers[i], _block_params(params, i)))
-    cap_stats, orig_out = block_stats(block, x, cos, sin, pos, batch_size=batch_size)
-    stats = {f"layers/{i}/{lin}/kernel": cap_stats[src] for lin, src in Block.LINEAR_INPUTS.items()}
-    new_view, state = transform.update(_view(params, prefix), state, stats)
-    params = _merge_block(params, new_view, prefix)
+    prefix = bm.block_prefix(i)
+    dense = bm.block_params(i)
+    stats_by_cap, orig_out = passes.stats(mode == "original")(place.put_tree(dense), x, weights)
+    stats_by_cap = place.local(stats_by_cap)
+    stats = {prefix + k: stats_by_cap[src] for k, src in bm.linear_inputs.items()}
+    view = _map(lambda p, a: dense[p[len(prefix):]] if p.startswith(prefix) else _UNSELECTED,
+                abstract)
+    del dense
+    new_view, state = transform.update(view, state, stats)
+    del view, stats, stats_by_cap
+    block = {p[len(prefix):]: v for p, v in leaves_with_paths(new_view) if p.startswith(prefix)}
+    del new_view
     if mode == "sequential":
-      cblock = nnx.merge(graphdef, _as_state(model.layers[i], _block_params(params, i)))
-      x = _block_outputs(cblock, x, cos, sin, pos, batch_size=batch_size)
+      x = passes.forward(place.put_tree(block), x)
     else:
       x = orig_out
     x = jax.block_until_ready(x)
+    done.update({prefix + p: v for p, v in block.items()})
     if resume_dir:
-      _save_resume(resume_dir, fp, i + 1, x, params, state)
+      _save_resume(resume_dir, fp, i, place.host(x), block, state)
+    del block
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
-  rest_view = _map(lambda p, v: _UNSELECTED if p.startswith("layers/") else v, params)
+  outside = bm.outside_params()
+  rest_view = _map(lambda p, a: outside.get(p, _UNSELECTED), abstract)
   new_rest, state = transform.update(rest_view, state, None)
-  params = _map(lambda p, v: v if p.startswith("layers/") else dict(leaves_with_paths(new_rest))[p],
-                params)
-  return params, state
+  flat = dict(done)
+  flat.update({p: v for p, v in leaves_with_paths(new_rest) if p in outside})
+  return nest(abstract, flat), state
 
 
-def _as_state(block_module, block_params):
-  _, st = nnx.split(block_module)
-  st = jax.tree.map(lambda v: v, st)
-  nnx.replace_by_pure_dict(st, _int_keys(block_params))
-  return st
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for p, v in flat.items():
+    node = tree
+    parts = p.split("/")
+    for k in parts[:-1]:
+      node = node.setdefault(k, {})
+    node[parts[-1]] = v
+  return tree
 
 
-def _save_resume(resume_dir: str, fp: str, next_block: int, x, params, state) -> None:
-  """Checkpoints a finished block: parameters, next inputs and the transform state, as data
-  only (the state's structure in the metadata, its arrays beside the parameters)."""
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+  return {prefix + p: v for p, v in leaves_with_paths(tree)}
+
+
+def _save_resume(resume_dir: str, fp: str, i: int, x: np.ndarray, block: dict[str, Any],
+                 state) -> None:
+  """Writes finished block ``i`` (``blocks/<i>``, once) and then the resume point ``latest``
+  (next block's inputs, transform state, ``next_block = i + 1``), each atomically, as data only
+  (the state's structure in the metadata, its arrays beside)."""
   spec, state_arrays = checkpoint.encode_pytree(state, where="calibration transform state")
-  os.makedirs(resume_dir, exist_ok=True)
-  path = os.path.join(resume_dir, "latest")
-  checkpoint.save(path, {"params": params, "x": np.asarray(x), "state": state_arrays},
-                  metadata={"fingerprint": fp, "next_block": next_block, "state": spec},
+  os.makedirs(os.path.join(resume_dir, "blocks"), exist_ok=True)
+  checkpoint.save(os.path.join(resume_dir, "blocks", f"{i:05d}"), _nested(block),
+                  metadata={"fingerprint": fp, "block": i}, overwrite=True)
+  checkpoint.save(os.path.join(resume_dir, "latest"), {"x": x, "state": state_arrays},
+                  metadata={"fingerprint": fp, "next_block": i + 1, "state": spec},
                   overwrite=True)
 
 
-def _try_resume(resume_dir: str, fp: str, params, state):
+def _try_resume(resume_dir: str, fp: str, state, abstract, bm: BlockModel):
   path = os.path.join(resume_dir, "latest")
   if not os.path.isdir(path):
-    return 0, None, params, state
+    return 0, None, state, {}
   saved, meta = checkpoint.restore(path)
   if meta.get("fingerprint") != fp:
     raise checkpoint.CheckpointError(
         f"resume_dir {resume_dir!r} holds a run with other calibration data, mode or recipe "
         f"(fingerprint {meta.get('fingerprint')} != {fp}); use another resume_dir or delete it")
-  if not isinstance(meta.get("next_block"), int) or "state" not in meta:
+  if not isinstance(meta.get("next_block"), int) or "state" not in meta or "x" not in saved:
     raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: {path!r} is not a calibration "
-                                     "resume point (no next_block/state in its metadata)")
+                                     "resume point (no next_block/state/x in it)")
   saved_state = checkpoint.decode_pytree(
       meta["state"], saved.get("state", {}),
       where=f"resume_dir {resume_dir!r}: transform state in {path!r}")
-  return int(meta["next_block"]), saved["x"], _int_keys(saved["params"]), saved_state
+  done: dict[str, Any] = {}
+  for i in range(meta["next_block"]):
+    bpath = os.path.join(resume_dir, "blocks", f"{i:05d}")
+    if not os.path.isdir(bpath):
+      raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: finished block {i} is "
+                                       f"missing ({bpath!r}); delete the directory to restart")
+    block, bmeta = checkpoint.restore(bpath)
+    if bmeta.get("fingerprint") != fp:
+      raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: {bpath!r} belongs to "
+                                       "another run; delete the directory to restart")
+    done.update(_flatten(block, bm.block_prefix(i)))
+  return int(meta["next_block"]), np.asarray(saved["x"]), saved_state, done

@@ -14,11 +14,31 @@ from tqdm.auto import tqdm
 __all__ = ["token_nll", "perplexity"]
 
 
-def token_nll(model, tokens: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood ``(B, T-1)`` of next-token prediction, in float32."""
-  logits = model(tokens)[:, :-1].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+def token_nll(model, tokens: jax.Array, *, chunk: int = 512) -> jax.Array:
+  """Per-token negative log-likelihood ``(B, T-1)`` of next-token prediction, in float32.
+
+  The logits are computed ``chunk`` token positions at a time (``lax.map`` over the flattened
+  positions) and reduced to ``logsumexp - logit[target]`` at once, so the batch's full
+  ``(B, T, vocab)`` logits are never materialized: the largest temporary is ``(chunk, vocab)``
+  float32 (100 MB at 512 x 49152) instead of ``B * T * vocab`` (805 MB at 8 x 512 x 49152).
+  """
+  h, _ = model.hidden_states(tokens)
+  b, t, d = h.shape
+  h = h[:, :-1].reshape(-1, d)
+  target = tokens[:, 1:].reshape(-1)
+  n = h.shape[0]
+  chunk = max(1, min(chunk, n))
+  pad = (-n) % chunk
+  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  target = jnp.pad(target, (0, pad)).reshape(-1, chunk)
+
+  def nll(args):
+    hc, tc = args
+    logits = model.logits(hc).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+  return jax.lax.map(nll, (h, target)).reshape(-1)[:n].reshape(b, t - 1)
 
 
 def perplexity(model, windows: np.ndarray, *, batch_size: int = 8, desc: str = "eval",

@@ -42,12 +42,17 @@ def _assert_identical(a, b, at="state"):
     assert a == b or (a != a and b != b), f"{at}: {a!r} != {b!r}"  # NaN == NaN here
 
 
-def _through_resume_dir(tmp_path, state, params=None):
-  params = params if params is not None else {"w": jnp.ones((2, 2))}
+class _Prefixes:
+  def block_prefix(self, i):
+    return f"layers/{i}/"
+
+
+def _through_resume_dir(tmp_path, state, block=None):
+  block = block if block is not None else {"w": jnp.ones((2, 2))}
   d = str(tmp_path / "resume")
-  calibration._save_resume(d, "fp", 1, np.zeros((1, 2, 3), np.float32), params, state)
-  nxt, x, _, back = calibration._try_resume(d, "fp", params, None)
-  assert nxt == 1 and x.shape == (1, 2, 3)
+  calibration._save_resume(d, "fp", 0, np.zeros((1, 2, 3), np.float32), block, state)
+  nxt, x, back, done = calibration._try_resume(d, "fp", None, None, _Prefixes())
+  assert nxt == 1 and x.shape == (1, 2, 3) and sorted(done) == ["layers/0/" + p for p in block]
   return back
 
 
@@ -127,21 +132,21 @@ def _rewrite_state(resume, spec):
 def test_resume_dir_with_a_pickle_or_unknown_class_is_refused(tmp_path):
   params = {"w": jnp.ones((2, 2))}
   resume = str(tmp_path / "resume")
-  calibration._save_resume(resume, "fp", 1, np.zeros((1, 2, 3)), params, T.LeafwiseState(("w",)))
+  calibration._save_resume(resume, "fp", 0, np.zeros((1, 2, 3)), params, T.LeafwiseState(("w",)))
   marker = tmp_path / "unpickled"
   # What the old code wrote: a hex pickle. It is never unpickled.
   _rewrite_state(resume, pickle.dumps(_Exploit(str(marker))).hex())
   with pytest.raises(checkpoint.CheckpointError, match="resume.*not written by encode_pytree"):
-    calibration._try_resume(resume, "fp", params, None)
+    calibration._try_resume(resume, "fp", None, None, _Prefixes())
   assert not marker.exists()
   # A class outside the allow-list, even a real one.
   _rewrite_state(resume, {"encoding": "compressjax.pytree/1",
                           "tree": {"namedtuple": "os:system", "fields": ["touch x"]}})
   with pytest.raises(checkpoint.CheckpointError, match="unknown state class 'os:system'"):
-    calibration._try_resume(resume, "fp", params, None)
+    calibration._try_resume(resume, "fp", None, None, _Prefixes())
   _rewrite_state(resume, {"encoding": "compressjax.pytree/1", "tree": {"__reduce__": [1]}})
   with pytest.raises(checkpoint.CheckpointError, match="unexpected entry"):
-    calibration._try_resume(resume, "fp", params, None)
+    calibration._try_resume(resume, "fp", None, None, _Prefixes())
 
 
 def test_no_pickle_in_the_library():

@@ -60,11 +60,22 @@ class Transform(NamedTuple):
   (AWQ's scaling folds ``1/s`` into the previous operation): given the state after ``update``, it
   maps the calibration statistics of the original inputs to those of the new inputs, which
   :func:`chain` hands to the steps that follow.
+
+  ``scope`` is ``"block"`` when ``update`` may see the parameters a block at a time (what the
+  calibration engine does) and ``"global"`` when its result depends on all selected parameters
+  at once (one threshold or budget across layers); the engine refuses a global step rather than
+  let it silently become per-block.
   """
 
   init: Callable[[Params], Any]
   update: Callable[..., tuple[Params, Any]]
   restat: Callable[[Any, Any], Any] | None = None
+  scope: str = "block"
+
+
+def scope_of(*transforms: "Transform | None") -> str:
+  """``"global"`` if any of ``transforms`` has a global scope, else ``"block"``."""
+  return "global" if any(t is not None and t.scope == "global" for t in transforms) else "block"
 
 
 class UnmatchedRuleError(ValueError):
@@ -150,7 +161,7 @@ def chain(*transforms: Transform) -> Transform:
         stats = t.restat(s, stats)
     return stats
 
-  return Transform(init, update, restat)
+  return Transform(init, update, restat, scope_of(*transforms))
 
 
 def identity() -> Transform:
@@ -348,7 +359,7 @@ def select(*rules: Rule | tuple[Selector, Transform | None], on_unmatched: str =
         stats = r.transform.restat(s, stats)
     return stats
 
-  return Transform(init, update, restat)
+  return Transform(init, update, restat, scope_of(*(r.transform for r in rules)))
 
 
 def _init_under_rule(transform, params, assignment, i):

@@ -132,7 +132,8 @@ def _budgeted(name, with_stats, rank, keep_fraction, allocate, store, where, per
       new[p] = store(a, b, w.dtype)
     return _map(lambda p, x: new.get(p, x), params), state
 
-  return Transform(per_leaf.init, update)
+  # svd ranks one budget across every selected kernel; asvd's (with statistics) within a block.
+  return Transform(per_leaf.init, update, scope="block" if with_stats else "global")
 
 
 def svd(rank: int | None = None, *, keep_fraction: float | None = None, allocate: bool = False,
@@ -222,7 +223,7 @@ def eora(base: Transform, rank: int, *, percdamp: float = 1e-4,
                         dtype=old.dtype)
     return _map(lambda p, x: out.get(p, x), new_params), state
 
-  return Transform(base.init, update, base.restat)
+  return Transform(base.init, update, base.restat, base.scope)
 
 
 def lq_lora(bits: int, group_size: int | None = None, rank: int = 32, *, iters: int = 5,

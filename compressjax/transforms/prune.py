@@ -124,7 +124,7 @@ def magnitude(sparsity: float = 0.5, pattern: str | None = None, *, scope: str =
     new = {p: _sparse_leaf(w, keeps[p], None, None, value_dtype) for p, w in leaves.items()}
     return _map(lambda p, x: new.get(p, x), params), state
 
-  return Transform(per_layer.init, update)
+  return Transform(per_layer.init, update, scope="global")
 
 
 def wanda(sparsity: float = 0.5, pattern: str | None = None, *, value_dtype: Any = jnp.float16,

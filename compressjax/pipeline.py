@@ -20,7 +20,8 @@ import numpy as np
 
 from compressjax import accounting, calibration, checkpoint, data, evaluate, transforms
 from compressjax.formats import CompressedArray
-from compressjax.io import build_model, load_model, model_params, resolve_model_path
+from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract_tree
+from compressjax.io import build_model, open_model, resolve_model_path
 from compressjax.transforms.base import nonfinite_count
 from compressjax.transforms.selection import leaves_with_paths
 from compressjax.model import LlamaConfig
@@ -248,6 +249,8 @@ def check_finite(params, allow_nonfinite: bool = False) -> None:
   for path, leaf in leaves_with_paths(params):
     if isinstance(leaf, CompressedArray):
       continue
+    if isinstance(leaf, LazyTensor):
+      leaf = leaf.load()  # one tensor at a time, dropped after the count
     bad = nonfinite_count(leaf)
     if bad:
       raise ValueError(f"model weight {path!r} has {bad} non-finite values (NaN/Inf) of "
@@ -298,15 +301,18 @@ def run_compress(cfg) -> dict[str, Any]:
   if cfg.output_dir:
     checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path])
   t0 = time.perf_counter()
-  model, tok = load_model(cfg.model, dtype=dtype)
+  # Lazily: every tensor is read when it is needed and dropped after (the calibration engine
+  # holds one block at a time), so the uncompressed model is never resident as a whole during
+  # a calibrated run (only for the optional baseline evaluation, freed before calibration).
+  model_cfg, params, tok = open_model(cfg.model)
   load_s = time.perf_counter() - t0
-  transform = build_transform(cfg.compression, model.cfg)
-  params = model_params(model)
+  transform = build_transform(cfg.compression, model_cfg)
   check_finite(params, cfg.get("allow_nonfinite", False))
+  abstract = to_abstract_tree(params)
   # The recipe planned on abstract arrays: unmatched rules, group sizes that do not divide a
   # width, ranks above a matrix's, ... fail here with the parameter's path.
-  planned = transforms.plan(transform, transforms.to_abstract(params))
-  max_pos = model.cfg.max_position_embeddings
+  planned = transforms.plan(transform, abstract)
+  max_pos = model_cfg.max_position_embeddings
   windows = eval_windows_for(tok, cfg.data, max_pos)
   calibrated = needs_calibration(cfg.compression)
   cal_windows = calibration_windows_for(tok, cfg, max_pos) if calibrated else None
@@ -314,24 +320,27 @@ def run_compress(cfg) -> dict[str, Any]:
     need = int(1.1 * accounting.size_report(planned)["total_bytes"])
     checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path],
                                  min_free_bytes=need)
-  before_size = accounting.size_report(params)
-  before = _eval_all(model, windows, cfg.data.batch_size, "fp") if cfg.eval_before else {}
+  before_size = accounting.size_report(abstract)
+  before = {}
+  if cfg.eval_before:
+    model = build_model(model_cfg, params, dtype=dtype)
+    before = _eval_all(model, windows, cfg.data.batch_size, "fp")
+    del model
 
   t0 = time.perf_counter()
   if calibrated:
     cal = cfg.calibration
     new_params, _ = calibration.run_sequential(
-        model, cal_windows, transform, batch_size=cal.batch_size, mode=cal.mode,
-        resume_dir=cal.resume_dir or None,
+        LlamaBlocks(model_cfg, params, dtype=dtype), cal_windows, transform,
+        batch_size=cal.batch_size, mode=cal.mode, resume_dir=cal.resume_dir or None,
         recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True))
   else:
-    new_params, _ = transforms.apply(transform, params)
+    new_params, _ = transforms.apply(transform, materialize(params, dtype))
   new_params = jax.block_until_ready(new_params)
   compress_s = time.perf_counter() - t0
   del params
   after_size = accounting.size_report(new_params)
-  cmodel = build_model(model.cfg, new_params, dtype=dtype)
-  del model
+  cmodel = build_model(model_cfg, new_params, dtype=dtype)
   after = _eval_all(cmodel, windows, cfg.data.batch_size, cfg.compression.name)
 
   record = {

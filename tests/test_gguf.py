@@ -100,3 +100,22 @@ def test_truncated_gguf_names_the_file(tmp_path, tiny_gguf, fraction):
     gguf.load_gguf(str(cut))
   with pytest.raises(ValueError, match=r"cut\.gguf.*truncated"):
     load_model(str(cut))
+
+
+def test_lazy_gguf_reads_each_tensor_on_demand(tiny_gguf, monkeypatch):
+  from compressjax.blocks import LazyTensor, materialize
+  from compressjax.io import open_model
+  path, _ = tiny_gguf
+  _, eager, _ = gguf.load_gguf(path)
+  reads = []
+  real = gguf._dequantize
+  monkeypatch.setattr(gguf, "_dequantize", lambda t, p="": reads.append(t.name) or real(t, p))
+  cfg, lazy, _ = open_model(path)
+  assert reads == []  # opening reads no tensor data
+  leaves = jax.tree.leaves(lazy, is_leaf=lambda x: isinstance(x, LazyTensor))
+  assert all(isinstance(x, LazyTensor) for x in leaves)
+  q = lazy["layers"][1]["attn"]["q_proj"]["kernel"]
+  assert q.shape == eager["layers"][1]["attn"]["q_proj"]["kernel"].shape
+  np.testing.assert_array_equal(q.load(), eager["layers"][1]["attn"]["q_proj"]["kernel"])
+  assert reads == ["blk.1.attn_q.weight"]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, materialize(lazy)), eager)

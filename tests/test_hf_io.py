@@ -6,6 +6,7 @@ import json
 import os
 import warnings
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -628,3 +629,30 @@ def test_truncated_safetensors_names_the_file(saved):
     fh.truncate(os.path.getsize(f) // 2)
   with pytest.raises(ValueError, match=f"'{f}'.*(corrupt|truncated)"):
     load_quiet(path)
+
+
+def test_lazy_load_reads_each_tensor_on_demand(tmp_path, monkeypatch):
+  from compressjax.blocks import LazyTensor, materialize
+  from compressjax.io import open_model
+  cfg = tiny_config(tie_word_embeddings=False, attention_bias=True)
+  params = random_params(cfg)
+  out = save_hf(tmp_path / "ck", cfg, params, dtype="bfloat16", max_shard_bytes=30_000)
+  reads = []
+  real = hf._read_tensor
+  monkeypatch.setattr(hf, "_read_tensor", lambda f, s, *a: reads.append(s.hf_name) or real(f, s, *a))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    cfg2, lazy, _ = open_model(out)
+    _, eager, _ = load_hf(out)
+  assert cfg2 == cfg
+  reads.clear()
+  flat_lazy, flat_eager = flatten(lazy), flatten(eager)
+  assert flat_lazy.keys() == flat_eager.keys()
+  for k, v in flat_lazy.items():
+    assert isinstance(v, LazyTensor) and v.shape == flat_eager[k].shape
+    assert v.dtype == np.float32
+  assert reads == []  # shapes and dtypes come from the headers
+  k = flat_lazy["layers/0/mlp/down_proj/kernel"]
+  np.testing.assert_array_equal(k.load(), flat_eager["layers/0/mlp/down_proj/kernel"])
+  assert reads == ["model.layers.0.mlp.down_proj.weight"]
+  assert_trees_equal(jax.tree.map(np.asarray, materialize(lazy)), eager)

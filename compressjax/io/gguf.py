@@ -177,35 +177,44 @@ def gguf_tokenizer(reader):
   return tok
 
 
-def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any]:
+def load_gguf(path: str, *, lazy: bool = False) -> tuple[LlamaConfig, dict[str, Any], Any]:
   """Reads a GGUF file into ``(config, params, tokenizer)``.
 
   ``params`` is a nested dict of float32 numpy arrays in the layout documented in
-  :mod:`compressjax.model` (kernels ``(in, out)``).
+  :mod:`compressjax.model` (kernels ``(in, out)``). With ``lazy=True`` its leaves are
+  :class:`compressjax.blocks.LazyTensor` s instead: nothing is dequantized until a leaf's
+  ``load()`` is called (the file stays memory-mapped; each call dequantizes that one tensor,
+  transposes / un-permutes it, and returns it).
   """
+  from compressjax.blocks import LazyTensor  # pylint: disable=g-import-not-at-top
+
   reader = _reader(path)
   cfg = gguf_config(reader)
   tensors = {t.name: t for t in reader.tensors}
+  permute = reader.fields["general.architecture"].contents() in ("llama", "mistral")
 
-  def get(name, required=True):
+  def leaf(name, required=True, n_head_perm=None, transpose=False):
     t = tensors.get(name)
     if t is None:
       if required:
         raise ValueError(f"GGUF file {path!r}: tensor {name!r} is missing")
       return None
-    return _dequantize(t, path)
+    shape = tuple(int(d) for d in reversed(t.shape))
 
-  permute = reader.fields["general.architecture"].contents() in ("llama", "mistral")
+    def load():
+      w = _dequantize(t, path)
+      if permute and n_head_perm is not None:
+        w = unpermute_qk(w, n_head_perm)
+      return np.ascontiguousarray(w.T) if transpose else w
+
+    if not lazy:
+      return load()
+    return LazyTensor(shape[::-1] if transpose else shape, np.float32, load, name=name)
 
   def linear(name, n_head_perm=None):
-    w = get(name + ".weight")
-    if permute and n_head_perm is not None:
-      w = unpermute_qk(w, n_head_perm)
-    out = {"kernel": np.ascontiguousarray(w.T)}
-    b = get(name + ".bias", required=False)
+    out = {"kernel": leaf(name + ".weight", n_head_perm=n_head_perm, transpose=True)}
+    b = leaf(name + ".bias", required=False, n_head_perm=n_head_perm)
     if b is not None:
-      if permute and n_head_perm is not None:
-        b = unpermute_qk(b, n_head_perm)
       out["bias"] = b
     return out
 
@@ -213,14 +222,14 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any]:
   for i in range(cfg.num_layers):
     p = f"blk.{i}."
     layers[i] = {
-        "attn_norm": {"scale": get(p + "attn_norm.weight")},
+        "attn_norm": {"scale": leaf(p + "attn_norm.weight")},
         "attn": {
             "q_proj": linear(p + "attn_q", cfg.num_heads),
             "k_proj": linear(p + "attn_k", cfg.num_kv_heads),
             "v_proj": linear(p + "attn_v"),
             "o_proj": linear(p + "attn_output"),
         },
-        "mlp_norm": {"scale": get(p + "ffn_norm.weight")},
+        "mlp_norm": {"scale": leaf(p + "ffn_norm.weight")},
         "mlp": {
             "gate_proj": linear(p + "ffn_gate"),
             "up_proj": linear(p + "ffn_up"),
@@ -228,10 +237,10 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any]:
         },
     }
   params = {
-      "embed": {"embedding": get("token_embd.weight")},
+      "embed": {"embedding": leaf("token_embd.weight")},
       "layers": layers,
-      "norm": {"scale": get("output_norm.weight")},
+      "norm": {"scale": leaf("output_norm.weight")},
   }
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = {"kernel": np.ascontiguousarray(get("output.weight").T)}
+    params["lm_head"] = {"kernel": leaf("output.weight", transpose=True)}
   return cfg, params, gguf_tokenizer(reader)

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from compressjax.io.loading import confined_path
@@ -347,7 +348,8 @@ def _weight_map(path: str) -> tuple[dict[str, str], str]:
       f"{_INDEX_FILE!r} with its shards{hint}")
 
 
-def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str, Any], Any]:
+def load_hf(path: str, *, dtype: Any = "float32",
+            lazy: bool = False) -> tuple[LlamaConfig, dict[str, Any], Any]:
   """Reads a Hugging Face checkpoint directory into ``(config, params, tokenizer)``.
 
   Args:
@@ -355,6 +357,9 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
       ``model.safetensors.index.json`` and its shards) and optionally ``tokenizer.json``.
     dtype: numpy dtype (or name) of the returned arrays; ``None`` keeps each tensor's stored
       dtype (``bfloat16`` arrives as an ``ml_dtypes.bfloat16`` numpy array).
+    lazy: return :class:`compressjax.blocks.LazyTensor` leaves: every tensor's name, shape and
+      dtype are checked now (from the safetensors headers, no data read); its data is read
+      from the memory-mapped file, cast and transposed only when its ``load()`` is called.
 
   Returns:
     ``(cfg, params, tokenizer)``: ``params`` is a nested dict of numpy arrays in the layout of
@@ -399,6 +404,8 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
       raise ValueError(f"HF checkpoint {path!r}: tensor {s.hf_name!r} is missing from {source!r}")
     by_file.setdefault(wmap[s.hf_name], []).append(s)
 
+  from compressjax.blocks import LazyTensor  # pylint: disable=g-import-not-at-top
+
   np_dtype = None if dtype is None else _np_dtype(dtype)
   params: dict[str, Any] = {}
   for fpath, fspecs in by_file.items():
@@ -408,20 +415,59 @@ def load_hf(path: str, *, dtype: Any = "float32") -> tuple[LlamaConfig, dict[str
         if s.hf_name not in keys:
           raise ValueError(
               f"HF checkpoint {path!r}: tensor {s.hf_name!r} is missing from {fpath!r}")
-        try:
-          w = f.get_tensor(s.hf_name)
-        except Exception as e:  # a truncated or damaged data section
-          raise ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} cannot be read, "
-                           f"the file is truncated or corrupt ({type(e).__name__}: {e})") from e
-        if tuple(w.shape) != s.hf_shape:
-          raise ValueError(f"HF checkpoint {path!r}: tensor {s.hf_name!r} in {fpath!r} has shape "
-                           f"{tuple(w.shape)}, expected {s.hf_shape} from config.json")
-        if np_dtype is not None and w.dtype != np_dtype:
-          w = w.astype(np_dtype)
-        if s.transpose:
-          w = np.ascontiguousarray(w.T)
+        if lazy:
+          sl = f.get_slice(s.hf_name)
+          shape, stored = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype())
+          if stored is None:
+            raise ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} has dtype "
+                             f"{sl.get_dtype()!r}, which compressjax cannot read")
+          _check_shape(path, fpath, s, shape)
+          w = LazyTensor(shape[::-1] if s.transpose else shape,
+                         stored if np_dtype is None else np_dtype,
+                         _reader(fpath, s, np_dtype), name=s.hf_name)
+        else:
+          w = _read_tensor(fpath, s, np_dtype, f, path)
         _set(params, s.path, w)
   return cfg, params, _load_tokenizer(path)
+
+
+_SAFETENSORS_DTYPES = {"F64": np.dtype("float64"), "F32": np.dtype("float32"),
+                       "F16": np.dtype("float16"), "BF16": np.dtype(ml_dtypes.bfloat16),
+                       "I64": np.dtype("int64"), "I32": np.dtype("int32"),
+                       "I16": np.dtype("int16"), "I8": np.dtype("int8"),
+                       "U8": np.dtype("uint8"), "BOOL": np.dtype("bool")}
+
+
+def _check_shape(path: str, fpath: str, s: TensorSpec, shape: tuple) -> None:
+  if tuple(shape) != s.hf_shape:
+    raise ValueError(f"HF checkpoint {path!r}: tensor {s.hf_name!r} in {fpath!r} has shape "
+                     f"{tuple(shape)}, expected {s.hf_shape} from config.json")
+
+
+def _reader(fpath: str, s: TensorSpec, np_dtype):
+  return lambda: _read_tensor(fpath, s, np_dtype)
+
+
+def _read_tensor(fpath: str, s: TensorSpec, np_dtype, f=None, path: str | None = None):
+  """One tensor of a safetensors file, checked, cast to ``np_dtype`` and transposed."""
+  if f is None:
+    with _safe_open(fpath) as g:
+      return _decode_tensor(g, fpath, s, np_dtype, path)
+  return _decode_tensor(f, fpath, s, np_dtype, path)
+
+
+def _decode_tensor(f, fpath: str, s: TensorSpec, np_dtype, path: str | None):
+  try:
+    w = f.get_tensor(s.hf_name)
+  except Exception as e:  # a truncated or damaged data section
+    raise ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} cannot be read, "
+                     f"the file is truncated or corrupt ({type(e).__name__}: {e})") from e
+  _check_shape(path or os.path.dirname(fpath), fpath, s, tuple(w.shape))
+  if np_dtype is not None and w.dtype != np_dtype:
+    w = w.astype(np_dtype)
+  if s.transpose:
+    w = np.ascontiguousarray(w.T)
+  return w
 
 
 def _load_tokenizer(path: str):

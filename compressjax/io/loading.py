@@ -14,7 +14,7 @@ from flax import nnx
 from compressjax.model import Llama, LlamaConfig
 
 __all__ = ["build_model", "check_params_match", "confined_path", "load_model", "model_params",
-           "resolve_model_path"]
+           "open_model", "resolve_model_path"]
 
 REFERENCE = "smollm2-135m-instruct"
 
@@ -73,23 +73,28 @@ def build_model(cfg: LlamaConfig, params: dict[str, Any], dtype=jnp.float32) -> 
   """Builds a :class:`Llama` whose parameters are ``params`` (a nested dict, numpy or jax leaves).
 
   The module is created abstractly (no random init of a full-size model), then filled.
-  Leaves may be compressed (any :class:`compressjax.formats.CompressedArray`).
+  Leaves may be compressed (any :class:`compressjax.formats.CompressedArray`) or lazy
+  (:class:`compressjax.blocks.LazyTensor`, read here).
 
   Raises:
     ValueError: ``params`` is not a parameter tree of ``cfg``'s model (missing or extra
       parameters, other shapes), naming the first mismatching paths; see
       :func:`check_params_match`.
   """
+  from compressjax.blocks import LazyTensor  # pylint: disable=g-import-not-at-top
+
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   graphdef, state = nnx.split(abstract)
   check_params_match(cfg, params, state)
 
   def convert(x):
+    if isinstance(x, LazyTensor):
+      x = x.load()
     if isinstance(x, np.ndarray):
       return jnp.asarray(x, dtype=dtype if np.issubdtype(x.dtype, np.floating) else x.dtype)
     return x
 
-  params = jax.tree.map(convert, params)
+  params = jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, LazyTensor))
   nnx.replace_by_pure_dict(state, _int_keys(params))
   return nnx.merge(graphdef, state)
 
@@ -162,13 +167,25 @@ def model_params(model: Llama) -> dict[str, Any]:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_model(ref: str, dtype=jnp.float32):
-  """Loads ``(model, tokenizer)`` from a GGUF file, an HF directory or the reference name."""
+def open_model(ref: str, *, lazy: bool = True):
+  """``(cfg, params, tokenizer)`` of a GGUF file, an HF directory or the reference name.
+
+  With ``lazy=True`` (the default) ``params`` holds :class:`compressjax.blocks.LazyTensor`
+  leaves: names, shapes and dtypes are checked now, and each tensor is read (GGUF: dequantized
+  from the memory-mapped file; safetensors: read from its memory-mapped file) only when its
+  ``load()`` is called, so a model larger than memory can be compressed block by block
+  (:class:`compressjax.blocks.LlamaBlocks` over these leaves, see
+  :func:`compressjax.calibration.run_sequential`). ``lazy=False`` returns numpy arrays.
+  """
   kind, path = resolve_model_path(ref)
   if kind == "gguf":
     from compressjax.io.gguf import load_gguf  # pylint: disable=g-import-not-at-top
-    cfg, params, tok = load_gguf(path)
-  else:
-    from compressjax.io.hf import load_hf  # pylint: disable=g-import-not-at-top
-    cfg, params, tok = load_hf(path)
+    return load_gguf(path, lazy=lazy)
+  from compressjax.io.hf import load_hf  # pylint: disable=g-import-not-at-top
+  return load_hf(path, lazy=lazy)
+
+
+def load_model(ref: str, dtype=jnp.float32):
+  """Loads ``(model, tokenizer)`` from a GGUF file, an HF directory or the reference name."""
+  cfg, params, tok = open_model(ref, lazy=False)
   return build_model(cfg, params, dtype), tok

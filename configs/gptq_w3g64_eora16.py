@@ -8,7 +8,8 @@ def get_config():
   c = gptq_w3g64.get_config()
   c.compression.name = "gptq-w3g64+eora16"
   c.compression.steps = (
-      {"method": "gptq", "bits": 3, "group_size": 64, "symmetric": True},
+      {"method": "gptq", "bits": 3, "group_size": 64, "symmetric": True,
+       "act_order": True, "static_groups": True},
       {"method": "eora", "rank": 16},
   )
   c.output_dir = "runs/gptq_w3g64_eora16"

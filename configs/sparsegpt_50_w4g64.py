@@ -9,7 +9,8 @@ def get_config():
   c.compression.name = "sparsegpt-50%+gptq-w4g64"
   c.compression.steps = (
       {"method": "sparsegpt", "sparsity": 0.5},
-      {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True},
+      {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True,
+       "act_order": True, "static_groups": True},
   )
   c.output_dir = "runs/sparsegpt_50_w4g64"
   return c

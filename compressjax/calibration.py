@@ -21,8 +21,11 @@ compressed blocks so far and two copies of ``X`` -- not the model.
 **Data parallel**: with ``mesh``, the windows of every batch are split over the mesh axes
 ``data_axis`` (all axes by default): the block forward passes run on all devices, the statistics
 are summed across them by the compiled program (XLA all-reduce), and the solvers run on the
-summed statistics. With several processes (``jax.distributed``) every process passes the same
-windows and computes the same compressed model; each process feeds its own devices' slices.
+summed statistics (every device solves every layer: the solvers' output columns are not split
+across the mesh yet). Tested on one process with 8 simulated CPU devices
+(``tests/test_engine_sharded.py``). Several processes (``jax.distributed``) are meant to pass the
+same windows in every process, each feeding its own devices' slices (:meth:`_Placement.put`),
+but no multi-process run has been tested yet.
 
 **Resume**: with ``resume_dir`` every finished block is written once, as its own small
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's

@@ -24,6 +24,7 @@ COMMANDS = {
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
     "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
     "bench_resume": "python experiments/bench_resume.py",
+    "bench_peer": "python experiments/bench_peer.py",
 }
 INTRO = """# Results
 
@@ -257,17 +258,60 @@ def render_resume(name, recs):
       "Machine: " + "; ".join(machines), ""])
 
 
+def render_peer(name, recs):
+  """Each pair (the peer's run and ours, one after the other) side by side, newest pair first."""
+  pairs = {}
+  for r in recs:
+    pairs.setdefault(r.get("pair"), []).append(r)
+  rows = []
+  for pair, rs in sorted(pairs.items(), key=lambda kv: kv[1][0]["date"], reverse=True):
+    peer = [r for r in rs if r["method"].startswith("llm-compressor")]
+    ours = [r for r in rs if not r["method"].startswith("llm-compressor")]
+    if not peer or not ours:
+      continue
+    p, o = peer[-1], ours[-1]
+    for r in (p, o):
+      rows.append([r["method"], fmt(r["bits_per_param"]), fmt(r["ppl_wiki"]), fmt(r["ppl_austen"]),
+                   fmt(r["wall_s"], 0),
+                   fmt(r["wall_s"] / p["wall_s"]) + "x" if r is o else "1x",
+                   fmt(r["peak_rss_mb"], 0),
+                   fmt(r["peak_rss_mb"] / p["peak_rss_mb"]) + "x" if r is o else "1x",
+                   r["commit"], r["date"][:16]])
+  machines = sorted({r["machine"] for r in recs})
+  versions = sorted({json.dumps(r.get("peer_versions"), sort_keys=True) for r in recs
+                     if r.get("peer_versions")})
+  return "\n".join([
+      f"## {name}: llm-compressor side by side", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+      "The peer (llm-compressor `oneshot`, CPU PyTorch, its own venv) and compressjax (`compress`) "
+      "run one after the other on the same machine with the same model (the reference GGUF "
+      "dequantized once to a float32 safetensors checkpoint both load), the same 128 x 512 "
+      "calibration windows (one .npy file both read) and the same settings (GPTQ: 4-bit "
+      "symmetric, group 64, static act-order, damping 0.01, block 128; SparseGPT: 50% "
+      "unstructured, block 128, damping 0.01); both compressed models are evaluated by the "
+      "same standard-protocol code. `wall s`: the compression alone (the peer's oneshot, our "
+      "calibration + compression, compiles included; loading and evaluation excluded). `peak "
+      "RSS`: the whole compressing process (getrusage), our evaluation included.", "",
+      table(["method", "bits/param", "ppl wiki", "ppl austen", "wall s", "time vs peer",
+             "peak RSS MiB", "memory vs peer", "commit", "date"], rows), "",
+      "Peer versions: " + "; ".join(versions), "",
+      "Machine: " + "; ".join(machines), ""])
+
+
 def main():
   parts = [INTRO]
   all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
               if f.endswith(".jsonl")}
   summary = [render_comparison(all_recs), render_pruning(all_recs), render_lowrank(all_recs)]
+  if all_recs.get("bench_peer"):
+    summary.insert(0, render_peer("bench_peer", all_recs["bench_peer"]))
   parts += summary
   for name, recs in all_recs.items():
     if name in ("bench_throughput", "bench_structured_speed"):
       parts.append(render_throughput(name, recs))
     elif name == "bench_gptq_speed":
       parts.append(render_gptq_speed(name, recs))
+    elif name == "bench_peer":
+      continue  # in the summary
     elif name == "bench_resume":
       parts.append(render_resume(name, recs))
     else:

@@ -45,8 +45,12 @@ from compressjax.formats.lowrank import LowRank
 from compressjax.formats.sparse import BitmaskSparse
 from compressjax.formats.sparse import NMSparse
 from compressjax.formats.sparse import index_bits
+from compressjax.formats.sharding import partition_specs
+from compressjax.formats.sharding import tree_shardings
 
 __all__ = [
+    "partition_specs",
+    "tree_shardings",
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",
     "BitmaskSparse",

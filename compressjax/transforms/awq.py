@@ -23,7 +23,7 @@ from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, Unm
 from compressjax.transforms.quantize import check_positive_int
 from compressjax.transforms.selection import LINEAR_KERNELS, Selector, as_predicate
 
-__all__ = ["AwqGroup", "AwqState", "awq", "rescale_stats"]
+__all__ = ["AwqGroup", "AwqState", "awq", "llama_groups", "rescale_stats"]
 
 
 class AwqGroup(NamedTuple):
@@ -31,6 +31,7 @@ class AwqGroup(NamedTuple):
 
   ``prev`` is an RMSNorm weight path (``prev_kind="norm"``, ``w /= s``) or a linear kernel
   whose output columns feed the group (``prev_kind="linear"``, ``W[:, j] /= s_j``, bias too).
+  A norm's bias beside its weight (``.../bias`` next to ``.../scale``, LayerNorm) is divided too.
   """
 
   name: str
@@ -47,8 +48,15 @@ class AwqState(NamedTuple):
   report: dict[str, float]
 
 
-def _block_groups(i: int, paths: set[str], shapes: dict[str, tuple[int, ...]]):
-  p = f"layers/{i}/"
+def llama_groups(p: str, paths: set[str], shapes: dict[str, tuple[int, ...]]) -> list[AwqGroup]:
+  """The scaling groups of the Llama block at prefix ``p`` (``"layers/3/"``).
+
+  The default ``groups`` of :func:`awq`: q/k/v after ``attn_norm``, gate/up after ``mlp_norm``,
+  down after up (the SwiGLU product is linear in up's outputs) and o after v when v's outputs are
+  o's inputs one to one. ``paths`` are the selected kernels (a group is kept when all of its
+  linears are selected), ``shapes`` every visible leaf's shape. Another model family passes its
+  own function of the same signature.
+  """
   out = [AwqGroup(p + "qkv", tuple(p + f"attn/{n}_proj/kernel" for n in "qkv"),
                   p + "attn_norm/scale", "norm"),
          AwqGroup(p + "gate_up", (p + "mlp/gate_proj/kernel", p + "mlp/up_proj/kernel"),
@@ -71,7 +79,8 @@ def rescale_stats(stats, s):
 def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
         scale_dtype=jnp.float16, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
         clip_skip: Selector = r".*attn/(q|k)_proj/kernel",
-        where: Selector = DEFAULT_WHERE) -> Transform:
+        where: Selector = DEFAULT_WHERE, groups=llama_groups,
+        block_pattern: str = r"layers/\d+/") -> Transform:
   """Activation-aware scaling (and clipping) of the selected linears, in full precision.
 
   Args:
@@ -84,6 +93,11 @@ def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
       the attention softmax).
     where: which linear kernels are quantized afterwards (default: the decoder's linears). A
       group of linears sharing an input is scaled when all of them are selected.
+    groups: ``(block prefix, selected kernel paths, shapes) -> [AwqGroup]``, the linears that
+      share an input in one block and where their scale is folded (default
+      :func:`llama_groups`; a GPT-2-style block folds into its LayerNorms, see
+      ``tests/other_family.py``).
+    block_pattern: regular expression matching a block's path prefix (``layers/<i>/``).
 
   Needs the full block (norms included) and calibration statistics: run it at the top level of
   the recipe (not inside a :func:`select` rule) through
@@ -111,6 +125,7 @@ def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
                                       symmetric=symmetric, scale_dtype=scale_dtype,
                                       n_grid=n_grid, max_shrink=max_shrink))
   skip = as_predicate(clip_skip)
+  block_re = re.compile(block_pattern)
 
   def init(params):
     if _UNDER_RULE.get():
@@ -121,13 +136,12 @@ def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     pred = as_predicate(LINEAR_KERNELS if where is DEFAULT_WHERE else where)
     selected = {p for p, x in visible.items() if pred(p, x)}
     shapes = {p: tuple(x.shape) for p, x in visible.items()}
-    blocks = sorted({int(m.group(1)) for p in selected
-                     if (m := re.match(r"layers/(\d+)/", p))})
-    groups = [g for i in blocks for g in _block_groups(i, selected, shapes)]
-    if visible and not groups:
+    prefixes = sorted({m.group(0) for p in selected if (m := block_re.match(p))})
+    found = [g for pre in prefixes for g in groups(pre, selected, shapes)]
+    if visible and not found:
       raise UnmatchedRuleError(f"awq: where={where!r} selects no complete group of linears that "
                                f"share an input (e.g. q/k/v) among {list(visible)[:4]}...")
-    return AwqState(tuple(groups), {}, {})
+    return AwqState(tuple(found), {}, {})
 
   def update(params, state, stats=None):
     visible = {p: x for p, x in leaves_with_paths_marked(params) if _visible(x)}
@@ -164,9 +178,9 @@ def awq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
         out[g.prev] = prev / s.astype(prev.dtype)
       else:
         out[g.prev] = prev / s[None, :].astype(prev.dtype)
-        bias = g.prev.rsplit("/", 1)[0] + "/bias"
-        if bias in out:
-          out[bias] = out[bias] / s.astype(out[bias].dtype)
+      bias = g.prev.rsplit("/", 1)[0] + "/bias"
+      if bias in out:
+        out[bias] = out[bias] / s.astype(out[bias].dtype)
     if clip:
       for g, s in new.items():
         st = stats[g.linears[0]]

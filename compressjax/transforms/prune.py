@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,12 +195,15 @@ class StructuredState(NamedTuple):
   kept: dict[str, np.ndarray]
 
 
-_MLP = re.compile(r"layers/(\d+)/mlp/down_proj/kernel")
 
 
 def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | None = None,
                num_kv_heads: int | None = None, compensate: bool = True, multiple_of: int = 64,
-               percdamp: float = 0.01) -> Transform:
+               percdamp: float = 0.01, block_pattern: str = r"layers/\d+/",
+               mlp_in: Sequence[str] = ("mlp/gate_proj", "mlp/up_proj"),
+               mlp_out: str = "mlp/down_proj",
+               attn: Sequence[str] = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj"),
+               head_in: str = "attn/q_proj", head_out: str = "attn/o_proj") -> Transform:
   """Removes MLP channels (and optionally one query head per KV group) of every decoder block.
 
   The result is a normal parameter tree with smaller kernels (``gate_proj``/``up_proj``
@@ -218,6 +221,14 @@ def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | No
     multiple_of: the kept MLP width is rounded to a multiple of this (64 keeps group-64
       quantization valid after pruning).
     percdamp: relative damping of the least-squares refit.
+    block_pattern: regular expression matching a block's path prefix (``layers/<i>/``).
+    mlp_in, mlp_out: the block's MLP linears (relative to the block, without ``/kernel``): the
+      channels are columns of every ``mlp_in`` kernel (and of its bias) and rows of ``mlp_out``.
+      Llama defaults; a GPT-2-style block passes ``mlp_in=("mlp/c_fc",),
+      mlp_out="mlp/c_proj"``.
+    attn: the block's other linears, counted in the parameter budget.
+    head_in, head_out: the query projection and the attention output projection
+      (``prune_heads``; separate q/k/v projections only).
 
   Needs calibration statistics (run through the calibration engine). With ``fraction=0`` the
   tree is returned unchanged (bit for bit).
@@ -233,62 +244,76 @@ def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | No
   if not isinstance(multiple_of, int) or multiple_of <= 0:
     raise ValueError(f"structured: multiple_of must be a positive int, got {multiple_of!r}")
 
+  mlp_in, attn = tuple(mlp_in), tuple(attn)
+  out_re = re.compile(f"({block_pattern}){re.escape(mlp_out)}/kernel")
+
   def init(params):
-    paths = [p for p, leaf in leaves_with_paths_marked(params) if _visible(leaf) and _MLP.fullmatch(p)]
+    paths = [p for p, leaf in leaves_with_paths_marked(params)
+             if _visible(leaf) and out_re.fullmatch(p)]
     if not paths and any(_visible(leaf) for _, leaf in leaves_with_paths_marked(params)):
-      raise ValueError("structured: found no 'layers/<i>/mlp/down_proj/kernel' parameter")
+      raise ValueError(f"structured: found no parameter matching "
+                       f"{block_pattern + mlp_out + '/kernel'!r} (block_pattern, mlp_out)")
     return StructuredState({})
 
-  def plan_block(leaves, i):
-    get = lambda name: leaves[f"layers/{i}/{name}/kernel"]
-    for name in ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj", "attn/q_proj", "attn/o_proj"):
-      w = get(name)
-      _check_dense_2d(w, f"structured at parameter 'layers/{i}/{name}/kernel'")
-    d, f = get("mlp/gate_proj").shape
-    total = sum(int(np.prod(get(n).shape)) for n in
-                ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
-                 "mlp/up_proj", "mlp/down_proj"))
+  def plan_block(leaves, pre):
+    def get(name):
+      path = f"{pre}{name}/kernel"
+      if path not in leaves:
+        raise ValueError(f"structured: block {pre!r} has no parameter {path!r} (mlp_in, mlp_out, "
+                         f"attn, head_in, head_out name the block's linears)")
+      return leaves[path]
+    names = mlp_in + (mlp_out,) + attn + ((head_in, head_out) if prune_heads else ())
+    for name in names:
+      _check_dense_2d(get(name), f"structured at parameter '{pre}{name}/kernel'")
+    d, f = get(mlp_in[0]).shape
+    total = sum(int(np.prod(get(n).shape)) for n in dict.fromkeys(attn + mlp_in + (mlp_out,)))
+    n_in = len(mlp_in) + 1  # parameters per MLP channel, in units of d
     remove = fraction * total
     heads_keep = None
     if prune_heads and fraction > 0:
-      h = get("attn/q_proj").shape[1] // head_dim
+      h = get(head_in).shape[1] // head_dim
       g = h // num_kv_heads
       if g < 2:
         raise ValueError(f"structured: prune_heads needs at least 2 query heads per KV group in "
                          f"block {i}, found {g}")
       heads_keep = g - 1
       remove -= num_kv_heads * head_dim * 2 * d
-    n_remove = max(0.0, remove) / (3 * d)
+    n_remove = max(0.0, remove) / (n_in * d)
     f_keep = int(round((f - n_remove) / multiple_of)) * multiple_of
     f_keep = min(f, max(multiple_of, f_keep)) if fraction > 0 else f
     return f_keep, heads_keep
 
   def update(params, state, stats=None):
     leaves = {p: w for p, w in leaves_with_paths_marked(params) if _visible(w)}
-    blocks = sorted(int(m.group(1)) for m in map(_MLP.fullmatch, leaves) if m)
+    prefixes = sorted(m.group(1) for m in map(out_re.fullmatch, leaves) if m)
     new, kept = {}, dict(state.kept)
-    for i in blocks:
-      f_keep, heads_keep = plan_block(leaves, i)
-      pre = f"layers/{i}/"
-      down, gate, up = (leaves[pre + f"mlp/{n}_proj/kernel"] for n in ("down", "gate", "up"))
+
+    def narrow(name, idx):  # keep the output columns idx of a kernel (and its bias)
+      new[pre + name + "/kernel"] = leaves[pre + name + "/kernel"][:, idx]
+      if pre + name + "/bias" in leaves:
+        new[pre + name + "/bias"] = leaves[pre + name + "/bias"][idx]
+
+    for pre in prefixes:
+      f_keep, heads_keep = plan_block(leaves, pre)
+      down_path = pre + mlp_out + "/kernel"
+      down = leaves[down_path]
       if f_keep < down.shape[0]:
-        idx, down_new = _select(down, stats, pre + "mlp/down_proj/kernel", f_keep, None)
-        new[pre + "mlp/down_proj/kernel"] = down_new
-        new[pre + "mlp/gate_proj/kernel"] = gate[:, idx]
-        new[pre + "mlp/up_proj/kernel"] = up[:, idx]
+        idx, down_new = _select(down, stats, down_path, f_keep, None)
+        new[down_path] = down_new
+        for name in mlp_in:
+          narrow(name, idx)
         if _real_stats(stats):
-          kept[pre + "mlp/down_proj/kernel"] = np.asarray(idx)
+          kept[down_path] = np.asarray(idx)
       if heads_keep is not None:
-        o, q = leaves[pre + "attn/o_proj/kernel"], leaves[pre + "attn/q_proj/kernel"]
+        o_path = pre + head_out + "/kernel"
+        o, q = leaves[o_path], leaves[pre + head_in + "/kernel"]
         geom = dict(num_heads=q.shape[1] // head_dim, num_kv_heads=num_kv_heads,
                     head_dim=head_dim, keep_per_group=heads_keep)
-        idx, o_new = _select(o, stats, pre + "attn/o_proj/kernel", None, geom)
-        new[pre + "attn/o_proj/kernel"] = o_new
-        new[pre + "attn/q_proj/kernel"] = q[:, idx]
-        if pre + "attn/q_proj/bias" in leaves:
-          new[pre + "attn/q_proj/bias"] = leaves[pre + "attn/q_proj/bias"][idx]
+        idx, o_new = _select(o, stats, o_path, None, geom)
+        new[o_path] = o_new
+        narrow(head_in, idx)
         if _real_stats(stats):
-          kept[pre + "attn/o_proj/kernel"] = np.asarray(idx)
+          kept[o_path] = np.asarray(idx)
     return _map(lambda p, x: new.get(p, x), params), StructuredState(kept)
 
   def _select(w_out, stats, path, n_keep, geom):

@@ -42,7 +42,7 @@ from flax import nnx
 from compressjax.transforms.selection import leaves_with_paths, path_str
 
 __all__ = ["BlockModel", "LazyTensor", "LlamaBlocks", "as_block_model", "materialize", "nest",
-           "to_abstract_tree"]
+           "to_abstract_tree", "unflatten"]
 
 
 class LazyTensor:
@@ -109,6 +109,18 @@ def nest(template, flat: Mapping[str, Any]):
   """The tree of ``template``'s structure whose leaf at path ``p`` is ``flat[p]``."""
   return jax.tree_util.tree_map_with_path(lambda kp, _: flat[path_str(kp)], template,
                                           is_leaf=lambda x: isinstance(x, LazyTensor))
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}`` (the inverse of a flat path dict)."""
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    *parents, last = path.split("/")
+    node = tree
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = v
+  return tree
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -198,14 +210,7 @@ class LlamaBlocks(BlockModel):
       self._template = nnx.split(abstract)
     graphdef, template = self._template
     state = jax.tree.map(lambda v: v, template)
-    tree: dict[str, Any] = {}
-    for p, v in block.items():
-      node = tree
-      parts = p.split("/")
-      for k in parts[:-1]:
-        node = node.setdefault(k, {})
-      node[parts[-1]] = v
-    nnx.replace_by_pure_dict(state, _int_keys(tree))
+    nnx.replace_by_pure_dict(state, _int_keys(unflatten(block)))
     return nnx.merge(graphdef, state)
 
   def apply_block(self, block, x, capture=None):

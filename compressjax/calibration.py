@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from compressjax import checkpoint
-from compressjax.blocks import BlockModel, as_block_model, nest
+from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
 from compressjax.transforms.base import Transform, _UNSELECTED, _map
 from compressjax.transforms.selection import leaves_with_paths
 
@@ -362,17 +362,6 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   return nest(abstract, flat), state
 
 
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for p, v in flat.items():
-    node = tree
-    parts = p.split("/")
-    for k in parts[:-1]:
-      node = node.setdefault(k, {})
-    node[parts[-1]] = v
-  return tree
-
-
 def _flatten(tree, prefix: str = "") -> dict[str, Any]:
   return {prefix + p: v for p, v in leaves_with_paths(tree)}
 
@@ -384,7 +373,7 @@ def _save_resume(resume_dir: str, fp: str, i: int, x: np.ndarray, block: dict[st
   (the state's structure in the metadata, its arrays beside)."""
   spec, state_arrays = checkpoint.encode_pytree(state, where="calibration transform state")
   os.makedirs(os.path.join(resume_dir, "blocks"), exist_ok=True)
-  checkpoint.save(os.path.join(resume_dir, "blocks", f"{i:05d}"), _nested(block),
+  checkpoint.save(os.path.join(resume_dir, "blocks", f"{i:05d}"), unflatten(block),
                   metadata={"fingerprint": fp, "block": i}, overwrite=True)
   checkpoint.save(os.path.join(resume_dir, "latest"), {"x": x, "state": state_arrays},
                   metadata={"fingerprint": fp, "next_block": i + 1, "state": spec},

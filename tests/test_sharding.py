@@ -1,11 +1,8 @@
 """Compressed models shard over a device mesh (8 fake CPU devices, in a subprocess)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from conftest import run_script
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -48,11 +45,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_compressed_model_runs_sharded_over_a_mesh():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stderr[-4000:]
+  run_script(SCRIPT, "SHARDED_OK")
 
 
 SPECS_SCRIPT = textwrap.dedent("""
@@ -136,8 +129,4 @@ SPECS_SCRIPT = textwrap.dedent("""
 
 
 def test_compressed_leaves_take_partition_specs_from_the_dense_spec():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SPECS_SCRIPT], env=env, capture_output=True,
-                     text=True, timeout=600)
-  assert r.returncode == 0 and "SPECS_OK" in r.stdout, r.stderr[-4000:]
+  run_script(SPECS_SCRIPT, "SPECS_OK")

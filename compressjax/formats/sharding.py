@@ -19,8 +19,8 @@ Examples:
   >>> q = formats.QuantizedArray.from_codes(
   ...     jnp.zeros((64, 32), jnp.uint8), jnp.ones((2, 32), jnp.float16), None,
   ...     bits=4, group_size=32, symmetric=True)
-  >>> formats.partition_specs(q, P(None, "model"), {"model": 4}).packed
-  PartitionSpec(None, 'model')
+  >>> tuple(formats.partition_specs(q, P(None, "model"), {"model": 4}).packed)
+  (None, 'model')
 """
 
 from __future__ import annotations

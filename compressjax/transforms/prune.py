@@ -275,7 +275,7 @@ def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | No
       g = h // num_kv_heads
       if g < 2:
         raise ValueError(f"structured: prune_heads needs at least 2 query heads per KV group in "
-                         f"block {i}, found {g}")
+                         f"block {pre!r}, found {g}")
       heads_keep = g - 1
       remove -= num_kv_heads * head_dim * 2 * d
     n_remove = max(0.0, remove) / (n_in * d)

@@ -23,9 +23,12 @@ compressed blocks so far and two copies of ``X`` -- not the model.
 are summed across them by the compiled program (XLA all-reduce), and the solvers run on the
 summed statistics (every device solves every layer: the solvers' output columns are not split
 across the mesh yet). Tested on one process with 8 simulated CPU devices
-(``tests/test_engine_sharded.py``). Several processes (``jax.distributed``) are meant to pass the
-same windows in every process, each feeding its own devices' slices (:meth:`_Placement.put`),
-but no multi-process run has been tested yet.
+(``tests/test_engine_sharded.py``). With several processes (``jax.distributed``; on CPU with
+``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
+over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
+the same compressed model (``tests/test_engine_distributed.py``: two processes on localhost).
+On a TPU pod or a multi-GPU host: call ``jax.distributed.initialize()`` in every process, build
+the mesh from ``jax.devices()`` and call :func:`run_sequential` with the same arguments everywhere.
 
 **Resume**: with ``resume_dir`` every finished block is written once, as its own small
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's

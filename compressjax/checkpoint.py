@@ -3,9 +3,15 @@
 Layout of a checkpoint directory::
 
     manifest.json   format version, per-leaf description (dense, or a compressed format's
-                    registered name, static metadata and children), per-array CRC32, user metadata
+                    registered name, static metadata and children), per-array CRC32 (per shard
+                    for an array split over devices), user metadata
     arrays/         orbax StandardCheckpointer save of a flat {leaf_key: array} dict
     tokenizer.json  (optional) the tokenizer, so a checkpoint is self-contained
+
+Arrays split over several devices (a sharded model, :func:`compressjax.formats.tree_shardings`)
+are written shard by shard by orbax and checksummed per shard, never gathered into one host
+array; :func:`restore` with ``shardings`` reads each device's shard straight into the requested
+layout. Saving from several processes is not supported yet (refused with a clear error).
 
 Saving never deletes anything it did not write. The directory is written under a temporary
 sibling name and renamed into place only once everything (orbax included) is finished, so an
@@ -69,6 +75,44 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 
 def _crc(x) -> int:
   return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).ravel().tobytes())
+
+
+def _is_sharded(v, where: str) -> bool:
+  """Whether ``v`` is a jax.Array split over several devices (saved without gathering)."""
+  if not isinstance(v, jax.Array) or v.sharding.is_fully_replicated:
+    return False
+  if not v.is_fully_addressable:
+    raise CheckpointError(f"{where} is split over several processes; saving from several "
+                          "processes is not supported (gather it, or save per process)")
+  return len(v.sharding.device_set) > 1
+
+
+def _index_key(index, shape) -> str:
+  return ",".join(f"{sl.start or 0}:{dim if sl.stop is None else sl.stop}"
+                  for sl, dim in zip(index, shape))
+
+
+def _shard_crcs(v) -> dict[str, int]:
+  """CRC32 of every distinct shard of ``v``, keyed by its index (``"0:128,0:512"``)."""
+  return {_index_key(s.index, v.shape): _crc(s.data) for s in v.addressable_shards
+          if s.replica_id == 0}
+
+
+def _check_shards(a, shards: dict[str, int], where: str) -> None:
+  """Checks a restored array against per-shard checksums (per shard when the layout matches)."""
+  left = dict(shards)
+  if isinstance(a, jax.Array):
+    for s in a.addressable_shards:
+      k = _index_key(s.index, a.shape)
+      if k in left and s.replica_id == 0:
+        if _crc(s.data) != left.pop(k):
+          raise CheckpointError(f"{where} fails its checksum (shard {k}; corrupted checkpoint)")
+  if left:  # restored in another layout: check the saved shards' regions of the whole array
+    full = np.asarray(a)
+    for k, crc in left.items():
+      idx = tuple(slice(*map(int, r.split(":"))) for r in k.split(","))
+      if _crc(full[idx]) != crc:
+        raise CheckpointError(f"{where} fails its checksum (shard {k}; corrupted checkpoint)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +458,11 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     entry["crc32"] = {}
     for name, v in children.items():
       key = f"a{i}_{name}"
+      if _is_sharded(v, f"checkpoint.save({path!r}): array {p}/{name}"):
+        # Written shard by shard by orbax; checksummed per shard, never gathered.
+        entry["crc32"][name] = {"shards": _shard_crcs(v)}
+        arrays[key] = v
+        continue
       a = np.asarray(v)
       entry["crc32"][name] = _crc(a)
       if a.size:  # orbax cannot store empty arrays; restore rebuilds them from the manifest
@@ -653,24 +702,55 @@ def _set(tree: dict, path: str, value):
   node[int(last) if last.isdigit() else last] = value
 
 
-def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sharding_children(shardings) -> dict[str, dict[str, Any]]:
+  """``{leaf path: {child name: sharding}}`` of a shardings tree shaped like the params."""
+  out = {}
+  for p, leaf in leaves_with_paths(shardings):
+    if isinstance(leaf, CompressedArray):
+      children: dict[str, Any] = {}
+      _describe_node(leaf, "", children)
+      out[p] = children
+    else:
+      out[p] = {"value": leaf}
+  return out
+
+
+def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores ``(params, metadata)`` saved by :func:`save`, verifying every array's checksum.
+
+  Args:
+    path: the checkpoint directory.
+    shardings: optional tree shaped like the params with a ``jax.sharding.Sharding`` per array
+      (compressed leaves hold one per child, e.g. :func:`compressjax.formats.tree_shardings`);
+      those arrays are read straight into that layout, each device's shard from the files (a
+      leaf left out of the tree is restored as before). Arrays saved split over devices are
+      checksummed per shard.
 
   Raises:
     CheckpointError: a missing, partial, corrupted or unsafe checkpoint (a file linked from
-      outside the directory, a compressed format that is not registered), naming the path.
+      outside the directory, a compressed format that is not registered), naming the path; a
+      ``shardings`` entry for a leaf the checkpoint does not hold.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)
   manifest = read_manifest(path)
   _check_confined(path)
+  placed = {} if shardings is None else _sharding_children(shardings)
+  unknown = sorted(set(placed) - set(manifest["leaves"]))
+  if unknown:
+    raise CheckpointError(f"checkpoint path {path!r}: shardings name leaves it does not hold: "
+                          f"{unknown[:4]}")
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {}
   for p, entry in manifest["leaves"].items():
     for name, spec in entry["children"].items():
       if math.prod(spec["shape"]):
-        target[f"a{entry['index']}_{name}"] = jax.ShapeDtypeStruct(tuple(spec["shape"]),
-                                                                  jnp.dtype(spec["dtype"]))
+        sh = placed.get(p, {}).get(name)
+        if sh is None and isinstance(entry["crc32"][name], dict):
+          sh = default  # saved split over devices: orbax needs a target layout
+        target[f"a{entry['index']}_{name}"] = jax.ShapeDtypeStruct(
+            tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=sh)
   arrays_dir = os.path.join(path, "arrays")
   if not os.path.isdir(arrays_dir):
     raise CheckpointError(f"checkpoint path {path!r}: arrays/ is missing (partial checkpoint)")
@@ -688,7 +768,10 @@ def restore(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
       if list(a.shape) != spec["shape"] or jnp.dtype(a.dtype).name != spec["dtype"]:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} has "
                               f"{a.shape}/{a.dtype}, manifest says {spec}")
-      if _crc(a) != entry["crc32"][name]:
+      crc = entry["crc32"][name]
+      if isinstance(crc, dict):
+        _check_shards(a, crc.get("shards", {}), f"checkpoint path {path!r}: array {p}/{name}")
+      elif _crc(a) != crc:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} fails its checksum "
                               "(corrupted checkpoint)")
       j = jnp.asarray(a)

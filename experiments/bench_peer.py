@@ -293,7 +293,8 @@ def stage_eval(spec):
   t0 = time.perf_counter()
   model, tok = load_model(spec["model"])
   load_s = time.perf_counter() - t0
-  check = _weights_check(jax.device_get(model_params(model)))
+  check = _weights_check(jax.device_get(model_params(model)),
+                         METHODS[spec["method"]]["kwargs"].get("group_size", 64))
   windows = pipeline.eval_windows_for(tok, cfg.data, model.cfg.max_position_embeddings)
   res = pipeline._eval_all(model, windows, cfg.data.batch_size, spec["label"])  # pylint: disable=protected-access
   return {"eval": {c: {k: r[k] for k in ("ppl", "nll", "tokens_per_s")} for c, r in res.items()},
@@ -358,7 +359,8 @@ def run_peer(method, args, prep, venv_info, job):
   report = os.path.join(work, f"peer_{method}.json")
   cmd = [_venv_python(args.peer_venv), os.path.join(HERE, "peer_worker.py"), "--method", method,
          "--model", prep["hf_dir"], "--windows", prep["windows"][method]["path"], "--out",
-         out_dir, "--report", report, "--batch-size", str(args.peer_batch_size)]
+         out_dir, "--report", report, "--batch-size", str(args.peer_batch_size),
+         "--settings", json.dumps(spec["kwargs"])]
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPENBLAS_NUM_THREADS")}
   _log(f"peer {method}: {' '.join(cmd)}")
   _tee(cmd, os.path.join(work, f"peer_{method}.log"), env=env)
@@ -366,18 +368,19 @@ def run_peer(method, args, prep, venv_info, job):
     rep = json.load(f)
   ev = _run_stage("eval", {"method": method, "job": job, "model": out_dir,
                            "label": spec["peer"]}, work)
-  check, wc = rep["check"], ev["weights_check"]
+  check, wc, kw = rep["check"], ev["weights_check"], spec["kwargs"]
   if method == "gptq":
-    bits = 4 + 16 / 64
-    basis = ("compressed-tensors pack-quantized: 4-bit codes + one float16 scale per group of "
-             "64 inputs (symmetric: no zero point); the scales are float16 (scale_dtype)")
-    ok = check["on_grid"] and wc["max_distinct_per_group"] <= 16
+    bits = kw["bits"] + 16 / kw["group_size"]
+    basis = (f"compressed-tensors pack-quantized: {kw['bits']}-bit codes + one float16 scale per "
+             f"group of {kw['group_size']} inputs (symmetric: no zero point); the scales are "
+             "float16 (scale_dtype)")
+    ok = check["on_grid"] and wc["max_distinct_per_group"] <= 2 ** kw["bits"]
   else:
     bits = 1 + 16 * (1 - wc["zero_fraction"])
     basis = ("compressed-tensors sparse-bitmask with 16-bit kept values: 1 mask bit per weight "
              "+ 16 bits per kept weight (row offsets not counted); the peer ran in float32, so "
              "its kept values are float32, not rounded to 16 bits")
-    ok = check["sparse"] and wc["zero_fraction"] >= 0.5
+    ok = check["sparse"] and wc["zero_fraction"] >= kw["sparsity"]
   if not ok:
     raise RuntimeError(f"peer {method}: weights fail the check: worker {check}, evaluator {wc}")
   return {

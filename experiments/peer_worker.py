@@ -1,28 +1,32 @@
 """llm-compressor side of ``experiments/bench_peer.py``: one ``oneshot`` run in its own process.
 
   .peer-venv/bin/python experiments/peer_worker.py --method gptq --model HF_DIR \
-      --windows cal.npy --out OUT_DIR --report report.json
+      --windows cal.npy --out OUT_DIR --report report.json \
+      --settings '{"bits": 4, "group_size": 64, "symmetric": true, "act_order": true,
+                   "static_groups": true, "percdamp": 0.01, "blocksize": 128}'
 
 Runs in the peer's virtual environment (torch, transformers, llm-compressor, numpy, safetensors;
 never jax or compressjax). It loads the Hugging Face checkpoint ``--model`` with transformers
 (float32, CPU), turns the calibration windows ``--windows`` (an int32 ``(n, seq_len)`` ``.npy``
 drawn by compressjax exactly as its compress job draws them) into a ``datasets.Dataset`` of
 ``input_ids``/``attention_mask``, and calls ``llmcompressor.oneshot`` with one modifier on every
-``Linear`` except ``lm_head``:
+``Linear`` except ``lm_head``, built from ``--settings`` (the keyword arguments of compressjax's
+own transform, the single source of both sides' settings; ``bench_peer.METHODS``):
 
-* ``gptq``: ``GPTQModifier`` with a ``QuantizationScheme`` of 4-bit symmetric int weights, group
-  strategy, group size 64, float16 scales (``scale_dtype``: what a 4.25 bits/param format stores),
-  ``actorder="static"``, ``block_size=128``, ``dampening_frac=0.01``;
-* ``sparsegpt``: ``SparseGPTModifier(sparsity=0.5, mask_structure="0:0", block_size=128,
-  dampening_frac=0.01)``.
+* ``gptq``: ``GPTQModifier`` with a ``QuantizationScheme`` of ``bits``-bit int weights
+  (``symmetric``), group strategy of ``group_size``, float16 scales (``scale_dtype``: what our
+  format stores), ``actorder="static"`` for ``act_order`` with ``static_groups`` (``None`` for
+  neither), ``block_size=blocksize``, ``dampening_frac=percdamp``;
+* ``sparsegpt``: ``SparseGPTModifier(sparsity, mask_structure="0:0"`` (unstructured, or ``"N:M"``
+  for ``pattern``), ``block_size=blocksize, dampening_frac=percdamp)``.
 
 The calibration uses all windows (``num_calibration_samples`` = their number, no shuffling,
 ``max_seq_length`` = their length). After ``oneshot`` every target module's ``weight`` holds the
 compressed model's dense weights (GPTQ: the fake-quantized values ``scale * q``; SparseGPT: the
 pruned and reconstructed weights); those tensors, under the checkpoint's own names, are written
 as a float32 safetensors checkpoint in ``--out`` with the input's config and tokenizer files, and
-checked: GPTQ weights on their 4-bit grid (``W / scale`` integer in ``[-8, 7]``, at most 16
-distinct values per group), SparseGPT weights at least ``sparsity`` zeros.
+checked: GPTQ weights on their grid (``W / scale`` an integer code of ``bits`` bits, at most
+``2**bits`` distinct values per group), SparseGPT weights at least ``sparsity`` zeros.
 
 ``--report`` receives a JSON object: ``oneshot_s`` (``time.perf_counter`` around ``oneshot``
 alone), peak resident memory after ``oneshot`` and at exit (``getrusage`` ``ru_maxrss`` and
@@ -42,11 +46,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-GROUP_SIZE = 64
-BITS = 4
-SPARSITY = 0.5
-BLOCK_SIZE = 128
-DAMPENING = 0.01
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json")
 
@@ -76,36 +75,59 @@ def calibration_dataset(windows):
   return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(w) for w in ids]})
 
 
-def build_modifier(method):
-  """The llm-compressor modifier of ``method`` and a JSON description of its settings."""
+def _settings(method, raw):
+  """``--settings`` (JSON of our transform's keyword arguments), checked for what is used."""
+  need = {"gptq": ("bits", "group_size", "symmetric", "act_order", "static_groups", "percdamp",
+                   "blocksize"),
+          "sparsegpt": ("sparsity", "pattern", "blocksize", "percdamp")}[method]
+  kw = json.loads(raw)
+  missing = [k for k in need if k not in kw]
+  if missing:
+    raise ValueError(f"--settings for {method} lacks {missing} (got {sorted(kw)})")
+  return kw
+
+
+def build_modifier(method, kw):
+  """The llm-compressor modifier of ``method`` with our settings ``kw``, and a JSON description."""
   if method == "gptq":
     import torch  # pylint: disable=g-import-not-at-top
     from compressed_tensors.quantization import (  # pylint: disable=g-import-not-at-top
         QuantizationArgs, QuantizationScheme, QuantizationStrategy, QuantizationType)
     from llmcompressor.modifiers.gptq import GPTQModifier  # pylint: disable=g-import-not-at-top
-    weights = QuantizationArgs(num_bits=BITS, type=QuantizationType.INT, symmetric=True,
-                               strategy=QuantizationStrategy.GROUP, group_size=GROUP_SIZE,
-                               scale_dtype=torch.float16)
+    order = {(True, True): "static", (False, False): None}.get(
+        (bool(kw["act_order"]), bool(kw["static_groups"])), "unsupported")
+    if not kw["symmetric"]:
+      raise ValueError("--settings: symmetric=False is not supported (check_gptq checks a "
+                       "symmetric grid)")
+    if order == "unsupported":
+      raise ValueError(f"--settings: act_order={kw['act_order']}, static_groups="
+                       f"{kw['static_groups']} has no llm-compressor actorder equivalent")
+    weights = QuantizationArgs(num_bits=kw["bits"], type=QuantizationType.INT,
+                               symmetric=kw["symmetric"], strategy=QuantizationStrategy.GROUP,
+                               group_size=kw["group_size"], scale_dtype=torch.float16)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    mod = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], actorder="static",
-                       block_size=BLOCK_SIZE, dampening_frac=DAMPENING)
+    mod = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=order,
+                       block_size=kw["blocksize"], dampening_frac=kw["percdamp"])
     settings = {"modifier": "GPTQModifier", "targets": ["Linear"], "ignore": ["lm_head"],
-                "weights": json.loads(weights.model_dump_json()), "actorder": "static",
-                "block_size": BLOCK_SIZE, "dampening_frac": DAMPENING}
+                "weights": json.loads(weights.model_dump_json()), "actorder": order,
+                "block_size": kw["blocksize"], "dampening_frac": kw["percdamp"]}
     return mod, settings
   if method == "sparsegpt":
     from llmcompressor.modifiers.pruning import SparseGPTModifier  # pylint: disable=g-import-not-at-top
-    mod = SparseGPTModifier(sparsity=SPARSITY, mask_structure="0:0", block_size=BLOCK_SIZE,
-                            dampening_frac=DAMPENING, targets=["Linear"], ignore=["re:.*lm_head"])
-    settings = {"modifier": "SparseGPTModifier", "sparsity": SPARSITY, "mask_structure": "0:0",
-                "block_size": BLOCK_SIZE, "dampening_frac": DAMPENING, "targets": ["Linear"],
+    structure = "0:0" if kw["pattern"] is None else kw["pattern"]
+    mod = SparseGPTModifier(sparsity=kw["sparsity"], mask_structure=structure,
+                            block_size=kw["blocksize"], dampening_frac=kw["percdamp"],
+                            targets=["Linear"], ignore=["re:.*lm_head"])
+    settings = {"modifier": "SparseGPTModifier", "sparsity": kw["sparsity"],
+                "mask_structure": structure, "block_size": kw["blocksize"],
+                "dampening_frac": kw["percdamp"], "targets": ["Linear"],
                 "ignore": ["re:.*lm_head"]}
     return mod, settings
   raise ValueError(f"unknown method {method!r}: expected gptq or sparsegpt")
 
 
-def check_gptq(model):
-  """Every quantized Linear's weight on its 4-bit group grid; returns a summary."""
+def check_gptq(model, bits, group_size):
+  """Every quantized Linear's weight on its symmetric ``bits``-bit group grid; a summary."""
   import torch  # pylint: disable=g-import-not-at-top
   worst_dev, most_distinct, n, scale_fp16 = 0.0, 0, 0, True
   for name, m in model.named_modules():
@@ -114,28 +136,28 @@ def check_gptq(model):
     w = m.weight.detach().to(torch.float64)
     s = m.weight_scale.detach().to(torch.float64)
     out_f, in_f = w.shape
-    if s.shape != (out_f, in_f // GROUP_SIZE):
+    if s.shape != (out_f, in_f // group_size):
       raise AssertionError(f"{name}: weight_scale shape {tuple(s.shape)}, expected "
-                           f"{(out_f, in_f // GROUP_SIZE)}")
+                           f"{(out_f, in_f // group_size)}")
     scale_fp16 &= bool(torch.equal(s, s.to(torch.float16).to(torch.float64)))
-    q = w / s.clamp_min(1e-30).repeat_interleave(GROUP_SIZE, dim=1)
+    q = w / s.clamp_min(1e-30).repeat_interleave(group_size, dim=1)
     worst_dev = max(worst_dev, float((q - q.round()).abs().max()))
     lo, hi = float(q.round().min()), float(q.round().max())
-    if lo < -2**(BITS - 1) or hi > 2**(BITS - 1) - 1:
-      raise AssertionError(f"{name}: codes in [{lo}, {hi}], outside the {BITS}-bit range")
-    groups = m.weight.detach().reshape(out_f, in_f // GROUP_SIZE, GROUP_SIZE)
+    if lo < -2**(bits - 1) or hi > 2**(bits - 1) - 1:
+      raise AssertionError(f"{name}: codes in [{lo}, {hi}], outside the {bits}-bit range")
+    groups = m.weight.detach().reshape(out_f, in_f // group_size, group_size)
     for r in range(0, out_f, max(1, out_f // 16)):  # distinct values of sampled rows' groups
       for g in range(groups.shape[1]):
         most_distinct = max(most_distinct, int(torch.unique(groups[r, g]).numel()))
     n += 1
   if n == 0:
     raise AssertionError("no quantized Linear module found after oneshot")
-  ok = worst_dev < 1e-3 and most_distinct <= 2**BITS
+  ok = worst_dev < 1e-3 and most_distinct <= 2**bits
   return {"on_grid": ok, "quantized_linears": n, "max_code_deviation": worst_dev,
           "max_distinct_per_group": most_distinct, "scales_fp16_exact": scale_fp16}
 
 
-def check_sparse(model, ignore=("lm_head",)):
+def check_sparse(model, sparsity, ignore=("lm_head",)):
   import torch  # pylint: disable=g-import-not-at-top
   fr = []
   for name, m in model.named_modules():
@@ -143,7 +165,7 @@ def check_sparse(model, ignore=("lm_head",)):
       fr.append(float((m.weight == 0).double().mean()))
   if not fr:
     raise AssertionError("no Linear module found")
-  return {"sparse": min(fr) >= SPARSITY, "pruned_linears": len(fr), "min_zero_fraction": min(fr),
+  return {"sparse": min(fr) >= sparsity, "pruned_linears": len(fr), "min_zero_fraction": min(fr),
           "mean_zero_fraction": sum(fr) / len(fr)}
 
 
@@ -183,6 +205,8 @@ def main():
   ap.add_argument("--out", required=True, help="output checkpoint directory")
   ap.add_argument("--report", required=True, help="JSON file for the measurements")
   ap.add_argument("--batch-size", type=int, default=8, help="oneshot calibration batch size")
+  ap.add_argument("--settings", required=True,
+                  help="JSON of compressjax's transform keyword arguments (bench_peer.METHODS)")
   args = ap.parse_args()
   if "jax" in sys.modules or "compressjax" in sys.modules:
     raise RuntimeError("peer_worker must not import jax or compressjax")
@@ -203,7 +227,8 @@ def main():
   if windows.ndim != 2:
     raise ValueError(f"{args.windows}: expected (n, seq_len) windows, got shape {windows.shape}")
   ds = calibration_dataset(windows)
-  modifier, settings = build_modifier(args.method)
+  kw = _settings(args.method, args.settings)
+  modifier, settings = build_modifier(args.method, kw)
   n, seq_len = windows.shape
   settings.update(num_calibration_samples=n, max_seq_length=seq_len, batch_size=args.batch_size,
                   shuffle_calibration_samples=False, dtype="float32", device="cpu",
@@ -221,7 +246,8 @@ def main():
         flush=True)
 
   with torch.no_grad():
-    check = check_gptq(model) if args.method == "gptq" else check_sparse(model)
+    check = (check_gptq(model, kw["bits"], kw["group_size"]) if args.method == "gptq"
+             else check_sparse(model, kw["sparsity"]))
   print(f"[peer_worker] check: {check}", flush=True)
   save_dense(model, args.model, args.out)
   end = peak_rss()

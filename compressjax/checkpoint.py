@@ -741,6 +741,12 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
   if unknown:
     raise CheckpointError(f"checkpoint path {path!r}: shardings name leaves it does not hold: "
                           f"{unknown[:4]}")
+  for p, children in placed.items():
+    extra = sorted(set(children) - set(manifest["leaves"][p]["children"]))
+    if extra:
+      raise CheckpointError(f"checkpoint path {path!r}: shardings for {p} name arrays {extra} "
+                            f"the stored leaf does not have "
+                            f"({sorted(manifest['leaves'][p]['children'])}: another format?)")
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {}
   for p, entry in manifest["leaves"].items():
@@ -770,7 +776,11 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
                               f"{a.shape}/{a.dtype}, manifest says {spec}")
       crc = entry["crc32"][name]
       if isinstance(crc, dict):
-        _check_shards(a, crc.get("shards", {}), f"checkpoint path {path!r}: array {p}/{name}")
+        shards = crc.get("shards")
+        if not isinstance(shards, dict) or not shards:
+          raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} has no per-shard "
+                                f"checksums in its manifest entry ({crc!r})")
+        _check_shards(a, shards, f"checkpoint path {path!r}: array {p}/{name}")
       elif _crc(a) != crc:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} fails its checksum "
                               "(corrupted checkpoint)")

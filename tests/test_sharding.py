@@ -181,6 +181,20 @@ CKPT_SCRIPT = textwrap.dedent("""
       raise AssertionError("an unknown shardings path was accepted")
     except checkpoint.CheckpointError as e:
       assert "nope" in str(e), e
+    try:  # a dense sharding for a compressed leaf: its arrays do not match the stored ones
+      checkpoint.restore(os.path.join(out, "ck"), shardings={"layers": {0: {"mlp": {"up_proj": {
+          "kernel": sh["embed"]["embedding"]}}}}})
+      raise AssertionError("shardings of another format were accepted")
+    except checkpoint.CheckpointError as e:
+      assert "another format" in str(e), e
+    entry["crc32"]["packed"]["shards"] = {}
+    with open(os.path.join(out, "ck", "manifest.json"), "w") as f:
+      json.dump(man, f)
+    try:
+      checkpoint.restore(os.path.join(out, "ck"))
+      raise AssertionError("an entry without shard checksums was accepted")
+    except checkpoint.CheckpointError as e:
+      assert "no per-shard checksums" in str(e), e
     print("CKPT_OK")
 """)
 

@@ -195,8 +195,6 @@ class StructuredState(NamedTuple):
   kept: dict[str, np.ndarray]
 
 
-
-
 def structured(fraction: float, *, prune_heads: bool = False, head_dim: int | None = None,
                num_kv_heads: int | None = None, compensate: bool = True, multiple_of: int = 64,
                percdamp: float = 0.01, block_pattern: str = r"layers/\d+/",

@@ -9,8 +9,8 @@ axis; a transposed leaf swaps the two. Children without a dense dimension (flat 
 CSR outliers, codebooks) are replicated. A mesh axis is only kept on a dimension it divides.
 
 The layout is a placement choice, never a correctness one: any sharding of a leaf computes the
-same result under :func:`jax.jit`, and these keep each device's share of a column- or
-row-parallel layer local.
+same result under :func:`jax.jit`; with these, each device holds the codes, scales and zeros of
+its own columns (column-parallel) or rows (row-parallel) of the layer.
 
 Examples:
   >>> import jax, jax.numpy as jnp

@@ -1,0 +1,225 @@
+"""One Optimal-Brain-Surgeon solver for every Hessian-aware rounding rule. Pure math on arrays.
+
+GPTQ, SparseGPT, SpQR, OWQ, GPTVQ and QuIP#'s BlockLDLQ all solve the same problem for one
+linear layer with calibration inputs ``X``: replace ``W`` ``(K, N)`` (``(in, out)``, ``y = x @ W``)
+by a constrained ``Q`` minimising ``||X W - X Q||_F^2``, one input feature (a *row* here; a column
+of the papers' ``(out, in)`` weight) or a few at a time, feeding each step's error into the rows
+not yet processed. They differ only in the **rule** that turns the current rows into their
+constrained value: round to a grid (GPTQ, SpQR, OWQ), zero the least salient entries (SparseGPT),
+round ``d`` rows jointly to a codebook (GPTVQ) or to a lattice (BlockLDLQ). This module is that
+common recursion; each method supplies its rule (see :func:`sweep`).
+
+Preparation (IST-DASLab ``gptq.py`` / ``sparsegpt.py``; :func:`drop_dead`, :func:`hinv_cholesky`):
+dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[i] = 0``; damping
+``H += percdamp * mean(diag(H)) * I``, raised tenfold while the Cholesky factorisation fails;
+``Hinv`` is the upper Cholesky factor ``U`` of ``H^{-1} = U^T U``.
+
+The recursion (:func:`sweep`), with lazy batch updates over blocks of ``blocksize`` rows
+``[i1, i2)`` and steps of ``step`` rows ``S = [i, i + step)`` inside a block:
+
+* the rule maps the current rows ``w = W[S]`` to ``q`` (same shape);
+* ``Err[S] = U[S, S]^{-T} (w - q)`` (for ``step = 1``: ``(w - q) / U[i, i]``);
+* ``W[i:i2] -= U[S, i:i2]^T Err[S]`` inside the block, and after the block
+  ``W[i2:] -= U[i1:i2, i2:]^T Err[i1:i2]`` in one matmul.
+
+For ``step = 1`` this is GPTQ's Algorithm 1 exactly. For ``step > 1`` it is the block OBS update
+of GPTVQ (van Baalen et al. 2024, eq. 4) and QuIP#'s BlockLDLQ (Tseng et al. 2024, Alg. 3): the
+remaining rows absorb the optimal compensation for the whole step's error given that the step's
+rows are fixed together. The objective reported, ``loss = sum ||Err[S]||^2 / 2``, is GPTQ's
+``sum((w - q)^2 / d^2) / 2`` for ``step = 1`` and in general the increase of ``||X W - X Q||^2``
+(divided by ``2n``) that each step causes given the rows before it.
+
+References:
+  Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ", arXiv:2210.17323 (Algorithm 1).
+  Frantar & Alistarh, "SparseGPT", arXiv:2301.00774 (Algorithm 1).
+  van Baalen et al., "GPTVQ: The Blessing of Dimensionality for LLM Quantization",
+  arXiv:2402.15319 (Algorithm 1, the block update).
+  Tseng, Chee, Sun, Kuleshov, De Sa, "QuIP#", arXiv:2402.04396 (Algorithm 3, BlockLDLQ).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# The papers' variable names (H, Hinv, W, Err1, ...) are kept on purpose.
+# pylint: disable=invalid-name
+
+__all__ = ["DAMP_RETRIES", "Step", "drop_dead", "hinv_cholesky", "percdamp_schedule", "sweep"]
+
+#: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
+#: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
+DAMP_RETRIES = 6
+
+
+def percdamp_schedule(percdamp: float, t: int) -> float:
+  """Relative damping of attempt ``t`` (``0 <= t < DAMP_RETRIES``)."""
+  if t == 0:
+    return percdamp
+  return (percdamp if percdamp > 0 else 1e-5) * 10.0**t
+
+
+def drop_dead(W: jax.Array, H: jax.Array):
+  """Dead inputs (``H[i, i] == 0``: the feature is always zero): ``H[i, i] = 1``, ``W[i] = 0``.
+
+  Returns ``(W, H, dead)`` with ``dead`` the ``(K,)`` boolean mask.
+  """
+  dead = jnp.diag(H) == 0
+  H = H + jnp.diag(dead.astype(H.dtype))
+  W = jnp.where(dead[:, None], jnp.zeros((), W.dtype), W)
+  return W, H, dead
+
+
+def hinv_cholesky(H: jax.Array, percdamp: float):
+  """Upper Cholesky factor of ``(H + damp I)^{-1}``, raising ``damp`` until it succeeds.
+
+  Returns ``(Hinv, percdamp_used, damp, ok)``; ``Hinv`` is upper triangular with
+  ``(H + damp I)^{-1} = Hinv^T Hinv``. If every damping of the schedule fails (e.g. ``H``
+  holds NaNs), ``Hinv = I`` (no error feedback: plain rounding) and ``ok`` is ``False``.
+  """
+  K = H.shape[0]
+  eye = jnp.eye(K, dtype=H.dtype)
+  mean_diag = jnp.mean(jnp.diag(H))
+  rels = jnp.asarray([percdamp_schedule(percdamp, t) for t in range(DAMP_RETRIES)], H.dtype)
+
+  def attempt(t):
+    rel = rels[t]
+    damp = rel * mean_diag
+    L = jnp.linalg.cholesky(H + damp * eye)
+    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)  # torch.cholesky_inverse
+    Hinv = jnp.triu(jnp.linalg.cholesky(Hinv, upper=True))
+    return rel, damp, Hinv
+
+  def cond(state):
+    t, _, _, _, ok = state
+    return jnp.logical_and(jnp.logical_not(ok), t < DAMP_RETRIES)
+
+  def body(state):
+    t = state[0]
+    rel, damp, Hinv = attempt(t)
+    return t + 1, rel, damp, Hinv, jnp.all(jnp.isfinite(Hinv))
+
+  zero = jnp.zeros((), H.dtype)
+  _, rel, damp, Hinv, ok = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), zero, zero, eye, jnp.zeros((), bool)))
+  Hinv = jnp.where(ok, Hinv, eye)
+  return Hinv, rel, damp, ok
+
+
+class Step(NamedTuple):
+  """What a rounding rule sees at one step of :func:`sweep`.
+
+  Attributes:
+    j: index (in processing order, padded) of the step's first row; a traced int32.
+    i: index of that row inside the current block.
+    w: ``(step, N)`` the step's current rows (every earlier step's error fed in).
+    U: ``(step, step)`` the step's diagonal block of ``Hinv`` (upper triangular); ``U[r, r]``
+      is GPTQ's ``d`` of row ``j + r``.
+    block: ``(blocksize, N)`` the current block's rows, up to date for rows ``>= i``.
+    rows: ``rows(start, size)`` returns rows ``[start, start + size)`` (any rows, also past the
+      block) with every error so far fed in: what GPTQ fits a group's grid to.
+  """
+
+  j: jax.Array
+  i: jax.Array
+  w: jax.Array
+  U: jax.Array
+  block: jax.Array
+  rows: Callable[[Any, int], jax.Array]
+
+
+Rule = Callable[[Step, Any], tuple[jax.Array, Any]]
+BlockStart = Callable[[jax.Array, jax.Array, jax.Array, Any], Any]
+
+
+def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: int,
+          step: int = 1, block_start: BlockStart | None = None):
+  """Runs the OBS recursion (module docstring) with ``rule`` choosing each step's values.
+
+  Args:
+    W: ``(K, N)`` weight, rows in processing order, dead rows zeroed (:func:`drop_dead`).
+    Hinv: ``(K, K)`` upper Cholesky factor of the damped ``H^{-1}`` in the same order.
+    rule: ``rule(step: Step, state) -> (q, state)`` with ``q`` of shape ``(step, N)``. It is
+      also called on padding rows (``j >= K``, ``w = 0``); their values are dropped and their
+      error reaches no real row.
+    state: the rule's carried state (any pytree; codes, grids, masks, ...).
+    blocksize: rows per lazy batch update (a performance knob: results do not depend on it
+      beyond float rounding, unless the rule itself looks at blocks).
+    step: rows rounded jointly (1 for scalar rules; the vector dimension for codebooks and
+      lattices). ``min(blocksize, K)`` must be a multiple of it.
+    block_start: optional ``block_start(i1, W1, Hinv11, state) -> state`` called when a block
+      ``[i1, i1 + B)`` starts, with its current rows ``W1`` and ``Hinv`` block (SparseGPT
+      chooses the block's mask there).
+
+  Returns:
+    ``(Q, state, loss)``: the ``(K, N)`` values the rule chose (processing order), its final
+    state, and ``sum ||Err||^2 / 2`` over real rows (module docstring).
+  """
+  K, N = W.shape
+  ctype = W.dtype
+  B = min(blocksize, K)
+  if B % step:
+    raise ValueError(f"blocksize={blocksize} (or K={K} if smaller) must be a multiple of "
+                     f"step={step}")
+  Kp = -(-K // B) * B
+  if Kp != K:
+    # Padding rows: W = 0 and an identity block of Hinv, so they never feed errors into real rows.
+    W = jnp.pad(W, ((0, Kp - K), (0, 0)))
+    Hinv = jnp.pad(Hinv, ((0, Kp - K), (0, Kp - K)))
+    Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
+
+  def block_step(b, carry):
+    W, Q, loss, state = carry
+    i1 = b * B
+    Hinv1 = jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)  # (B, Kp): rows of the block
+    Hinv11 = jax.lax.dynamic_slice_in_dim(Hinv1, i1, B, axis=1)  # (B, B)
+    W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=0)
+    if block_start is not None:
+      state = block_start(i1, W1, Hinv11, state)
+    Err1 = jnp.zeros_like(W1)
+
+    def step_fn(t, carry):
+      W1, Err1, Q, loss, state = carry
+      i = t * step
+      j = i1 + i
+
+      def rows(start, size):
+        return (jax.lax.dynamic_slice_in_dim(W, start, size, axis=0)
+                - jax.lax.dynamic_slice_in_dim(Hinv1, start, size, axis=1).T @ Err1)
+
+      if step == 1:
+        w = W1[i][None]
+        U = Hinv11[i, i][None, None]
+      else:
+        w = jax.lax.dynamic_slice_in_dim(W1, i, step, axis=0)
+        U = jax.lax.dynamic_slice(Hinv11, (i, i), (step, step))
+      q, state = rule(Step(j=j, i=i, w=w, U=U, block=W1, rows=rows), state)
+      q = q.astype(ctype)
+      real = (j + jnp.arange(step)) < K
+      if step == 1:
+        # Hinv11[i, :i] == 0 (upper triangular): W1[i:] -= outer(Hinv11[i, i:], err1).
+        err1 = (w[0] - q[0]) / U[0, 0]
+        W1 = W1 - Hinv11[i][:, None] * err1[None, :]
+        Err1 = jax.lax.dynamic_update_index_in_dim(Err1, err1, i, axis=0)
+        loss = loss + jnp.where(real[0], jnp.sum((w[0] - q[0])**2) / U[0, 0]**2 / 2,
+                                jnp.zeros((), ctype))
+      else:
+        err = jax.scipy.linalg.solve_triangular(U, w - q, trans="T", lower=False)
+        W1 = W1 - jax.lax.dynamic_slice_in_dim(Hinv11, i, step, axis=0).T @ err
+        Err1 = jax.lax.dynamic_update_slice_in_dim(Err1, err, i, axis=0)
+        loss = loss + jnp.sum(jnp.where(real[:, None], err**2, 0)) / 2
+      Q = jax.lax.dynamic_update_slice_in_dim(Q, q, j, axis=0)
+      return W1, Err1, Q, loss, state
+
+    W1, Err1, Q, loss, state = jax.lax.fori_loop(0, B // step, step_fn,
+                                                 (W1, Err1, Q, loss, state))
+    # Lazy batch update of all later rows: W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1. Rows before
+    # i1 get zero (Hinv is upper triangular); rows of this block are done and never read.
+    W = W - Hinv1.T @ Err1
+    return W, Q, loss, state
+
+  _, Q, loss, state = jax.lax.fori_loop(
+      0, Kp // B, block_step, (W, jnp.zeros((Kp, N), ctype), jnp.zeros((), ctype), state))
+  return Q[:K], state, loss

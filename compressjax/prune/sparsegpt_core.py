@@ -17,7 +17,9 @@ Per block of ``blocksize`` rows ``[i1, i2)`` (Algorithm 1, "adaptive mask select
 
 Then row by row, the pruned entries are zeroed, ``err = (w - q) / d`` and the OBS update
 ``W[i:i2] -= outer(Hinv[i, i:i2], err)`` is applied; after the block,
-``W[i2:] -= Hinv[i1:i2, i2:]^T @ Err``.
+``W[i2:] -= Hinv[i1:i2, i2:]^T @ Err``. That recursion is the shared OBS solver
+(:func:`compressjax.quantize.obs_core.sweep`); this module supplies the mask choice (at block
+start, or every ``m`` rows) and the rule "zero the pruned entries".
 
 References:
   Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
@@ -35,7 +37,7 @@ import numpy as np
 
 from compressjax.formats import base
 from compressjax.prune import masks
-from compressjax.quantize.gptq_core import _hinv_cholesky
+from compressjax.quantize import obs_core
 
 # The paper's variable names (H, Hinv, W, Err1, ...) are kept on purpose.
 # pylint: disable=invalid-name
@@ -66,70 +68,39 @@ def _check(W, H, blocksize, percdamp, sparsity, nm):
 def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
   K, N = W.shape
   ctype = base.accumulation_dtype(W.dtype, H.dtype)
-  W = W.astype(ctype)
-  H = H.astype(ctype)
-  dead = jnp.diag(H) == 0
-  H = H + jnp.diag(dead.astype(ctype))
-  W = jnp.where(dead[:, None], jnp.zeros((), ctype), W)
-  Hinv, percdamp_used, damp, ok = _hinv_cholesky(H, percdamp)
-
+  W, H, dead = obs_core.drop_dead(W.astype(ctype), H.astype(ctype))
+  Hinv, percdamp_used, damp, ok = obs_core.hinv_cholesky(H, percdamp)
   B = min(blocksize, K)
   Kp = -(-K // B) * B
-  if Kp != K:  # padding rows: W = 0, identity Hinv block, never pruned nor counted
-    W = jnp.pad(W, ((0, Kp - K), (0, 0)))
-    Hinv = jnp.pad(Hinv, ((0, Kp - K), (0, Kp - K)))
-    Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
-  real = jnp.arange(Kp) < K
+  real = jnp.arange(Kp) < K  # padding rows (added by obs_core.sweep) are never pruned
 
-  def block_step(b, carry):
-    W, keep, loss = carry
-    i1 = b * B
-    Hinv1 = jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)
-    Hinv11 = jax.lax.dynamic_slice_in_dim(Hinv1, i1, B, axis=1)
+  def block_start(i1, W1, Hinv11, keep):
+    """Unstructured: the whole block's mask, from its current rows' OBS saliency."""
+    if nm is not None:
+      return keep
     d = jnp.diag(Hinv11)
-    W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=0)
     real1 = jax.lax.dynamic_slice_in_dim(real, i1, B)
-    if nm is None:
-      sal = jnp.where(real1[:, None], W1**2 / d[:, None]**2, jnp.inf)
-      n_prune = jnp.round(sparsity * jnp.sum(real1) * N).astype(jnp.int32)
-      r = masks.ranks(sal)
-      keep1 = r >= n_prune
-    else:
-      keep1 = jnp.ones((B, N), bool)
-    Err1 = jnp.zeros_like(W1)
+    sal = jnp.where(real1[:, None], W1**2 / d[:, None]**2, jnp.inf)
+    n_prune = jnp.round(sparsity * jnp.sum(real1) * N).astype(jnp.int32)
+    return jax.lax.dynamic_update_slice_in_dim(keep, masks.ranks(sal) >= n_prune, i1, axis=0)
 
-    def row_step(i, c):
-      W1, Err1, keep1, loss = c
-      if nm is not None:
-        n, m = nm
+  def rule(st, keep):
+    """Zero the pruned entries of one row (N:M: choose the next ``m`` rows' mask first)."""
+    if nm is not None:
+      n, m = nm
 
-        def choose(keep1):
-          rows = jax.lax.dynamic_slice_in_dim(W1, i, m, axis=0)
-          dd = jax.lax.dynamic_slice_in_dim(d, i, m)
-          kg = masks.ranks(rows**2 / dd[:, None]**2, axis=0) >= m - n
-          return jax.lax.dynamic_update_slice_in_dim(keep1, kg, i, axis=0)
+      def choose(keep):
+        rows = jax.lax.dynamic_slice_in_dim(st.block, st.i, m, axis=0)
+        dd = jax.lax.dynamic_slice_in_dim(jnp.diag(Hinv), st.j, m)
+        kg = masks.ranks(rows**2 / dd[:, None]**2, axis=0) >= m - n
+        return jax.lax.dynamic_update_slice_in_dim(keep, kg, st.j, axis=0)
 
-        keep1 = jax.lax.cond(i % m == 0, choose, lambda k: k, keep1)
-      w = W1[i]
-      q = jnp.where(keep1[i], w, jnp.zeros((), ctype))
-      dii = Hinv11[i, i]
-      loss = loss + jnp.sum((w - q)**2) / dii**2 / 2
-      err1 = (w - q) / dii
-      W1 = W1 - Hinv11[i][:, None] * err1[None, :]
-      W1 = W1.at[i].set(q)
-      Err1 = Err1.at[i].set(err1)
-      return W1, Err1, keep1, loss
+      keep = jax.lax.cond(st.i % m == 0, choose, lambda k: k, keep)
+    return jnp.where(keep[st.j], st.w[0], jnp.zeros((), ctype))[None], keep
 
-    W1, Err1, keep1, loss = jax.lax.fori_loop(0, B, row_step, (W1, Err1, keep1, loss))
-    W = W - Hinv1.T @ Err1
-    W = jax.lax.dynamic_update_slice_in_dim(W, W1, i1, axis=0)
-    keep = jax.lax.dynamic_update_slice_in_dim(keep, keep1, i1, axis=0)
-    return W, keep, loss
-
-  W, keep, loss = jax.lax.fori_loop(0, Kp // B, block_step,
-                                    (W, jnp.ones((Kp, N), bool), jnp.zeros((), ctype)))
-  W, keep = W[:K], keep[:K]
-  W = jnp.where(keep, W, jnp.zeros((), ctype))
+  W, keep, loss = obs_core.sweep(W, Hinv, rule, jnp.ones((Kp, N), bool), blocksize=blocksize,
+                                 block_start=block_start)
+  keep = keep[:K]
   info = {"loss": loss, "damp": damp, "percdamp": percdamp_used, "cholesky_ok": ok,
           "dead": jnp.sum(dead.astype(jnp.int32))}
   return W, keep, info
@@ -180,7 +151,7 @@ def sparsegpt_reference(W, H, *, sparsity: float = 0.5, pattern: str | None = No
   dead = np.diag(H) == 0
   H[dead, dead] = 1
   W[dead] = 0
-  Hinv, _, _, _ = _hinv_cholesky(jnp.asarray(H, jnp.float32), float(percdamp))
+  Hinv, _, _, _ = obs_core.hinv_cholesky(jnp.asarray(H, jnp.float32), float(percdamp))
   Hinv = np.array(Hinv, np.float64)
   keep = np.ones((K, N), bool)
   B = min(blocksize, K)

@@ -29,7 +29,9 @@ paper / reference, ``W_paper`` (out, in)    here, ``W`` (K, N) = (in, out)
 and ``blocksize`` are indexed by input feature in both layouts and need no
 transposition.
 
-Algorithm (paper, Algorithm 1), with the reference's preparation:
+Algorithm (paper, Algorithm 1), with the reference's preparation. Steps 1-3 are the shared OBS
+solver :mod:`compressjax.quantize.obs_core` (``drop_dead``, ``hinv_cholesky``, ``sweep``); this
+module supplies GPTQ's rounding rule (grids, SpQR outliers, OWQ kept rows, a fixed mask):
 
 1. Dead inputs (``H[i, i] == 0``: the feature is always zero) get
    ``H[i, i] = 1`` and ``W[i, :] = 0``.
@@ -92,6 +94,7 @@ import numpy as np
 from compressjax.formats import base
 from compressjax.formats.quantized import QuantizedArray
 from compressjax.formats.quantized import dequantize
+from compressjax.quantize import obs_core
 from compressjax.quantize import rtn_core
 from compressjax.quantize.rtn_core import quantize_codes
 from compressjax.quantize.rtn_core import rtn_params
@@ -101,16 +104,8 @@ from compressjax.quantize.rtn_core import rtn_params
 
 __all__ = ["DAMP_RETRIES", "gptq_quantize", "gptq_masked", "gptq_reference"]
 
-#: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
-#: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
-DAMP_RETRIES = 6
-
-
-def _percdamp_schedule(percdamp: float, t: int) -> float:
-  """Relative damping of attempt ``t`` (``0 <= t < DAMP_RETRIES``)."""
-  if t == 0:
-    return percdamp
-  return (percdamp if percdamp > 0 else 1e-5) * 10.0**t
+DAMP_RETRIES = obs_core.DAMP_RETRIES
+_percdamp_schedule = obs_core.percdamp_schedule
 
 
 def _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups) -> int:
@@ -143,40 +138,7 @@ def _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_g
 # ----------------------------------------------------------------------------------------
 
 
-def _hinv_cholesky(H: jax.Array, percdamp: float):
-  """Upper Cholesky factor of ``(H + damp I)^{-1}``, raising ``damp`` until it succeeds.
-
-  Returns ``(Hinv, percdamp_used, damp, ok)``; ``Hinv`` is upper triangular
-  with ``(H + damp I)^{-1} = Hinv^T Hinv``.
-  """
-  K = H.shape[0]
-  eye = jnp.eye(K, dtype=H.dtype)
-  mean_diag = jnp.mean(jnp.diag(H))
-
-  rels = jnp.asarray([_percdamp_schedule(percdamp, t) for t in range(DAMP_RETRIES)], H.dtype)
-
-  def attempt(t):
-    rel = rels[t]
-    damp = rel * mean_diag
-    L = jnp.linalg.cholesky(H + damp * eye)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)  # torch.cholesky_inverse
-    Hinv = jnp.triu(jnp.linalg.cholesky(Hinv, upper=True))
-    return rel, damp, Hinv
-
-  def cond(state):
-    t, _, _, _, ok = state
-    return jnp.logical_and(jnp.logical_not(ok), t < DAMP_RETRIES)
-
-  def body(state):
-    t = state[0]
-    rel, damp, Hinv = attempt(t)
-    return t + 1, rel, damp, Hinv, jnp.all(jnp.isfinite(Hinv))
-
-  zero = jnp.zeros((), H.dtype)
-  _, rel, damp, Hinv, ok = jax.lax.while_loop(
-      cond, body, (jnp.zeros((), jnp.int32), zero, zero, eye, jnp.zeros((), bool)))
-  Hinv = jnp.where(ok, Hinv, eye)  # all retries failed: RTN (no error feedback)
-  return Hinv, rel, damp, ok
+_hinv_cholesky = obs_core.hinv_cholesky
 
 
 def stats_roundtrip(S: jax.Array, *, stats_bits: int, stats_group_size: int,
@@ -287,9 +249,7 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
     return qq(s), (z if symmetric else qq(z))
 
   # 1. Dead inputs.
-  dead = jnp.diag(H) == 0
-  H = H + jnp.diag(dead.astype(ctype))
-  W = jnp.where(dead[:, None], jnp.zeros((), ctype), W)
+  W, H, dead = obs_core.drop_dead(W, H)
 
   # Grids known up front: static groups, or the single per-channel group (whose
   # grid "at its first row" is that of the unmodified W).
@@ -330,28 +290,23 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
   else:
     tau = jnp.asarray(jnp.inf, ctype)
 
-  # Pad K to a multiple of the block size with dead-like rows: W = 0 and an
-  # identity block of Hinv, so they never feed errors into real rows.
+  # Padding rows (obs_core.sweep pads K to a multiple of the block size): the rule sees them at
+  # j >= K; they belong to no group and keep nothing exactly.
   B = min(blocksize, K)
   Kp = -(-K // B) * B
   if Kp != K:
-    W = jnp.pad(W, ((0, Kp - K), (0, 0)))
-    Hinv = jnp.pad(Hinv, ((0, Kp - K), (0, Kp - K)))
-    Hinv = Hinv.at[K:, K:].set(jnp.eye(Kp - K, dtype=ctype))
     perm = jnp.concatenate([perm, jnp.arange(K, Kp)])
     kept_row = jnp.concatenate([kept_row, jnp.zeros((Kp - K,), bool)])
     if pruned is not None:
       pruned = jnp.pad(pruned, ((0, Kp - K), (0, 0)))
-    dinv_all = jnp.concatenate([dinv_all, jnp.ones((Kp - K,), ctype)])
   group_of_row = jnp.minimum(perm // gs, G - 1)  # original group of each processed row
 
-  def grid_at(j, W, Hinv1, Err1):
+  def grid_at(j, rows_fn):
     """Grid of the group starting at row ``j`` from its current (fully updated) rows.
 
     Returns the statistics to use and the ones to store (equal without level 2).
     """
-    rows = (jax.lax.dynamic_slice_in_dim(W, j, gs, axis=0)
-            - jax.lax.dynamic_slice_in_dim(Hinv1, j, gs, axis=1).T @ Err1)
+    rows = rows_fn(j, gs)
     mask = None if pruned is None else jax.lax.dynamic_slice_in_dim(pruned, j, gs, axis=0)
     if outliers:
       dinv = 1.0 / jax.lax.dynamic_slice_in_dim(dinv_all, j, gs)
@@ -360,75 +315,50 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
     s_raw, z_raw = fit_grid(rows, mask)
     return (*level2(s_raw, z_raw), s_raw, z_raw)
 
-  def block_step(b, carry):
-    W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = carry
-    i1 = b * B
-    Hinv1 = jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)  # (B, Kp): rows of the block
-    Hinv11 = jax.lax.dynamic_slice_in_dim(Hinv1, i1, B, axis=1)  # (B, B): Hinv[i1:i2, i1:i2]
-    W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=0)
-    Err1 = jnp.zeros_like(W1)
-
-    def row_step(i, carry):
-      W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = carry
-      j = i1 + i
-      if upfront:
-        g = group_of_row[j]
-        scale_g, zero_g = use_scale_all[g], use_zero_all[g]
-      else:
-        new_group = jnp.logical_and(j % gs == 0, j < K)
-        scale_g, zero_g, s_raw, z_raw = jax.lax.cond(
-            new_group, lambda: grid_at(j, W, Hinv1, Err1),
-            lambda: (scale_g, zero_g, scales[jnp.minimum(j // gs, G - 1)],
-                     zeros[jnp.minimum(j // gs, G - 1)]))
-        g = jnp.minimum(j // gs, G - 1)
-        scales = jax.lax.dynamic_update_index_in_dim(scales, s_raw, g, axis=0)
-        zeros = jax.lax.dynamic_update_index_in_dim(zeros, z_raw, g, axis=0)
-      zero_arg = None if symmetric else zero_g
-      w = W1[i]
-      d = Hinv11[i, i]
-      q = dequantize(quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric),
-                     scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
-      if track_resid:
-        # Outliers (SpQR) and kept rows (OWQ) keep w exactly; their code is that of 0.
-        exact = jnp.logical_or(((w - q) / d)**2 > tau, kept_row[j])
-        code = quantize_codes(jnp.where(exact, jnp.zeros((), ctype), w), scale_g, zero_arg,
-                              bits=bits, symmetric=symmetric)
-        qb = dequantize(code, scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
-        q = jnp.where(exact, w, qb)
-        Rbuf = jax.lax.dynamic_update_index_in_dim(Rbuf, q - qb, j, axis=0)
-        n_out = n_out + jnp.sum(jnp.logical_and(exact, jnp.logical_not(kept_row[j])))
-      else:
-        code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
-      if pruned is not None:
-        q = jnp.where(pruned[j], jnp.zeros((), ctype), q)
-      real = j < K
-      loss = loss + jnp.where(real, jnp.sum((w - q)**2) / d**2 / 2, jnp.zeros((), ctype))
-      err1 = (w - q) / d
-      # Hinv11[i, :i] == 0 (upper triangular), so this is W1[i:] -= outer(Hinv1[i, i:], err1).
-      W1 = W1 - Hinv11[i][:, None] * err1[None, :]
-      Err1 = jax.lax.dynamic_update_index_in_dim(Err1, err1, i, axis=0)
-      codes = jax.lax.dynamic_update_index_in_dim(codes, code, j, axis=0)
-      if with_q:
-        Qbuf = jax.lax.dynamic_update_index_in_dim(Qbuf, q, j, axis=0)
-      return W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros
-
-    W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros = jax.lax.fori_loop(
-        0, B, row_step,
-        (W1, Err1, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros))
-    # Lazy batch update of all later rows: W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1. Rows before
-    # i1 get zero (Hinv is upper triangular); rows of this block are done and never read.
-    W = W - Hinv1.T @ Err1
-    return W, codes, Qbuf, Rbuf, loss, n_out, scale_g, zero_g, scales, zeros
+  def rule(st, carry):
+    """GPTQ's rounding of one row (``obs_core.sweep`` does the error feedback)."""
+    codes, Rbuf, n_out, scale_g, zero_g, scales, zeros = carry
+    j = st.j
+    if upfront:
+      g = group_of_row[j]
+      scale_g, zero_g = use_scale_all[g], use_zero_all[g]
+    else:
+      new_group = jnp.logical_and(j % gs == 0, j < K)
+      scale_g, zero_g, s_raw, z_raw = jax.lax.cond(
+          new_group, lambda: grid_at(j, st.rows),
+          lambda: (scale_g, zero_g, scales[jnp.minimum(j // gs, G - 1)],
+                   zeros[jnp.minimum(j // gs, G - 1)]))
+      g = jnp.minimum(j // gs, G - 1)
+      scales = jax.lax.dynamic_update_index_in_dim(scales, s_raw, g, axis=0)
+      zeros = jax.lax.dynamic_update_index_in_dim(zeros, z_raw, g, axis=0)
+    zero_arg = None if symmetric else zero_g
+    w = st.w[0]
+    d = st.U[0, 0]
+    q = dequantize(quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric),
+                   scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
+    if track_resid:
+      # Outliers (SpQR) and kept rows (OWQ) keep w exactly; their code is that of 0.
+      exact = jnp.logical_or(((w - q) / d)**2 > tau, kept_row[j])
+      code = quantize_codes(jnp.where(exact, jnp.zeros((), ctype), w), scale_g, zero_arg,
+                            bits=bits, symmetric=symmetric)
+      qb = dequantize(code, scale_g, zero_arg, bits=bits, symmetric=symmetric).astype(ctype)
+      q = jnp.where(exact, w, qb)
+      Rbuf = jax.lax.dynamic_update_index_in_dim(Rbuf, q - qb, j, axis=0)
+      n_out = n_out + jnp.sum(jnp.logical_and(exact, jnp.logical_not(kept_row[j])))
+    else:
+      code = quantize_codes(w, scale_g, zero_arg, bits=bits, symmetric=symmetric)
+    if pruned is not None:
+      q = jnp.where(pruned[j], jnp.zeros((), ctype), q)
+    codes = jax.lax.dynamic_update_index_in_dim(codes, code, j, axis=0)
+    return q[None], (codes, Rbuf, n_out, scale_g, zero_g, scales, zeros)
 
   codes = jnp.zeros((Kp, N), jnp.uint8)
-  Qbuf = jnp.zeros((Kp, N), ctype) if with_q else jnp.zeros((), ctype)
   Rbuf = jnp.zeros((Kp, N), ctype) if track_resid else jnp.zeros((), ctype)
   scale_g = jnp.zeros((N,), sdt)
   scales = jnp.zeros((G, N), sdt)
-  init = (W, codes, Qbuf, Rbuf, jnp.zeros((), ctype), jnp.zeros((), jnp.int32), scale_g, scale_g,
-          scales, scales)
-  _, codes, Qbuf, Rbuf, loss, n_out, _, _, scales, zeros = jax.lax.fori_loop(
-      0, Kp // B, block_step, init)
+  init = (codes, Rbuf, jnp.zeros((), jnp.int32), scale_g, scale_g, scales, scales)
+  Qbuf, (codes, Rbuf, n_out, _, _, scales, zeros), loss = obs_core.sweep(
+      W, Hinv, rule, init, blocksize=blocksize)
 
   if upfront:
     scales, zeros = scale_all, zero_all

@@ -74,3 +74,20 @@ def test_step_must_divide_blocksize():
   with pytest.raises(ValueError, match="multiple of step=8"):
     obs_core.sweep(jnp.zeros((48, 4)), jnp.eye(48), lambda st, s: (st.w, s), (), blocksize=20,
                    step=8)
+
+
+def test_without_values_the_state_and_loss_are_the_same():
+  X, W = _problem(seed=3)
+  Hinv, *_ = obs_core.hinv_cholesky(jnp.asarray(2 * X.T @ X / X.shape[0], jnp.float32), 0.01)
+
+  def rule(st, total):
+    q = jnp.round(st.w * 2) / 2
+    return q, total + jnp.sum(q)
+
+  Q, s1, l1 = obs_core.sweep(jnp.asarray(W, jnp.float32), Hinv, rule, 0.0, blocksize=20)
+  none, s2, l2 = obs_core.sweep(jnp.asarray(W, jnp.float32), Hinv, rule, 0.0, blocksize=20,
+                                keep_values=False)
+  assert none is None and Q.shape == W.shape
+  assert float(s1) == float(s2) == pytest.approx(float(jnp.sum(Q)))
+  assert float(l1) == float(l2)
+  assert obs_core.padded_length(48, 20) == 60 and obs_core.padded_length(48, 128) == 48

@@ -71,8 +71,9 @@ def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
   W, H, dead = obs_core.drop_dead(W.astype(ctype), H.astype(ctype))
   Hinv, percdamp_used, damp, ok = obs_core.hinv_cholesky(H, percdamp)
   B = min(blocksize, K)
-  Kp = -(-K // B) * B
+  Kp = obs_core.padded_length(K, blocksize)
   real = jnp.arange(Kp) < K  # padding rows (added by obs_core.sweep) are never pruned
+  d_all = jnp.pad(jnp.diag(Hinv), (0, Kp - K), constant_values=1)  # as sweep pads Hinv
 
   def block_start(i1, W1, Hinv11, keep):
     """Unstructured: the whole block's mask, from its current rows' OBS saliency."""
@@ -91,7 +92,7 @@ def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
 
       def choose(keep):
         rows = jax.lax.dynamic_slice_in_dim(st.block, st.i, m, axis=0)
-        dd = jax.lax.dynamic_slice_in_dim(jnp.diag(Hinv), st.j, m)
+        dd = jax.lax.dynamic_slice_in_dim(d_all, st.j, m)
         kg = masks.ranks(rows**2 / dd[:, None]**2, axis=0) >= m - n
         return jax.lax.dynamic_update_slice_in_dim(keep, kg, st.j, axis=0)
 

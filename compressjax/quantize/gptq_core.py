@@ -105,7 +105,6 @@ from compressjax.quantize.rtn_core import rtn_params
 __all__ = ["DAMP_RETRIES", "gptq_quantize", "gptq_masked", "gptq_reference"]
 
 DAMP_RETRIES = obs_core.DAMP_RETRIES
-_percdamp_schedule = obs_core.percdamp_schedule
 
 
 def _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups) -> int:
@@ -136,9 +135,6 @@ def _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_g
 # ----------------------------------------------------------------------------------------
 # Lazy-batch GPTQ (jitted).
 # ----------------------------------------------------------------------------------------
-
-
-_hinv_cholesky = obs_core.hinv_cholesky
 
 
 def stats_roundtrip(S: jax.Array, *, stats_bits: int, stats_group_size: int,
@@ -282,7 +278,7 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
   kept_row = (jnp.zeros((K,), bool) if keep is None else keep[perm])
 
   # 2. Damping and Cholesky of the inverse.
-  Hinv, percdamp_used, damp, ok = _hinv_cholesky(H, percdamp)
+  Hinv, percdamp_used, damp, ok = obs_core.hinv_cholesky(H, percdamp)
   dinv_all = jnp.diag(Hinv)
   if outliers:
     # SpQR: the threshold is relative to the mean Hessian-weighted weight variance.
@@ -292,8 +288,7 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
 
   # Padding rows (obs_core.sweep pads K to a multiple of the block size): the rule sees them at
   # j >= K; they belong to no group and keep nothing exactly.
-  B = min(blocksize, K)
-  Kp = -(-K // B) * B
+  Kp = obs_core.padded_length(K, blocksize)
   if Kp != K:
     perm = jnp.concatenate([perm, jnp.arange(K, Kp)])
     kept_row = jnp.concatenate([kept_row, jnp.zeros((Kp - K,), bool)])
@@ -358,13 +353,13 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
   scales = jnp.zeros((G, N), sdt)
   init = (codes, Rbuf, jnp.zeros((), jnp.int32), scale_g, scale_g, scales, scales)
   Qbuf, (codes, Rbuf, n_out, _, _, scales, zeros), loss = obs_core.sweep(
-      W, Hinv, rule, init, blocksize=blocksize)
+      W, Hinv, rule, init, blocksize=blocksize, keep_values=with_q)
 
   if upfront:
     scales, zeros = scale_all, zero_all
   zero = None if symmetric else zeros
   codes = codes[:K]
-  Q = Qbuf[:K] if with_q else None
+  Q = Qbuf  # None unless with_q
   R = Rbuf[:K] if track_resid else None
   if permuted:
     invperm = jnp.argsort(perm[:K])
@@ -524,7 +519,7 @@ def gptq_reference(W, H, *, bits: int, group_size: int | None = None, symmetric:
   Hinv = np.eye(K)
   ok = False
   for t in range(DAMP_RETRIES):
-    used = _percdamp_schedule(float(percdamp), t)
+    used = obs_core.percdamp_schedule(float(percdamp), t)
     damp = used * mean_diag
     try:
       Hinv = np.linalg.cholesky(np.linalg.inv(H + damp * np.eye(K))).T  # upper

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 # The papers' variable names (H, Hinv, W, Err1, ...) are kept on purpose.
 # pylint: disable=invalid-name
 
-__all__ = ["DAMP_RETRIES", "Step", "drop_dead", "hinv_cholesky", "percdamp_schedule", "sweep"]
+__all__ = ["DAMP_RETRIES", "Step", "drop_dead", "hinv_cholesky", "padded_length", "percdamp_schedule",
+           "sweep"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -108,6 +109,15 @@ def hinv_cholesky(H: jax.Array, percdamp: float):
   return Hinv, rel, damp, ok
 
 
+def padded_length(K: int, blocksize: int) -> int:
+  """Rows :func:`sweep` runs over: ``K`` rounded up to a multiple of ``min(blocksize, K)``.
+
+  Rules whose state is indexed by the step's row ``j`` size it with this.
+  """
+  B = min(blocksize, K)
+  return -(-K // B) * B
+
+
 class Step(NamedTuple):
   """What a rounding rule sees at one step of :func:`sweep`.
 
@@ -135,7 +145,7 @@ BlockStart = Callable[[jax.Array, jax.Array, jax.Array, Any], Any]
 
 
 def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: int,
-          step: int = 1, block_start: BlockStart | None = None):
+          step: int = 1, block_start: BlockStart | None = None, keep_values: bool = True):
   """Runs the OBS recursion (module docstring) with ``rule`` choosing each step's values.
 
   Args:
@@ -152,10 +162,13 @@ def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: i
     block_start: optional ``block_start(i1, W1, Hinv11, state) -> state`` called when a block
       ``[i1, i1 + B)`` starts, with its current rows ``W1`` and ``Hinv`` block (SparseGPT
       chooses the block's mask there).
+    keep_values: collect the chosen values into ``Q``; ``False`` when the rule keeps what it
+    needs in its own state (GPTQ's codes), saving a ``(K, N)`` buffer written every step.
 
   Returns:
-    ``(Q, state, loss)``: the ``(K, N)`` values the rule chose (processing order), its final
-    state, and ``sum ||Err||^2 / 2`` over real rows (module docstring).
+    ``(Q, state, loss)``: the ``(K, N)`` values the rule chose (processing order; ``None``
+    without ``keep_values``), its final state, and ``sum ||Err||^2 / 2`` over real rows (module
+    docstring).
   """
   K, N = W.shape
   ctype = W.dtype
@@ -163,7 +176,7 @@ def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: i
   if B % step:
     raise ValueError(f"blocksize={blocksize} (or K={K} if smaller) must be a multiple of "
                      f"step={step}")
-  Kp = -(-K // B) * B
+  Kp = padded_length(K, blocksize)
   if Kp != K:
     # Padding rows: W = 0 and an identity block of Hinv, so they never feed errors into real rows.
     W = jnp.pad(W, ((0, Kp - K), (0, 0)))
@@ -210,7 +223,8 @@ def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: i
         W1 = W1 - jax.lax.dynamic_slice_in_dim(Hinv11, i, step, axis=0).T @ err
         Err1 = jax.lax.dynamic_update_slice_in_dim(Err1, err, i, axis=0)
         loss = loss + jnp.sum(jnp.where(real[:, None], err**2, 0)) / 2
-      Q = jax.lax.dynamic_update_slice_in_dim(Q, q, j, axis=0)
+      if keep_values:
+        Q = jax.lax.dynamic_update_slice_in_dim(Q, q, j, axis=0)
       return W1, Err1, Q, loss, state
 
     W1, Err1, Q, loss, state = jax.lax.fori_loop(0, B // step, step_fn,
@@ -220,6 +234,7 @@ def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: i
     W = W - Hinv1.T @ Err1
     return W, Q, loss, state
 
-  _, Q, loss, state = jax.lax.fori_loop(
-      0, Kp // B, block_step, (W, jnp.zeros((Kp, N), ctype), jnp.zeros((), ctype), state))
-  return Q[:K], state, loss
+  Q = jnp.zeros((Kp, N) if keep_values else (), ctype)
+  _, Q, loss, state = jax.lax.fori_loop(0, Kp // B, block_step,
+                                        (W, Q, jnp.zeros((), ctype), state))
+  return (Q[:K] if keep_values else None), state, loss

@@ -1,9 +1,11 @@
-"""``compressjax`` command line: ``compress`` and ``eval``.
+"""``compressjax`` command line: ``compress``, ``finetune`` and ``eval``.
 
   compressjax compress --config configs/rtn_w4g64.py [--config.output_dir=... --config.data.num_eval_windows=8]
   compressjax compress --config configs/default.py --config.compression.method=rtn \
       --config.compression.kwargs.bits=3 --config.compression.kwargs.group_size=64
   compressjax compress --config configs/sparsegpt_50_w4g64.py --config.compression.steps.1.bits=3
+  compressjax finetune --config configs/finetune_kd.py --config.checkpoint=runs/gptq_w2g64 \
+      --config.output_dir=runs/gptq_w2g64_kd
   compressjax eval --checkpoint runs/rtn_w4g64
 
 Method arguments (``compression.kwargs.NAME``, ``compression.steps.I.NAME``,
@@ -110,31 +112,50 @@ def _quiet_logs():
 
 
 def compress_main(argv=None):
+  def run(cfg, overrides):
+    from compressjax import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.run_compress(apply_method_args(cfg, overrides))
+
+  return _config_main("compressjax compress", run, argv, method_args=True)
+
+
+def finetune_main(argv=None):
+  def run(cfg, overrides):
+    del overrides
+    from compressjax.finetune import job  # pylint: disable=g-import-not-at-top
+    job.run_finetune(cfg)
+
+  return _config_main("compressjax finetune", run, argv, method_args=False)
+
+
+def _config_main(prog, run, argv=None, *, method_args: bool):
+  """Runs ``run(config, method_overrides)`` for a ``--config`` job; one-line errors."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   argv = list(sys.argv if argv is None else argv)
   debug = _debug(argv)
   argv = [a for a in argv if a != "--debug"]
-  argv, overrides = split_method_args(argv)
+  overrides = []
+  if method_args:
+    argv, overrides = split_method_args(argv)
   _add_config_root(argv)
   # sys_argv: config_flags reads its overrides from sys.argv unless told otherwise.
   config = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                            lock_config=True, sys_argv=argv)
 
   def main(_):
-    from compressjax import pipeline  # pylint: disable=g-import-not-at-top
     _quiet_logs()
     if config.value is None:
       raise app.UsageError("--config is required, e.g. --config configs/rtn_w4g64.py")
     try:
-      pipeline.run_compress(apply_method_args(config.value, overrides))
+      run(config.value, overrides)
     except Exception as e:  # pylint: disable=broad-except
       if debug:
         raise
-      sys.exit(_fail("compressjax compress", e))
+      sys.exit(_fail(prog, e))
     except KeyboardInterrupt:
-      print("compressjax compress: interrupted", file=sys.stderr)
+      print(f"{prog}: interrupted", file=sys.stderr)
       sys.exit(130)
 
   flags.FLAGS.unparse_flags()
@@ -146,7 +167,7 @@ def compress_main(argv=None):
   except SystemExit:
     raise
   except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
-    return _fail("compressjax compress", e)
+    return _fail(prog, e)
   return 0
 
 
@@ -181,6 +202,8 @@ def main(argv=None):
   cmd, rest = argv[1], argv[2:]
   if cmd == "compress":
     return compress_main([f"{argv[0]} compress", *rest])
+  if cmd == "finetune":
+    return finetune_main([f"{argv[0]} finetune", *rest])
   if cmd == "eval":
     return eval_main(rest)
   print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)

@@ -7,6 +7,7 @@
   python experiments/bench_quality.py --bench bench_prune   # magnitude/Wanda/SparseGPT 50%, 2:4, 4:8
   python experiments/bench_quality.py --bench bench_structured  # MLP channels removed: 10/20/30%
   python experiments/bench_quality.py --bench bench_lowrank  # SVD/ASVD, EoRA ranks, LQ-LoRA
+  python experiments/bench_quality.py --bench bench_extreme  # ~2/3 bits: incoherence, E8P, VQ, AQLM
   python experiments/bench_quality.py --bench bench_rtn --configs rtn_w4g64 --windows 8  # a quick look
   python experiments/bench_quality.py --bench bench_gptq --configs gptq_w4g64 --cal-source wiki
 
@@ -40,6 +41,8 @@ BENCHES = {
                       "sparsegpt_2of4_eora32", "sparsegpt_2of4_eora64", "lqlora_w3g64_r16",
                       "lqlora_w3g64_r21", "lqlora_w2g64_r21", "lqlora_w3g64_r32",
                       "gptq_w3g64_eora64_f4"),
+    "bench_extreme": ("gptq_w2g64_incoherent", "quip_e8p", "gptvq_d2_w2", "gptvq_d4_w2",
+                      "gptvq_d8_w2", "aqlm_2x8_g8", "gptq_w3g64_incoherent", "gptvq_d2_w3"),
 }
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "bench_structured": "python experiments/bench_quality.py --bench bench_structured",
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
     "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
+    "bench_extreme": "python experiments/bench_quality.py --bench bench_extreme",
     "bench_resume": "python experiments/bench_resume.py",
     "bench_peer": "python experiments/bench_peer.py",
 }

@@ -124,3 +124,36 @@ def test_every_config_builds_its_recipe_and_every_bench_entry_exists():
   for bench, configs in bench_quality.BENCHES.items():
     missing = [c for c in configs if c not in names]
     assert not missing, (bench, missing)
+
+
+def test_finetune_job_tunes_a_saved_checkpoint(tiny_gguf, tiny_data, tmp_path):
+  path, _ = tiny_gguf
+  data = [f"--config.data.dir={tiny_data}", "--config.data.seq_len=64",
+          "--config.data.num_eval_windows=2", "--config.data.batch_size=2"]
+  student = tmp_path / "student"
+  r = _run(["experiments/compress.py", "--config", "configs/rtn_w4g64.py", f"--config.model={path}",
+            "--config.eval_before=False", "--config.compression.kwargs.bits=2",
+            f"--config.output_dir={student}", *data])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out, results = tmp_path / "tuned", tmp_path / "ft.jsonl"
+  args = ["-m", "compressjax.cli", "finetune", "--config", "configs/finetune_kd.py",
+          f"--config.model={path}", f"--config.checkpoint={student}", *data,
+          "--config.calibration.num_windows=4", "--config.calibration.heldout_windows=2",
+          "--config.calibration.seq_len=64", "--config.finetune.steps=3",
+          "--config.finetune.accum=2", "--config.finetune.chunk=32", "--config.finetune.lr=1e-3",
+          f"--config.output_dir={out}", f"--config.results_file={results}",
+          f"--config.resume_dir={tmp_path / 'resume'}"]
+  r = _run(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rec = json.loads(results.read_text().strip().splitlines()[-1])
+  assert rec["method"] == "rtn-w4g64+kd" and rec["steps"] == 3 and len(rec["loss_curve"]) == 3
+  assert rec["bits_per_param"] == pytest.approx(2 + 16 / 64)
+  assert rec["heldout_kd_after"] is not None and rec["ppl_wiki"] > 1
+  assert os.path.exists(tmp_path / "resume" / "loss_log.jsonl")
+  r = _run(["experiments/eval.py", "--checkpoint", str(out), "--data-dir", tiny_data])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "yes" in r.stdout and "NO" not in r.stdout
+  # Refusals: no checkpoint; an output path inside the student checkpoint.
+  r = _run(["-m", "compressjax.cli", "finetune", "--config", "configs/finetune_kd.py",
+            f"--config.model={path}", *data])
+  assert r.returncode == 1 and "checkpoint" in r.stderr

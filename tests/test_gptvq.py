@@ -87,7 +87,8 @@ def test_error_feedback_beats_kmeans_and_both_beat_rtn_gptq(solved):
 def test_m_step_never_worse():
   W, _, H = _problem(K=64, N=32)
   kw = dict(dim=2, bits=2, group_size=32, out_block=16, blocksize=32)
-  _, _, _, info = gptvq_core.gptvq_quantize(W, H, m_step_iters=20, **kw)
+  _, _, _, info = jax.jit(lambda W, H: gptvq_core.gptvq_quantize(W, H, m_step_iters=20, **kw))(
+      W, H)
   assert float(info["output_loss"]) <= float(info["output_loss_before_m_step"])
 
 

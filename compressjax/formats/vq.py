@@ -32,9 +32,13 @@ from compressjax.formats import packing
 __all__ = ["LUT_MAX_ROWS", "VQArray", "code_container", "code_storage_bits", "vq_matmul_decode",
            "vq_matmul_lut", "vq_matmul_xla"]
 
-#: Products with at most this many rows of ``x`` use the lookup-table path (measured crossover,
-#: see :func:`vq_matmul_xla`).
-LUT_MAX_ROWS = 1
+#: Products with at most this many rows of ``x`` use the lookup-table path. Measured on the
+#: shared 2-core CPU host (jitted, min of 5), ``(M, 576) x (576, 1536)``, LUT / decode ms:
+#: d=2 (16 entries): M=1 0.42 / 1.33, M=2 0.89 / 1.37, M=4 1.75 / 1.37, M=8 4.8 / 1.5;
+#: d=4 (256): M=1 0.34 / 1.20, M=2 0.81 / 1.26, M=4 1.43 / 1.20, M=8 2.1 / 1.3;
+#: d=8 (256): M=1 0.37 / 0.86, M=2 0.72 / 0.82, M=4 0.89 / 0.94, M=8 2.5 / 1.4;
+#: M=32: LUT 66-174 ms vs decode 1.2-1.6 ms. Crossover between 2 and 4 rows. Not measured on GPU.
+LUT_MAX_ROWS = 2
 
 
 def code_container(code_bits: int) -> str:

@@ -179,3 +179,21 @@ def test_shape_mismatch_names_argument():
   params = {"layers": {0: {"mlp": {"up_proj": {"kernel": W}}}}}
   with pytest.raises(ValueError, match="out_block"):
     T.apply(T.gptvq(dim=2, bits=2, group_size=32, out_block=24), params, stats)
+
+
+@pytest.mark.parametrize("dim,bits", [(2, 2), (8, 1)])
+def test_padding_and_dead_inputs(dim, bits):
+  """K not a multiple of blocksize (sweep pads), a dead input, d=8: the stored codes decode to
+  the loss the solver reports, and it beats k-means without feedback."""
+  W, X, _ = _problem(K=96, N=16, n=256)
+  X = X.at[:, 5].set(0)
+  H = 2 * X.T @ X / 256
+  kw = dict(dim=dim, bits=bits, group_size=32, out_block=8)
+  codes, cq, cs, info = jax.jit(lambda W, H: gptvq_core.gptvq_quantize(
+      W, H, blocksize=64, **kw))(W, H)
+  vq = _vq(codes, cq, cs, dim, 32, 8)
+  fb = float(gptvq_core.output_loss(W, vq.materialize(), H))
+  np.testing.assert_allclose(float(info["output_loss"]), fb, rtol=1e-4)
+  assert int(info["dead"]) == 1
+  plain = _vq(*gptvq_core.vq_kmeans_quantize(W, H, **kw), dim, 32, 8).materialize()
+  assert fb < float(gptvq_core.output_loss(W, plain, H))

@@ -46,6 +46,7 @@ from compressjax.formats.sparse import BitmaskSparse
 from compressjax.formats.sparse import NMSparse
 from compressjax.formats.sparse import index_bits
 from compressjax.formats.sharding import partition_specs
+from compressjax.formats.vq import VQArray
 from compressjax.formats.sharding import tree_shardings
 
 __all__ = [
@@ -79,4 +80,5 @@ __all__ = [
     "tree_nbytes",
     "unpack",
     "valid_group_sizes",
+    "VQArray",
 ]

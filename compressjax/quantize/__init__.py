@@ -10,6 +10,7 @@ from compressjax.quantize.rtn_core import quantize_codes
 from compressjax.quantize.rtn_core import quantize_rtn
 from compressjax.quantize.rtn_core import rtn_codes
 from compressjax.quantize.rtn_core import rtn_params
+from compressjax.quantize.gptvq_core import gptvq_quantize
 
 __all__ = [
     "RTN_BITS",
@@ -22,4 +23,5 @@ __all__ = [
     "quantize_rtn",
     "rtn_codes",
     "rtn_params",
+    "gptvq_quantize",
 ]

@@ -4,6 +4,7 @@ from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, Le
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
 from compressjax.transforms.awq import awq
+from compressjax.transforms.gptvq import gptvq
 from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
 from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
@@ -16,4 +17,5 @@ __all__ = [
     "leaves_with_paths", "map_with_path", "path_str", "plan", "awq", "gptq", "owq", "rtn", "select",
     "spqr", "to_abstract", "magnitude", "wanda", "sparsegpt", "structured", "StructuredState",
     "svd", "asvd", "eora", "lq_lora",
+    "gptvq",
 ]

@@ -47,6 +47,7 @@ from compressjax.formats.sparse import NMSparse
 from compressjax.formats.sparse import index_bits
 from compressjax.formats.sharding import partition_specs
 from compressjax.formats.sharding import tree_shardings
+from compressjax.formats.e8p import E8PArray  # after the others: it imports quantize.e8p_core
 
 __all__ = [
     "partition_specs",
@@ -54,6 +55,7 @@ __all__ = [
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",
     "BitmaskSparse",
+    "E8PArray",
     "CompressedArray",
     "KeptRows",
     "LowRank",

@@ -7,6 +7,7 @@ from compressjax.transforms.awq import awq
 from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
 from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
+from compressjax.transforms.lattice import e8p
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, map_with_path, path_str)
 
@@ -16,4 +17,5 @@ __all__ = [
     "leaves_with_paths", "map_with_path", "path_str", "plan", "awq", "gptq", "owq", "rtn", "select",
     "spqr", "to_abstract", "magnitude", "wanda", "sparsegpt", "structured", "StructuredState",
     "svd", "asvd", "eora", "lq_lora",
+    "e8p",
 ]

@@ -1,0 +1,110 @@
+"""QuIP#'s E8P lattice-codebook format: 16-bit codes of 8 weights, one scale per layer.
+
+References:
+  Tseng et al., "QuIP#", ICML 2024, arXiv:2402.04396 (Sec. 4.2, the E8P codebook).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.formats import base
+from compressjax.formats import dispatch
+from compressjax.quantize import e8p_core
+
+__all__ = ["E8PArray", "e8p_matmul_xla"]
+
+#: Code rows (8 input rows each) decoded per step of the few-rows matmul.
+TILE_CODES = 32
+#: Up to this many activation rows the matmul decodes the weight tile by tile.
+FEW_ROWS = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class E8PArray(base.CompressedArray):
+  """``W = scale * E8P(codes)``: ``(K, N)`` weight as 16-bit E8P lattice codes.
+
+  Invariants: ``codes`` is ``(K // 8, N)`` ``uint16``; ``codes[b, n]`` encodes the 8-vector
+  ``W[8b:8b+8, n]`` (8 consecutive *input* rows of output column ``n``) in the layout of
+  :mod:`compressjax.quantize.e8p_core` (8-bit table index, 7 sign bits, 1 shift bit);
+  ``scale`` is a float32 scalar ``()``; ``shape = (8 * codes.shape[0], codes.shape[1])``.
+  No codebook is stored: the ``256 x 8`` absolute-value table is the module constant
+  ``e8p_core.ABS_GRID``. Storage is exactly 2 bits per weight plus 4 bytes.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = E8PArray(jnp.zeros((2, 3), jnp.uint16), jnp.ones((), jnp.float32),
+    ...              dtype=jnp.float32)
+    >>> w.shape, w.nbytes, w.materialize()[:, 0].tolist()
+    ((16, 3), 16, [-0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.75, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25])
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  dtype: object = dataclasses.field(metadata=dict(static=True), kw_only=True)
+
+  #: Continuous children a fine-tune may train (codes are discrete).
+  trainable: ClassVar[tuple[str, ...]] = ("scale",)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    cs = getattr(self.codes, "shape", None)
+    if isinstance(cs, tuple) and len(cs) != 2:
+      raise ValueError(f"E8PArray codes must be (K // 8, N), got shape {cs}")
+    if getattr(self.codes, "dtype", np.uint16) != np.uint16:
+      raise ValueError(f"E8PArray codes must be uint16, got {self.codes.dtype}")
+    if tuple(getattr(self.scale, "shape", ())) != ():
+      raise ValueError(f"E8PArray scale must be a scalar, got shape {self.scale.shape}")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (e8p_core.CODESZ * int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+  def __repr__(self):
+    return f"E8PArray(shape={self.shape}, dtype={self.dtype.name})"
+
+  def materialize(self) -> jax.Array:
+    acc = base.accumulation_dtype(self.dtype)
+    return (_decode_rows(self.codes, acc) * self.scale.astype(acc)).astype(self.dtype)
+
+
+def _decode_rows(codes: jax.Array, dtype) -> jax.Array:
+  """``(B, N)`` codes -> the unscaled ``(8 B, N)`` weight rows they encode."""
+  b, n = codes.shape
+  v = e8p_core.decode(codes, dtype)  # (B, N, 8)
+  return jnp.swapaxes(v, 1, 2).reshape(b * e8p_core.CODESZ, n)
+
+
+def e8p_matmul_xla(x: jax.Array, w: E8PArray) -> jax.Array:
+  """``x @ W``. Few rows (``<= FEW_ROWS``): a ``lax.scan`` over tiles of ``TILE_CODES`` code
+  rows decoding one ``(8 TILE_CODES, N)`` tile at a time (never the whole weight); more rows:
+  decode the weight once and multiply densely."""
+  out_dtype = jnp.result_type(x.dtype, w.dtype)
+  acc = base.accumulation_dtype(out_dtype)
+  k, n = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k).astype(acc)
+  nb = w.codes.shape[0]
+  if x2.shape[0] <= FEW_ROWS and nb % TILE_CODES == 0 and nb > TILE_CODES:
+    t = nb // TILE_CODES
+    xs = jnp.swapaxes(x2.reshape(-1, t, TILE_CODES * e8p_core.CODESZ), 0, 1)
+    cs = w.codes.reshape(t, TILE_CODES, n)
+
+    def body(y, inp):
+      xt, ct = inp
+      return y + jnp.matmul(xt, _decode_rows(ct, acc), preferred_element_type=acc), None
+
+    y, _ = jax.lax.scan(body, jnp.zeros((x2.shape[0], n), acc), (xs, cs))
+  else:
+    y = jnp.matmul(x2, _decode_rows(w.codes, acc), preferred_element_type=acc)
+  y = y * w.scale.astype(acc)
+  return y.reshape(lead + (n,)).astype(out_dtype)
+
+
+jax.tree_util.register_dataclass(E8PArray, data_fields=["codes", "scale"], meta_fields=["dtype"])
+dispatch.register_matmul(E8PArray, "xla", e8p_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)

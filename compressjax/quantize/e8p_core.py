@@ -99,6 +99,7 @@ _ABS_PARITY = (ABS_GRID.sum(axis=1).astype(np.int64) % 2).astype(np.int32)
 _SIGN_SHIFTS = np.arange(CODESZ, 0, -1, dtype=np.int32)  # [8, 7, ..., 1]; entry 0 unused
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def decode(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
   """Codewords ``(..., 8)`` of 16-bit ``codes`` (any integer dtype holding ``0 .. 2**16 - 1``).
 
@@ -147,6 +148,7 @@ def _nearest_coset(y: jax.Array):
   return dist, a, neg
 
 
+@jax.jit
 def nearest(x: jax.Array):
   """Exact nearest E8P codeword of each 8-vector: ``(codes uint16 (...,), values (..., 8))``.
 

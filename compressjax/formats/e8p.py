@@ -38,10 +38,12 @@ class E8PArray(base.CompressedArray):
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> w = E8PArray(jnp.zeros((2, 3), jnp.uint16), jnp.ones((), jnp.float32),
-    ...              dtype=jnp.float32)
-    >>> w.shape, w.nbytes, w.materialize()[:, 0].tolist()
-    ((16, 3), 16, [-0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.75, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25, -0.25])
+    >>> codes = jnp.asarray([[0, 1, 2], [259, 0, 0]], jnp.uint16)
+    >>> w = E8PArray(codes, jnp.full((), 2.0, jnp.float32), dtype=jnp.float32)
+    >>> w.shape, w.nbytes
+    ((16, 3), 16)
+    >>> w.materialize()[:, 0].tolist()  # 2 * (S[0] - 1/4), then 2 * ((0.5 x 7, -1.5) + 1/4)
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, -2.5]
   """
 
   codes: jax.Array

@@ -156,9 +156,9 @@ def nearest(x: jax.Array):
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> codes, q = nearest(jnp.full((8,), 0.3))
-    >>> int(codes), q.tolist()
-    (1, [0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75])
+    >>> codes, q = nearest(jnp.asarray([0.8, -0.7, 0.6, 0.7, 0.75, 0.8, 0.7, -0.6]))
+    >>> int(codes), q.tolist()  # table entry 0, coordinates 1 and 7 negative (bits 7, 1), +1/4
+    (131, [0.75, -0.25, 0.75, 0.75, 0.75, 0.75, 0.75, -0.25])
   """
   x = jnp.asarray(x)
   if x.shape[-1] != CODESZ:

@@ -134,6 +134,21 @@ def test_blockldlq_beats_nearest_and_gptq_w2g64():
   assert e_tune <= e_ldlq * 1.001
 
 
+def test_padded_sweep_codes_are_what_the_solver_used():
+  # K = 200 is not a multiple of blocksize = 64: padding rows; dead input 3 (zero feature).
+  W, H, _ = _problem(k=200, n=16, seed=3)
+  H[3, :] = 0
+  H[:, 3] = 0
+  codes, scale, info = e8p_core.e8p_quantize(jnp.asarray(W, jnp.float32),
+                                             jnp.asarray(H, jnp.float32), blocksize=64)
+  assert codes.shape == (25, 16)
+  Q = np.asarray(E8PArray(codes, scale, dtype=jnp.float32).materialize(), np.float64)
+  Wd = W.copy()
+  Wd[3] = 0  # what the solver quantizes (drop_dead)
+  # The loss the solver reports is that of the values the codes decode to.
+  assert float(info["loss"]) * float(scale)**2 == pytest.approx(_out_err(Wd, Q, H) / 2, rel=0.1)
+
+
 def _leaf(k=128, n=64, dtype=jnp.float32):
   W, H, X = _problem(k, n)
   stats = LayerStats.zeros(k).add(X)
@@ -152,7 +167,7 @@ def test_format_bytes_materialize_dot_and_jit():
   direct = (np.asarray(e8p_core.decode(w.codes))  # (K/8, N, 8) -> (K, N), times the scale
             .transpose(0, 2, 1).reshape(W.shape) * float(w.scale))
   np.testing.assert_allclose(dense, direct, rtol=1e-6)
-  for rows in (1, 3, 40):  # few rows: K-tiled scan; many rows: decode once
+  for rows in (1, 3, 40):
     x = jax.random.normal(jax.random.key(rows), (rows, W.shape[0]))
     np.testing.assert_allclose(np.asarray(formats.dot(x, w)), np.asarray(x @ dense),
                                rtol=1e-4, atol=1e-5)

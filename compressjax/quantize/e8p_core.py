@@ -39,8 +39,8 @@ error is fed into the remaining rows by the block update (equal to BlockLDLQ's f
 ``(W - Q) L`` with the block LDL factor, here in forward order with the Cholesky factor of
 ``H^{-1}``). Optional ``tune_iters`` passes (the reference's ``quip_tune_iters``) then re-round
 each 8-row block to the minimiser of ``tr((W - Q)^T H (W - Q))`` with all other rows fixed,
-``Q_S + H_SS^{-1} H_S: (W - Q)`` (block coordinate descent; never increases that error
-before rounding, and in practice decreases it after).
+``Q_S + H_SS^{-1} H_S: (W - Q)`` (block coordinate descent; the tests check that it lowers
+the output error).
 
 References:
   Tseng, Chee, Sun, Kuleshov, De Sa, "QuIP#: Even Better LLM Quantization with Hadamard

@@ -48,6 +48,7 @@ from compressjax.formats.sparse import index_bits
 from compressjax.formats.sharding import partition_specs
 from compressjax.formats.vq import VQArray
 from compressjax.formats.sharding import tree_shardings
+from compressjax.formats.e8p import E8PArray  # after the others: it imports quantize.e8p_core
 
 __all__ = [
     "partition_specs",
@@ -55,6 +56,7 @@ __all__ = [
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",
     "BitmaskSparse",
+    "E8PArray",
     "CompressedArray",
     "KeptRows",
     "LowRank",

@@ -8,6 +8,7 @@ from compressjax.transforms.gptvq import gptvq
 from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
 from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
+from compressjax.transforms.lattice import e8p
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, map_with_path, path_str)
 
@@ -18,4 +19,5 @@ __all__ = [
     "spqr", "to_abstract", "magnitude", "wanda", "sparsegpt", "structured", "StructuredState",
     "svd", "asvd", "eora", "lq_lora",
     "gptvq",
+    "e8p",
 ]

@@ -1,0 +1,24 @@
+"""QuIP#-style 2-bit E8P lattice codebook with BlockLDLQ (2 bits per weight + one scale per
+layer).
+
+QuIP# applies E8P to incoherence-processed weights: the incoherence transform
+(``{"method": "incoherence", "seed": ...}``) is to be chained in front of the e8p step (added
+by the lead once that transform lands); without it this config is E8P+BlockLDLQ on raw weights.
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.compression.name = "quip-e8p"
+  # Steps run in order; incoherence goes first (see the module docstring).
+  c.compression.steps = (
+      # E8P codebook, BlockLDLQ with 1% damping, RMS/0.9 layer scale (QuIP#'s E8P12 setting);
+      # tune_iters: extra coordinate-descent passes (the reference's quip_tune_iters defaults
+      # to 10; each pass costs about one more BlockLDLQ sweep).
+      {"method": "e8p", "percdamp": 0.01, "blocksize": 128, "scale_override": 0.9,
+       "tune_iters": 0},
+  )
+  c.output_dir = "runs/quip_e8p"
+  return c

@@ -42,6 +42,7 @@ from compressjax.formats.quantized import QuantizedArray
 from compressjax.formats.quantized import dequantize
 from compressjax.formats.quantized import valid_group_sizes
 from compressjax.formats.lowrank import LowRank
+from compressjax.formats.additive import AdditiveCodebookArray
 from compressjax.formats.sparse import BitmaskSparse
 from compressjax.formats.sparse import NMSparse
 from compressjax.formats.sparse import index_bits
@@ -52,6 +53,7 @@ from compressjax.formats.e8p import E8PArray  # after the others: it imports qua
 
 __all__ = [
     "partition_specs",
+    "AdditiveCodebookArray",
     "tree_shardings",
     "FALLBACK_PRIORITY",
     "QUANTIZED_BITS",

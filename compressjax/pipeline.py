@@ -44,12 +44,14 @@ METHODS = {
     "lq_lora": transforms.lq_lora,
     "gptvq": transforms.gptvq,
     "e8p": transforms.e8p,
+    "aqlm": transforms.aqlm,
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
 DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured", "asvd", "eora",
               "lq_lora"}
 DATA_AWARE |= {"gptvq"}
 DATA_AWARE |= {"e8p"}
+DATA_AWARE |= {"aqlm"}
 # Methods that rewrite several parameters of a block together: they run at the top level of
 # the recipe (not inside a `where` rule).
 _TOP_LEVEL = ("awq", "structured")

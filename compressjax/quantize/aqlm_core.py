@@ -224,42 +224,49 @@ def beam_search_codes(W: jax.Array, XTX: jax.Array, C: jax.Array, s: jax.Array, 
   return out.transpose(1, 0, 2, 3).reshape(b.shape[0], N + pad, -1)[:, :N]
 
 
-def update_codebooks(W, XTX, C, s, b, *, iters: int) -> jax.Array:
+def update_codebooks(W, XTX, C, s, b, *, iters: int, ridge: float = 1e-4) -> jax.Array:
   """Least-squares codebooks given codes and scales, by ``iters`` steps of preconditioned CG.
 
   ``What = A(C)`` is linear in ``C``; the minimiser of ``tr((W - A C)^T XTX (W - A C))``
   solves ``A^T XTX A C = A^T XTX W``. CG starts from the current ``C`` (unused codewords keep
-  their value) with the Jacobi preconditioner ``diag(A^T XTX A)``.
+  their value) with the Jacobi preconditioner ``diag(A^T XTX A)``, on the system damped by
+  ``ridge`` times the mean of that diagonal (a proximal term around the current ``C``).
   """
   I, N, M = b.shape
   g = C.shape[2]
   nq = C.shape[1]
   A = lambda c: decode(b, c, s)
   _, AT = jax.vjp(A, C)
-  matvec = lambda c: AT(XTX @ A(c))[0]
-  rhs = AT(XTX @ W)[0]
   dH = jnp.diag(XTX).reshape(I, g)
   val = (s * s)[None, :, None] * dH[:, None, :]  # (I, N, g)
   d = jnp.stack([jax.ops.segment_sum(val.reshape(I * N, g), b[:, :, m].reshape(-1),
                                      num_segments=nq) for m in range(M)])
-  dinv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+  # A has a null space for M > 1 (a shift of one codebook undone by another): a ridge
+  # lam ||c - C||^2 keeps the system positive definite (CG stays stable in float32) and does
+  # not change the guarantee f(new) <= f(new) + lam ||new - C||^2 <= f(C).
+  lam = ridge * jnp.sum(d) / jnp.maximum(jnp.sum(d > 0), 1)
+  matvec = lambda c: AT(XTX @ A(c))[0] + lam * c
+  rhs = AT(XTX @ W)[0] + lam * C
+  dinv = 1.0 / (d + lam + (lam == 0))
   vdot = lambda x, y: jnp.sum(x * y)
 
   def body(_, carry):
-    x, r, p, rz = carry
+    x, r, p, rz, rz0 = carry
     Ap = matvec(p)
     pAp = vdot(p, Ap)
-    alpha = jnp.where(pAp > 0, rz / jnp.where(pAp > 0, pAp, 1.0), 0.0)
+    live = (pAp > 0) & (rz > 1e-12 * rz0)  # stop once converged (no division by noise)
+    alpha = jnp.where(live, rz / jnp.where(live, pAp, 1.0), 0.0)
     x = x + alpha * p
     r = r - alpha * Ap
     z = dinv * r
     rz_new = vdot(r, z)
-    beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
-    return x, r, z + beta * p, rz_new
+    beta = jnp.where(live, rz_new / jnp.where(live, rz, 1.0), 0.0)
+    return x, r, z + beta * p, rz_new, rz0
 
   r0 = rhs - matvec(C)
   z0 = dinv * r0
-  x, *_ = jax.lax.fori_loop(0, iters, body, (C, r0, z0, vdot(r0, z0)))
+  rz0 = vdot(r0, z0)
+  x, *_ = jax.lax.fori_loop(0, iters, body, (C, r0, z0, rz0, rz0))
   return x
 
 

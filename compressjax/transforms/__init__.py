@@ -3,6 +3,7 @@
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, LeafwiseState, Rule, SelectState, Transform,
                                          UnmatchedRuleError, apply, chain, identity, leafwise, plan,
                                          select, to_abstract)
+from compressjax.transforms.aqlm import aqlm
 from compressjax.transforms.awq import awq
 from compressjax.transforms.gptvq import gptvq
 from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
@@ -20,4 +21,5 @@ __all__ = [
     "svd", "asvd", "eora", "lq_lora",
     "gptvq",
     "e8p",
+    "aqlm",
 ]

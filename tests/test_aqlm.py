@@ -180,3 +180,20 @@ def test_transform_plan_jit_checkpoint_and_refusals(tmp_path):
       T.aqlm(**kwargs)
   with pytest.raises(ValueError, match="in_group_size=3 must divide"):
     T.apply(T.aqlm(1, 2, 3, iterations=0, kmeans_iters=1), params, stats)
+
+
+@pytest.mark.parametrize("name,bits", [("aqlm_2x8_g8", 2.153), ("aqlm_1x16_g8", 18.62)])
+def test_config_bits_per_parameter_on_the_reference_model_shapes(name, bits):
+  """The configs' docstring claims: planned (abstract) leaves of one SmolLM2-135M block."""
+  import importlib
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  shapes = {"attn": {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192),
+                     "o_proj": (576, 576)},
+            "mlp": {"gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}}
+  params = {"layers": {0: {mod: {p: {"kernel": jax.ShapeDtypeStruct(s, jnp.float32)}
+                                 for p, s in d.items()} for mod, d in shapes.items()}}}
+  out = T.plan(pipeline.build_transform(cfg.compression), params)
+  leaves = jax.tree.leaves(out, is_leaf=formats.is_compressed)
+  assert len(leaves) == 7 and all(isinstance(x, formats.AdditiveCodebookArray) for x in leaves)
+  total = sum(x.nbytes for x in leaves) * 8 / sum(x.num_params for x in leaves)
+  assert total == pytest.approx(bits, abs=0.005)

@@ -1,0 +1,30 @@
+"""AQLM 1x16, groups of 8 inputs: one 65536-entry codebook per layer (the paper's 1x16 setting).
+
+Code bits are the same 2 per weight as 2x8, but each layer stores a 65536 x 8 ``float16``
+codebook, 1 MiB = 8,388,608 bits. On SmolLM2-135M's small layers that costs 25.3 bits per
+parameter on q/o (576x576), 75.9 on k/v (576x192) and 9.5 on gate/up/down: per block
+(3,538,944 linear weights) 16.59 bits of codebook + 2 of codes + 0.02 of scales = 18.6 bits per
+parameter, *more than the float16 weights* (7 MiB of codebooks per block against 6.75 MiB of
+float16 kernels). It is here to measure the method, not as a compression of this model.
+
+It is also slow on CPU: every code step scores 65536 candidates per column and the k-means
+initialisation clusters ~10^5 vectors into 65536 centroids (measured cost per layer and the
+whole-model projection in the aqlm branch report); the settings below are the cheapest useful.
+
+References:
+  Egiazarian et al. 2024, AQLM (arXiv:2401.06118).
+"""
+
+from configs import aqlm_2x8_g8
+
+
+def get_config():
+  c = aqlm_2x8_g8.get_config()
+  c.compression.name = "aqlm-1x16-g8"
+  c.compression.kwargs.num_codebooks = 1
+  c.compression.kwargs.nbits = 16
+  c.compression.kwargs.beam_size = 1
+  c.compression.kwargs.iterations = 1
+  c.compression.kwargs.kmeans_iters = 2
+  c.output_dir = "runs/aqlm_1x16_g8"
+  return c

@@ -197,3 +197,13 @@ def test_config_bits_per_parameter_on_the_reference_model_shapes(name, bits):
   assert len(leaves) == 7 and all(isinstance(x, formats.AdditiveCodebookArray) for x in leaves)
   total = sum(x.nbytes for x in leaves) * 8 / sum(x.num_params for x in leaves)
   assert total == pytest.approx(bits, abs=0.005)
+
+
+def test_partition_specs_split_codes_and_scales_by_column():
+  from jax.sharding import PartitionSpec as P
+  _, _, _, w = _leaf(2, 8, 8, 64, 24)
+  spec = formats.partition_specs(w, P(None, "model"), {"model": 4})
+  assert tuple(spec.codes) == (None, "model", None) and tuple(spec.scales) == ("model",)
+  assert tuple(spec.codebooks) == ()
+  spec = formats.partition_specs(w, P("model", None), {"model": 4})
+  assert tuple(spec.codes) == ("model", None, None) and tuple(spec.scales) == (None,)

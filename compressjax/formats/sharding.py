@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compressjax.formats import base, composite, lowrank, quantized, sparse
+from compressjax.formats import additive, base, composite, lowrank, quantized, sparse
 
 __all__ = ["partition_specs", "tree_shardings"]
 
@@ -66,6 +66,10 @@ def _specs(x, ia, oa, sizes):
                                indices=_specs(x.indices, ia, oa, sizes))
   if isinstance(x, composite.KeptRows):
     return dataclasses.replace(x, rows=P(), values=_specs(x.values, None, oa, sizes))
+  if isinstance(x, additive.AdditiveCodebookArray):  # codes (I, N, M) and scales by column
+    o = _fit(oa, x.shape[1], sizes)
+    return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes), o, None),
+                               codebooks=P(), scales=P(o))
   if isinstance(x, base.CompressedArray):  # flat or irregular children: replicated
     return jax.tree.map(lambda _: P(), x)
   shape = tuple(x.shape)

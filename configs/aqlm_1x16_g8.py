@@ -12,9 +12,10 @@ initialisation clusters ~10^5 vectors into 65536 centroids. Measured on one 576x
 (random correlated Hessian, CPU seconds of the process including compile, shared machine at
 load 10-12): one Lloyd iteration plus the assignment 52 s (relative output error 0.0226: with
 65536 centroids for 110,592 vectors the codebook nearly memorises the layer), one beam pass
-75 s (0.0218), 8 CG iterations 0.7 s (0.0130). Both dominant costs scale with K * N * 2**16, so
-a block (4.0x that layer's weights) takes ~8.5 min and the 30 blocks ~4-5 hours with the
-settings below, against ~23 minutes for 2x8.
+75 s (0.0218), 8 CG iterations 0.7 s (0.0130). Both dominant costs scale with K * N * 2**16:
+with the settings below (2 Lloyd iterations, so 3 assignment passes of ~26 s, and one round)
+that layer takes ~155 s, a block (4.0x its weights) ~10 min and the 30 blocks ~5 hours, against
+~23 minutes for 2x8.
 
 References:
   Egiazarian et al. 2024, AQLM (arXiv:2401.06118).

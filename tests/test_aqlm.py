@@ -163,8 +163,9 @@ def test_transform_plan_jit_checkpoint_and_refusals(tmp_path):
   abstract = T.plan(t, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
   pl = abstract["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert type(pl) is formats.AdditiveCodebookArray
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), pl) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), leaf)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(pl)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(leaf)]
+  assert pl.nbytes == leaf.nbytes
   back, _ = checkpoint.restore(checkpoint.save(str(tmp_path / "ck"), q))
   bl = back["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert type(bl) is formats.AdditiveCodebookArray and bl.nbits == 4

@@ -208,3 +208,24 @@ def test_partition_specs_split_codes_and_scales_by_column():
   assert tuple(spec.codebooks) == ()
   spec = formats.partition_specs(w, P("model", None), {"model": 4})
   assert tuple(spec.codes) == ("model", None, None) and tuple(spec.scales) == (None,)
+
+
+@pytest.mark.slow  # ~20 s of CPU: two blocks through the engine
+def test_tiny_model_through_the_calibration_engine_beats_rtn():
+  """End to end: sequential calibration, AdditiveCodebookArray leaves in the model's forward."""
+  import tiny
+  from compressjax import calibration
+  from compressjax.io import build_model, model_params
+  model = tiny.tiny_model(seed=6)
+  rng = np.random.default_rng(0)
+  w, held = rng.integers(0, 300, (8, 32)), rng.integers(0, 300, (4, 32))
+  ref = np.asarray(model(jnp.asarray(held)))
+  err = lambda p: float(np.mean((np.asarray(build_model(model.cfg, p)(jnp.asarray(held))) - ref)**2))
+  aq, _ = calibration.run_sequential(model, w, T.aqlm(2, 4, 4, iterations=2, kmeans_iters=3),
+                                     batch_size=4, progress=False)
+  rtn = T.apply(T.rtn(2, 32), model_params(model))[0]
+  leaves = [x for x in jax.tree.leaves(aq, is_leaf=formats.is_compressed)
+            if isinstance(x, formats.AdditiveCodebookArray)]
+  assert len(leaves) == 14
+  print(f"tiny model logits MSE: aqlm 2x4 g4 {err(aq):.4g}, rtn w2g32 {err(rtn):.4g}")
+  assert err(aq) < err(rtn)

@@ -116,8 +116,12 @@ def test_every_config_builds_its_recipe_and_every_bench_entry_exists():
   names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                  if f.endswith(".py") and f != "__init__.py")
   out_dirs = {}
+  from compressjax.finetune import job
   for name in names:
     cfg = importlib.import_module(f"configs.{name}").get_config()
+    if "finetune" in cfg and "compression" not in cfg:  # a `compressjax finetune` config
+      job.distill_config(cfg.finetune)
+      continue
     pipeline.build_transform(cfg.compression)
     assert cfg.output_dir not in out_dirs, (name, out_dirs.get(cfg.output_dir))
     out_dirs[cfg.output_dir] = name

@@ -320,3 +320,28 @@ def test_config_field_wires_through_the_pipeline(tiny_gguf, tiny_data, monkeypat
   rtn.compression.block_finetune.steps = 5
   with pytest.raises(ValueError, match="needs a calibrated method"):
     pipeline.run_compress(rtn)
+
+
+MESH_SCRIPT = """
+import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+import tiny
+from compressjax import calibration, finetune, transforms as T
+model = tiny.tiny_model(seed=4)
+w = np.random.default_rng(0).integers(0, 300, (8, 32)).astype(np.int32)
+ft = finetune.BlockFinetune(steps=5, lr=1e-3, batch_size=4, train_norms=True)
+run = lambda **kw: calibration.run_sequential(model, w, T.rtn(bits=2, group_size=32), batch_size=4,
+                                              progress=False, block_finetune=ft, **kw)[0]
+one, sh = run(), run(mesh=jax.make_mesh((4,), ("data",)))
+d = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(sh)))
+assert d < 1e-5, d
+print("BLOCK_FT_MESH_OK", d)
+"""
+
+
+@pytest.mark.slow
+def test_block_finetune_on_a_mesh_equals_one_device():
+  """Windows split over 4 simulated devices: the same tuned model as on one device."""
+  from conftest import run_script
+  run_script(MESH_SCRIPT, "BLOCK_FT_MESH_OK")

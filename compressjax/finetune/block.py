@@ -113,6 +113,13 @@ class BlockFinetune:
     return order[:need].reshape(self.steps, bs).astype(np.int32)
 
 
+def _scalar(a) -> float:
+  """A replicated scalar as a Python float (also when it spans several processes)."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    a = a.addressable_data(0)
+  return float(a)
+
+
 def _sq_err(model, block, x, y):
   out = model.apply_block(block, x, None)
   return jnp.square(out.astype(jnp.float32) - y.astype(jnp.float32))
@@ -161,7 +168,7 @@ class BlockTuner:
     mask = {p[len(prefix):]: m for p, m in full.items()}
     nb, bs = xs.shape[:2]
     weights = put((np.arange(nb * bs) < n).astype(np.float32).reshape(nb, bs))
-    before = float(self.mse(block, xs, ys, weights))
+    before = _scalar(self.mse(block, xs, ys, weights))
     if not any(jax.tree.leaves(mask)):
       return block, (before, before)
     stored, frozen = partition(block, mask)
@@ -172,5 +179,5 @@ class BlockTuner:
       if on_step is not None:
         on_step(s, loss)
     tuned = combine(jax.tree.map(lambda m, s: m.astype(s.dtype), train, stored), frozen)
-    after = float(self.mse(tuned, xs, ys, weights))
+    after = _scalar(self.mse(tuned, xs, ys, weights))
     return tuned, (before, after)

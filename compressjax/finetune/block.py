@@ -102,7 +102,10 @@ class BlockFinetune:
   def check(self, planned: Mapping[str, Any]) -> None:
     """Fails before any work when ``where``/``train_dense`` select nothing in the planned
     (abstract, compressed) block parameters ``{full path: leaf}``."""
-    trainable_mask(dict(planned), where=self.where, train_dense=self.dense_selector)
+    try:
+      trainable_mask(dict(planned), where=self.where, train_dense=self.dense_selector)
+    except ValueError as e:
+      raise ValueError(f"block_finetune: {e} (among the blocks' planned parameters)") from e
 
   def windows(self, block_index: int, n: int) -> np.ndarray:
     """``(steps, min(batch_size, n))`` window indices: epochs of shuffled windows."""

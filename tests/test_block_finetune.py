@@ -121,6 +121,9 @@ def test_selection_dense_leaves_and_refusals():
   assert flat["layers/0/mlp/up_proj/kernel"].scale is False  # not selected by `where`
   assert flat["layers/1/attn_norm/scale"] and flat["norm/scale"]
   assert not flat["embed/embedding"]
+  for none in (None, ()):  # no dense leaf unless asked for
+    m = dict(leaves_with_paths(finetune.trainable_mask(planned, train_dense=none)))
+    assert not any(v for v in m.values() if isinstance(v, bool))
   with pytest.raises(ValueError, match="where=.*matched no compressed leaf"):
     finetune.trainable_mask(planned, where=r"layers/9/.*")
   with pytest.raises(ValueError, match="train_dense=.*matched no dense"):

@@ -72,9 +72,13 @@ def leaf_mask(leaf: CompressedArray, selected: bool = True) -> CompressedArray:
       treedef, [selected and _child_trainable(leaf, kp, x) for kp, x in flat])
 
 
+def _no_selector(s: Selector) -> bool:
+  return s is None or (isinstance(s, (list, tuple)) and not s)
+
+
 def _mask(params: Any, where: Selector, train_dense: Selector):
   pick = as_predicate(where)
-  pick_dense = as_predicate(train_dense)
+  pick_dense = (lambda p, x: False) if _no_selector(train_dense) else as_predicate(train_dense)
   hits = {"where": 0, "dense": 0}
 
   def one(path, leaf):
@@ -89,7 +93,7 @@ def _mask(params: Any, where: Selector, train_dense: Selector):
   return map_with_path(one, params), hits
 
 
-def trainable_mask(params: Any, where: Selector = None, train_dense: Selector = ()) -> Any:
+def trainable_mask(params: Any, where: Selector = None, train_dense: Selector = None) -> Any:
   """A pytree of bools: ``True`` exactly on the children a fine-tune may train.
 
   Args:
@@ -97,8 +101,8 @@ def trainable_mask(params: Any, where: Selector = None, train_dense: Selector = 
       ``jax.ShapeDtypeStruct`` versions).
     where: selects the compressed leaves whose declared trainable children are trained
       (a selector of :mod:`compressjax.transforms.selection`; ``None``: every compressed leaf).
-    train_dense: selects dense floating leaves to train too (e.g. :data:`NORMS`); the default
-      ``()`` selects none.
+    train_dense: selects dense floating leaves to train too (e.g. :data:`NORMS`); ``None`` (the
+      default) or ``()`` selects none.
 
   Returns:
     The mask, of the same tree structure as ``params`` (compressed leaves are of their own class
@@ -120,7 +124,7 @@ def trainable_mask(params: Any, where: Selector = None, train_dense: Selector = 
   mask, hits = _mask(params, where, train_dense)
   if where is not None and not hits["where"]:
     raise ValueError(f"trainable_mask: where={where!r} matched no compressed leaf")
-  if not (isinstance(train_dense, (list, tuple)) and not train_dense) and not hits["dense"]:
+  if not _no_selector(train_dense) and not hits["dense"]:
     raise ValueError(f"trainable_mask: train_dense={train_dense!r} matched no dense floating leaf")
   return mask
 

@@ -30,6 +30,13 @@ the same compressed model (``tests/test_engine_distributed.py``: two processes o
 On a TPU pod or a multi-GPU host: call ``jax.distributed.initialize()`` in every process, build
 the mesh from ``jax.devices()`` and call :func:`run_sequential` with the same arguments everywhere.
 
+**Block fine-tuning** (``block_finetune``, any method): after a block is compressed, the
+continuous children of its compressed leaves (and optionally its norms) are tuned with Adam so
+that its outputs match the *uncompressed* block's outputs on the same inputs
+(:mod:`compressjax.finetune.block`, AQLM's recipe); the tuned block is what the next block sees,
+what is saved for resume and what is returned. It keeps the uncompressed outputs of the block
+as targets: one more copy of ``X`` in memory.
+
 **Resume**: with ``resume_dir`` every finished block is written once, as its own small
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
 inputs and the transform state, atomically. A killed run restarted with the same arguments
@@ -55,8 +62,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from compressjax import checkpoint
+from compressjax import finetune
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
-from compressjax.transforms.base import Transform, _UNSELECTED, _map
+from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
 from compressjax.transforms.selection import leaves_with_paths
 
 __all__ = ["LayerStats", "block_stats", "gram", "run_sequential"]
@@ -264,7 +272,8 @@ def _check_scope(transform: Transform) -> None:
 def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_size: int = 8,
                    mode: str = "sequential", resume_dir: str | None = None,
                    recipe_key: str = "", progress: bool = True, mesh=None,
-                   data_axis: str | Sequence[str] | None = None) -> tuple[Any, Any]:
+                   data_axis: str | Sequence[str] | None = None,
+                   block_finetune: finetune.BlockFinetune | None = None) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
@@ -284,13 +293,16 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     mesh: a ``jax.sharding.Mesh`` to run the block passes data-parallel on (Auto or Explicit
       axes); ``None``: the default device.
     data_axis: the mesh axis (or axes) the windows are split over; default all.
+    block_finetune: tune each compressed block's continuous parameters to the uncompressed
+      block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
     Parameters outside the blocks are passed through the transform last, with ``stats=None``.
 
   Raises:
-    ValueError: bad ``mode``/``windows``/``batch_size``, a recipe step with a global scope, or a
+    ValueError: bad ``mode``/``windows``/``batch_size``, a recipe step with a global scope, a
+      ``block_finetune`` whose selectors match nothing the recipe compresses, or a
       ``resume_dir`` of another run.
   """
   if mode not in ("sequential", "original"):
@@ -306,8 +318,18 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   if batch_size % place.data_size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the data axes' size "
                      f"{place.data_size} (mesh {dict(place.mesh.shape)})")
+  if block_finetune is not None and not isinstance(block_finetune, finetune.BlockFinetune):
+    raise ValueError(f"block_finetune must be a compressjax.finetune.BlockFinetune or None, got "
+                     f"{type(block_finetune).__name__}")
   abstract = bm.abstract_params()
   state = transform.init(abstract)
+  tuner = None
+  if block_finetune is not None:  # selectors that match nothing fail here, before any work
+    planned = _flatten(plan(transform, abstract, state))
+    block_finetune.check({p: v for p, v in planned.items()
+                          if any(p.startswith(bm.block_prefix(i)) for i in range(bm.num_blocks))})
+    tuner = finetune.BlockTuner(bm, block_finetune)
+    recipe_key = f"{recipe_key}|block_finetune({block_finetune.key()})"
   n, t = windows.shape
   bs = batch_size if place.mesh is not None else min(batch_size, n)
   nb = -(-n // bs)
@@ -337,7 +359,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   for i in bar:
     prefix = bm.block_prefix(i)
     dense = bm.block_params(i)
-    stats_by_cap, orig_out = passes.stats(mode == "original")(place.put_tree(dense), x, weights)
+    keep = mode == "original" or tuner is not None  # fine-tuning targets the dense outputs
+    stats_by_cap, orig_out = passes.stats(keep)(place.put_tree(dense), x, weights)
     stats_by_cap = place.local(stats_by_cap)
     stats = {prefix + k: stats_by_cap[src] for k, src in bm.linear_inputs.items()}
     view = _map(lambda p, a: dense[p[len(prefix):]] if p.startswith(prefix) else _UNSELECTED,
@@ -347,10 +370,16 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     del view, stats, stats_by_cap
     block = {p[len(prefix):]: v for p, v in leaves_with_paths(new_view) if p.startswith(prefix)}
     del new_view
+    if tuner is not None:
+      block, (before, after) = tuner.tune(i, prefix, place.put_tree(block), x, orig_out, n,
+                                          put=place.put)
+      block = place.local(block)
+      bar.set_postfix(ft_mse=f"{before:.3g}->{after:.3g}")
     if mode == "sequential":
       x = passes.forward(place.put_tree(block), x)
     else:
       x = orig_out
+    del orig_out
     x = jax.block_until_ready(x)
     done.update({prefix + p: v for p, v in block.items()})
     if resume_dir:

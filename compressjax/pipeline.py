@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax import accounting, calibration, checkpoint, data, evaluate, transforms
+from compressjax import accounting, calibration, checkpoint, data, evaluate, finetune, transforms
 from compressjax.formats import CompressedArray
 from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract_tree
 from compressjax.io import build_model, open_model, resolve_model_path
@@ -149,6 +149,21 @@ def _method_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{key} {kwargs[key]!r}: expected one of {sorted(_DTYPES)}")
       kwargs[key] = _DTYPES[kwargs[key]]
   return kwargs
+
+
+def block_finetune_from_config(comp) -> finetune.BlockFinetune | None:
+  """The :class:`~compressjax.finetune.BlockFinetune` of ``comp.block_finetune`` (a dict of its
+  fields), or ``None`` when absent or ``steps`` is 0 (off)."""
+  ft = dict(dict(comp).get("block_finetune") or {})
+  if not ft.get("steps", 0):
+    return None
+  try:
+    return finetune.BlockFinetune(**ft)
+  except TypeError as e:
+    raise ValueError(f"compression.block_finetune: {e}; expected fields of "
+                     "compressjax.finetune.BlockFinetune") from e
+  except ValueError as e:
+    raise ValueError(f"compression.{e}") from e
 
 
 def needs_calibration(comp) -> bool:
@@ -313,6 +328,10 @@ def run_compress(cfg) -> dict[str, Any]:
   model_cfg, params, tok = open_model(cfg.model)
   load_s = time.perf_counter() - t0
   transform = build_transform(cfg.compression, model_cfg)
+  block_ft = block_finetune_from_config(cfg.compression)
+  if block_ft is not None and not needs_calibration(cfg.compression):
+    raise ValueError("compression.block_finetune.steps > 0 needs a calibrated method (it runs in "
+                     f"the calibration engine); {cfg.compression.get('method')!r} is data-free")
   check_finite(params, cfg.get("allow_nonfinite", False))
   abstract = to_abstract_tree(params)
   # The recipe planned on abstract arrays: unmatched rules, group sizes that do not divide a
@@ -339,7 +358,8 @@ def run_compress(cfg) -> dict[str, Any]:
     new_params, _ = calibration.run_sequential(
         LlamaBlocks(model_cfg, params, dtype=dtype), cal_windows, transform,
         batch_size=cal.batch_size, mode=cal.mode, resume_dir=cal.resume_dir or None,
-        recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True))
+        recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True),
+        block_finetune=block_ft)
   else:
     new_params, _ = transforms.apply(transform, materialize(params, dtype))
   new_params = jax.block_until_ready(new_params)

@@ -42,6 +42,19 @@ def get_config() -> ml_collections.ConfigDict:
   # ({"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 4, "group_size": 64}).
   # Takes precedence over `method` and `rules`.
   c.compression.steps = ()
+  # Block-wise fine-tuning (calibrated methods only, AQLM's recipe): after each block is
+  # compressed, Adam tunes the continuous parameters of its compressed leaves (scales, zeros,
+  # float outliers, dense low-rank factors; never codes or masks) so that its outputs match the
+  # uncompressed block's outputs on the calibration windows.
+  c.compression.block_finetune = ml_collections.ConfigDict()
+  # Adam steps per block; 0 turns block fine-tuning off.
+  c.compression.block_finetune.steps = 0
+  # Adam learning rate.
+  c.compression.block_finetune.lr = 1e-4
+  # Calibration windows per step.
+  c.compression.block_finetune.batch_size = 8
+  # Also tune the block's normalization scales.
+  c.compression.block_finetune.train_norms = False
 
   c.calibration = ml_collections.ConfigDict()
   # Calibration windows for data-aware methods (standard protocol: 128 x 512, seed 0).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -92,10 +92,20 @@ class CompressedArray(abc.ABC):
   :attr:`nbytes` counts every array child, so it is the honest storage cost,
   including scales, zero points and padding. It works on abstract leaves whose
   children are :class:`jax.ShapeDtypeStruct`.
+
+  :attr:`trainable` names the dataclass fields holding continuous values that a
+  fine-tune may train (scales, zeros, codebooks, dense low-rank factors, kept
+  float values); discrete children (codes, masks, indices, pointers, packed
+  bits) are never listed. A listed field is trainable only where it holds a
+  plain floating array: a nested compressed leaf in any field declares its own
+  :attr:`trainable`, and integer arrays are never trained
+  (:func:`compressjax.finetune.trainable_mask` applies these rules).
   """
 
   shape: tuple[int, ...]
   dtype: Any
+  #: Fields whose plain floating-array values a fine-tune may train.
+  trainable: ClassVar[tuple[str, ...]] = ()
 
   @abc.abstractmethod
   def materialize(self) -> jax.Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,9 @@ class SumArray(base.CompressedArray):
     >>> w.materialize()[0].tolist(), w.nbytes
     ([2.0, 1.0], 64)
   """
+
+  # Dense float terms may be tuned; compressed terms declare their own.
+  trainable: ClassVar[tuple[str, ...]] = ("terms",)
 
   terms: tuple[Any, ...]
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), kw_only=True)
@@ -132,6 +135,9 @@ class SparseOutliers(base.CompressedArray):
     >>> s.nnz, s.materialize().tolist() == dense.tolist(), s.nbytes
     (2, True, 24)
   """
+
+  # The float values may be tuned; never the row indices or pointers.
+  trainable: ClassVar[tuple[str, ...]] = ("values",)
 
   indptr: jax.Array
   rows: jax.Array
@@ -222,6 +228,9 @@ class KeptRows(base.CompressedArray):
     ([0.0, 3.0, 0.0, 0.0], 10)
   """
 
+  # The float values may be tuned; never the row indices or pointers.
+  trainable: ClassVar[tuple[str, ...]] = ("values",)
+
   rows: jax.Array
   values: jax.Array
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), kw_only=True)
@@ -262,6 +271,9 @@ class Transposed(base.CompressedArray):
     >>> Transposed(jnp.zeros((3, 2))).shape
     (2, 3)
   """
+
+  # A dense float inner matrix may be tuned; a compressed one declares its own.
+  trainable: ClassVar[tuple[str, ...]] = ("inner",)
 
   inner: Any
 

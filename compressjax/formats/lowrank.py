@@ -12,6 +12,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ class LowRank(base.CompressedArray):
     >>> lr.shape, lr.materialize()[0].tolist(), lr.nbytes
     ((6, 3), [2.0, 2.0, 2.0], 72)
   """
+
+  # Dense float factors may be tuned; compressed factors declare their own.
+  trainable: ClassVar[tuple[str, ...]] = ("a", "b")
 
   a: object
   b: object

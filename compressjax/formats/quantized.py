@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +136,9 @@ class QuantizedArray(base.CompressedArray):
     Pre-trained Transformers", ICLR 2023, arXiv:2210.17323 (grouped symmetric
     codes). llama.cpp ``ggml-quants.c`` (``block_q4_1``: ``w = d * q + m``).
   """
+
+  # The grid (scale, zero) may be tuned; codes stay fixed. A compressed scale declares its own.
+  trainable: ClassVar[tuple[str, ...]] = ("scale", "zero")
 
   packed: jax.Array
   scale: jax.Array

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,9 @@ class BitmaskSparse(base.CompressedArray):
     >>> s.nnz, s.materialize().tolist() == w.tolist(), s.nbytes
     (3, True, 10)
   """
+
+  # Float kept values (bits=None) or the grid (quantized); never the mask or packed codes.
+  trainable: ClassVar[tuple[str, ...]] = ("values", "scale", "zero")
 
   mask: jax.Array
   values: jax.Array
@@ -205,6 +208,9 @@ class NMSparse(base.CompressedArray):
     >>> s.materialize().tolist() == w.tolist(), s.values.shape
     (True, (2, 1))
   """
+
+  # Dense float compacted values; never the indices (compressed values declare their own).
+  trainable: ClassVar[tuple[str, ...]] = ("values",)
 
   values: Any
   indices: jax.Array

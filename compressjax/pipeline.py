@@ -48,10 +48,7 @@ METHODS = {
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
 DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured", "asvd", "eora",
-              "lq_lora"}
-DATA_AWARE |= {"gptvq"}
-DATA_AWARE |= {"e8p"}
-DATA_AWARE |= {"aqlm"}
+              "lq_lora", "gptvq", "e8p", "aqlm"}
 # Methods that rewrite several parameters of a block together: they run at the top level of
 # the recipe (not inside a `where` rule).
 _TOP_LEVEL = ("awq", "structured")

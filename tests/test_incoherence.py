@@ -230,6 +230,28 @@ def test_configs_build_a_calibrated_chain(bits):
   pipeline.build_transform(cfg.compression)
 
 
+def test_engine_hands_rotated_stats_and_runs_incoherent_leaves():
+  """The calibration engine runs the block forward with Incoherent leaves (jitted) and a
+  data-aware step after incoherence gets the rotated statistics of every kernel."""
+  model = tiny.tiny_model(seed=5)
+  seen = {}
+
+  def spy(path, leaf, stats):
+    seen[path] = (leaf.shape, stats.hessian.shape)
+    return leaf
+
+  t = pipeline.build_transform({"steps": ({"method": "incoherence", "seed": 0},)})
+  t = T.chain(t, T.leafwise(spy, with_stats=True, name="spy"))
+  windows = np.random.default_rng(0).integers(0, 300, (4, 16)).astype(np.int32)
+  out, _ = calibration.run_sequential(model, windows, t, batch_size=4, progress=False)
+  assert len(seen) == 14 and all(s[0][0] == s[1][0] for s in seen.values())
+  k = out["layers"][1]["mlp"]["down_proj"]["kernel"]
+  assert isinstance(k, formats.Incoherent) and k.shape == (128, 64)
+  dense = model_params(model)["layers"][1]["mlp"]["down_proj"]["kernel"]
+  np.testing.assert_allclose(k.materialize(), dense, atol=1e-5)  # the same function
+
+
+@pytest.mark.slow
 def test_engine_runs_the_chain_on_a_tiny_model():
   model = tiny.tiny_model(seed=5)
   cfg = importlib.import_module("configs.gptq_w3g64_incoherent").get_config()

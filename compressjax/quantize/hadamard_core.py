@@ -211,6 +211,7 @@ def _had(x: jax.Array, transpose: bool) -> jax.Array:
   return (y.reshape(x.shape) * (1.0 / math.sqrt(n))).astype(dt)
 
 
+@jax.jit
 def matmul_hadU(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   """``x @ hadamard_matrix(n)`` along the last axis (``n = x.shape[-1]``), in float32/float64.
 
@@ -223,6 +224,7 @@ def matmul_hadU(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   return _had(x, transpose=False)
 
 
+@jax.jit
 def matmul_hadUt(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   """``x @ hadamard_matrix(n).T``: the inverse of :func:`matmul_hadU` (the matrix is orthogonal)."""
   return _had(x, transpose=True)
@@ -240,6 +242,7 @@ def matmul_hadUt(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
 # ----------------------------------------------------------------------------------------------
 
 
+@jax.jit
 def incoherent_weight(w: jax.Array, su: jax.Array, sv: jax.Array) -> jax.Array:
   """``Wt = H_in^T diag(su) W diag(sv) H_out`` of a ``(K, N)`` kernel (``su`` ``(K,)``, ``sv``
   ``(N,)`` of +-1); exactly undone by :func:`coherent_weight`.
@@ -253,6 +256,7 @@ def incoherent_weight(w: jax.Array, su: jax.Array, sv: jax.Array) -> jax.Array:
   return matmul_hadU(b)  # (H_in^T A) H_out
 
 
+@jax.jit
 def coherent_weight(wt: jax.Array, su: jax.Array, sv: jax.Array) -> jax.Array:
   """``W = diag(su) H_in Wt H_out^T diag(sv)``: the inverse of :func:`incoherent_weight`.
 
@@ -265,6 +269,7 @@ def coherent_weight(wt: jax.Array, su: jax.Array, sv: jax.Array) -> jax.Array:
   return c * su.astype(dt)[:, None] * sv.astype(dt)[None, :]
 
 
+@jax.jit
 def incoherent_hessian(h: jax.Array, su: jax.Array) -> jax.Array:
   """``H' = H_in^T diag(su) H diag(su) H_in``: the ``(K, K)`` second moment of the rotated inputs
   ``x' = (x * su) @ H_in`` given that ``H`` of ``x`` (exact; symmetrized against rounding).

@@ -268,3 +268,19 @@ def test_engine_runs_the_chain_on_a_tiny_model():
   got = build_model(model.cfg, out)(toks)
   assert bool(jnp.all(jnp.isfinite(got)))
   assert float(jnp.mean((got - ref) ** 2)) < 0.1 * float(jnp.var(ref))
+
+
+def test_vector_quantizer_sees_through_too():
+  """Any leafwise quantizer (here GPTVQ) quantizes the rotated weight with the rotated Hessian."""
+  w, x = _heavy_tailed_layer(k=64, n=64)
+  st = LayerStats.zeros(64).add(jnp.asarray(x))
+  h = np.asarray(st.gptq_hessian(), np.float64)
+  kw = dict(dim=2, bits=2, group_size=32, out_block=64, kmeans_iters=3)
+  plain = _kernel(T.apply(T.gptvq(**kw), _params(w), {PATH: st})[0])
+  inc = _kernel(T.apply(T.chain(T.incoherence(), T.gptvq(**kw)), _params(w), {PATH: st})[0])
+  assert isinstance(inc, formats.Incoherent) and type(inc.inner) is type(plain)
+  e_plain, e_inc = _output_error(w, plain, h), _output_error(w, inc, h)
+  print("GPTVQ d2 w2 output error: plain", e_plain, "incoherent", e_inc)
+  assert e_inc < e_plain
+  planned = _kernel(T.plan(T.chain(T.incoherence(), T.gptvq(**kw)), T.to_abstract(_params(w))))
+  assert isinstance(planned, formats.Incoherent) and planned.nbytes == inc.nbytes

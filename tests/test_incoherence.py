@@ -284,3 +284,12 @@ def test_vector_quantizer_sees_through_too():
   assert e_inc < e_plain
   planned = _kernel(T.plan(T.chain(T.incoherence(), T.gptvq(**kw)), T.to_abstract(_params(w))))
   assert isinstance(planned, formats.Incoherent) and planned.nbytes == inc.nbytes
+
+
+def test_partition_specs_shard_the_inner_like_the_dense_kernel():
+  from jax.sharding import PartitionSpec as P
+  w, _ = _incoherent(k=64, n=192)
+  q = _kernel(T.apply(T.chain(T.incoherence(), T.rtn(bits=4, group_size=32)), _params(w))[0])
+  specs = formats.partition_specs(q, P(None, "model"), {"model": 2})
+  assert specs.su_bits == P() and specs.sv_bits == P()
+  assert specs.inner.packed == P(None, "model") and specs.inner.scale == P(None, "model")

@@ -310,3 +310,16 @@ def test_partition_specs_shard_the_inner_like_the_dense_kernel():
   specs = formats.partition_specs(q, P(None, "model"), {"model": 2})
   assert specs.su_bits == P() and specs.sv_bits == P()
   assert specs.inner.packed == P(None, "model") and specs.inner.scale == P(None, "model")
+
+
+def test_e8p_sees_through_and_gains_from_incoherence():
+  """QuIP#'s pairing: E8P + BlockLDLQ on the incoherence-processed weight."""
+  w, x = _heavy_tailed_layer(k=64, n=64)
+  st = LayerStats.zeros(64).add(jnp.asarray(x))
+  h = np.asarray(st.gptq_hessian(), np.float64)
+  plain = _kernel(T.apply(T.e8p(blocksize=32), _params(w), {PATH: st})[0])
+  inc = _kernel(T.apply(T.chain(T.incoherence(), T.e8p(blocksize=32)), _params(w), {PATH: st})[0])
+  assert isinstance(inc, formats.Incoherent) and type(inc.inner) is type(plain)
+  e_plain, e_inc = _output_error(w, plain, h), _output_error(w, inc, h)
+  print("E8P output error: plain", e_plain, "incoherent", e_inc)
+  assert e_inc < e_plain

@@ -45,6 +45,7 @@ METHODS = {
     "gptvq": transforms.gptvq,
     "e8p": transforms.e8p,
     "aqlm": transforms.aqlm,
+    "incoherence": transforms.incoherence,  # not data-aware; chain it before a quantizer
 }
 # Methods that need calibration statistics (run through the sequential calibration engine).
 DATA_AWARE = {"gptq", "spqr", "owq", "awq", "wanda", "sparsegpt", "structured", "asvd", "eora",

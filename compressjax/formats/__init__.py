@@ -50,12 +50,14 @@ from compressjax.formats.sharding import partition_specs
 from compressjax.formats.vq import VQArray
 from compressjax.formats.sharding import tree_shardings
 from compressjax.formats.e8p import E8PArray  # after the others: it imports quantize.e8p_core
+from compressjax.formats.incoherent import Incoherent  # after the others: it imports quantize
 
 __all__ = [
     "partition_specs",
     "AdditiveCodebookArray",
     "tree_shardings",
     "FALLBACK_PRIORITY",
+    "Incoherent",
     "QUANTIZED_BITS",
     "BitmaskSparse",
     "E8PArray",

@@ -70,6 +70,9 @@ def _specs(x, ia, oa, sizes):
     o = _fit(oa, x.shape[1], sizes)
     return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes), o, None),
                                codebooks=P(), scales=P(o))
+  from compressjax.formats.incoherent import Incoherent  # pylint: disable=g-import-not-at-top
+  if isinstance(x, Incoherent):  # the rotated weight is sharded like W; signs replicated
+    return dataclasses.replace(x, inner=_specs(x.inner, ia, oa, sizes), su_bits=P(), sv_bits=P())
   if isinstance(x, base.CompressedArray):  # flat or irregular children: replicated
     return jax.tree.map(lambda _: P(), x)
   shape = tuple(x.shape)

@@ -6,6 +6,7 @@ from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, ChainState, Le
 from compressjax.transforms.aqlm import aqlm
 from compressjax.transforms.awq import awq
 from compressjax.transforms.gptvq import gptvq
+from compressjax.transforms.incoherence import incoherence
 from compressjax.transforms.factorize import asvd, eora, lq_lora, svd
 from compressjax.transforms.prune import StructuredState, magnitude, sparsegpt, structured, wanda
 from compressjax.transforms.quantize import gptq, owq, rtn, spqr
@@ -22,4 +23,5 @@ __all__ = [
     "gptvq",
     "e8p",
     "aqlm",
+    "incoherence",
 ]

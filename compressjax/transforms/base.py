@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.formats import Incoherent
 from compressjax.transforms.selection import (LINEAR_KERNELS, Selector, as_predicate, is_leaf,
                                               leaves_with_paths, path_str)
 
@@ -186,7 +187,8 @@ DEFAULT_WHERE = _DefaultWhere()
 
 
 def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_WHERE, *,
-             name: str = "leafwise", with_stats: bool = False) -> Transform:
+             name: str = "leafwise", with_stats: bool = False,
+             see_through: bool = True) -> Transform:
   """A transform that rewrites each selected leaf independently: ``leaf -> fn(path, leaf)``.
 
   Args:
@@ -197,6 +199,10 @@ def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_W
     name: used in error messages.
     with_stats: ``fn`` needs the calibration statistics of the parameter (``stats[path]``, as
       :func:`compressjax.calibration.run_sequential` provides them); missing ones are an error.
+    see_through: an :class:`~compressjax.formats.Incoherent` leaf is rewritten inside: ``fn``
+      gets its inner (rotated) weight and the rotated statistics
+      (:meth:`~compressjax.formats.Incoherent.rotate_stats`), and its result is re-wrapped with
+      the same signs. ``False`` hands ``fn`` the leaf itself.
 
   Selecting nothing among the parameters it is given raises :class:`UnmatchedRuleError`, and
   errors raised by ``fn`` are re-raised naming the transform and the parameter path.
@@ -229,13 +235,18 @@ def leafwise(fn: Callable[..., Any], where: Selector | _DefaultWhere = DEFAULT_W
         if st is None:
           raise ValueError(f"{name} at parameter {path!r} needs calibration statistics; run it "
                            "through compressjax.calibration.run_sequential (or pass stats)")
+      wrapper = None
+      if see_through and isinstance(leaf, Incoherent):
+        wrapper, leaf = leaf, leaf.inner
+        if with_stats and stats is not PLANNING:
+          st = wrapper.rotate_stats(st)
       try:
         _check_finite(leaf, "weight")
         if with_stats and stats is not PLANNING:
           _check_finite(st.hessian, "calibration statistics (X^T X)")
         out = fn(path, leaf, st) if with_stats else fn(path, leaf)
         _check_finite(out, "result")  # e.g. a degenerate Hessian: never a silent NaN model
-        return out
+        return out if wrapper is None else dataclasses.replace(wrapper, inner=out)
       except (ValueError, TypeError, NotImplementedError) as e:
         raise _with_context(e, f"{name} at parameter {path!r}: {e}") from e
       except Exception as e:  # pylint: disable=broad-except  # other types: keep them, add where

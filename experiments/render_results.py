@@ -127,6 +127,25 @@ def render_comparison(all_recs):
                            "compress s", "peak RSS MiB"], rows), ""])
 
 
+def render_extreme(all_recs):
+  """About 2 and 3 bits: GPTQ with and without incoherence, GPTVQ, QuIP# E8P, AQLM."""
+  by = _latest_by_method(all_recs, ["bench_gptq", "bench_spqr", "bench_extreme"])
+  rows = []
+  for label, names in (("~2 bits", ["gptq-w2g64", "incoherent-gptq-w2g64", "quip-e8p",
+                                    "gptvq-d2-w2", "gptvq-d4-w2", "gptvq-d8-w2", "aqlm-2x8-g8",
+                                    "aqlm-1x16-g8"]),
+                       ("~3 bits", ["gptq-w3g64", "incoherent-gptq-w3g64", "spqr-w2g16",
+                                    "gptvq-d2-w3"])):
+    for n in names:
+      rows.append([label, n] + _quality_cells(by.get(n)))
+  return "\n".join([
+      "## Extreme compression (about 2 and 3 bits)", "",
+      "Bits per parameter count every stored byte of the linear layers: codes, codebooks (int8 "
+      "entries + scales for GPTVQ, float16 for AQLM), per-output scales, Hadamard sign bits.", "",
+      table(["setting", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",
+             "peak RSS MiB"], rows), ""])
+
+
 def _latest_by_method(all_recs, names):
   by = {}
   for n in names:
@@ -302,7 +321,8 @@ def main():
   parts = [INTRO]
   all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
               if f.endswith(".jsonl")}
-  summary = [render_comparison(all_recs), render_pruning(all_recs), render_lowrank(all_recs)]
+  summary = [render_comparison(all_recs), render_extreme(all_recs), render_pruning(all_recs),
+             render_lowrank(all_recs)]
   if all_recs.get("bench_peer"):
     summary.insert(0, render_peer("bench_peer", all_recs["bench_peer"]))
   parts += summary

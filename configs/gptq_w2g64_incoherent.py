@@ -14,13 +14,18 @@ incoherence + GPTQ every time: 2 bits 44.5-51.5 vs 55.1-65.0, 3 bits 7.9-9.2 vs 
 from configs import gptq_w2g64
 
 
-def get_config():
-  c = gptq_w2g64.get_config()
-  c.compression.name = "incoherent-gptq-w2g64"
+def incoherent(c, name: str, output_dir: str):
+  """``c``'s GPTQ settings as a chain behind the incoherence rotation."""
+  c.compression.name = name
   # A chain: rotate every selected kernel (signs from seed + path), then GPTQ on the rotated one.
   c.compression.steps = (
       {"method": "incoherence", "seed": 0},
       {"method": "gptq", **c.compression.kwargs.to_dict()},
   )
-  c.output_dir = "runs/gptq_w2g64_incoherent"
+  c.output_dir = output_dir
   return c
+
+
+def get_config():
+  return incoherent(gptq_w2g64.get_config(), "incoherent-gptq-w2g64",
+                    "runs/gptq_w2g64_incoherent")

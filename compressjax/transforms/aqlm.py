@@ -7,9 +7,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from compressjax.formats import AdditiveCodebookArray, CompressedArray
+from compressjax.formats import AdditiveCodebookArray
 from compressjax.quantize import aqlm_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
+from compressjax.transforms.quantize import _check_dense_2d
 from compressjax.transforms.selection import Selector
 
 __all__ = ["aqlm"]
@@ -83,11 +84,7 @@ def aqlm(num_codebooks: int = 2, nbits: int = 8, in_group_size: int = 8, *,
 
   def fn(path, w, stats):
     del path
-    if isinstance(w, CompressedArray):
-      raise ValueError(f"aqlm expects a dense kernel but the parameter is already compressed "
-                       f"({type(w).__name__})")
-    if getattr(w, "ndim", None) != 2:
-      raise ValueError(f"aqlm expects a 2-D (in, out) kernel, got shape {getattr(w, 'shape', None)}")
+    _check_dense_2d(w, "aqlm")
     if w.shape[0] % in_group_size:
       raise ValueError(f"aqlm: in_group_size={in_group_size} must divide the kernel's input "
                        f"width {w.shape[0]}")

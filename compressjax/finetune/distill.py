@@ -159,7 +159,8 @@ def partition(params, mask) -> Partition:
       train.append(i)
   if not train:
     raise ValueError("mask selects no parameter to train")
-  frozen = tuple(i for i in range(len(leaves)) if i not in set(train))
+  chosen = set(train)
+  frozen = tuple(i for i in range(len(leaves)) if i not in chosen)
   return Partition(treedef, tuple(train), frozen, tuple(leaves[i].dtype for i in train))
 
 
@@ -203,7 +204,10 @@ def kd_chunked_loss(h_student, h_teacher, tokens, logits_s: Callable, logits_t: 
 
 
 def make_loss_fn(cfg, part: Partition, teacher_params, dcfg: DistillConfig, dtype=jnp.float32):
-  """``loss(train, frozen, tokens) -> (loss, (kd, lm))`` of the student rebuilt from its parts."""
+  """``(loss_fn, teacher_state)``: ``loss_fn(train, frozen, teacher_state, tokens) -> (loss, (kd,
+  lm))`` of the student rebuilt from its parts (:meth:`Partition.combine`) against the teacher
+  built once from ``teacher_params`` (its ``nnx`` state is passed in, not closed over, so it is
+  an argument of the compiled step rather than a constant baked into it)."""
   from compressjax.io import build_model  # pylint: disable=g-import-not-at-top
 
   teacher = build_model(cfg, teacher_params, dtype)

@@ -24,6 +24,10 @@ COMMANDS = {
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
     "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
     "bench_extreme": "python experiments/bench_quality.py --bench bench_extreme",
+    "bench_finetune": ("compressjax finetune --config configs/finetune_kd.py "
+                       "--config.checkpoint=runs/<config> --config.finetune.steps=16 "
+                       "--config.finetune.lr=3e-4 "
+                       "--config.results_file=experiments/results/bench_finetune.jsonl"),
     "bench_resume": "python experiments/bench_resume.py",
     "bench_peer": "python experiments/bench_peer.py",
 }

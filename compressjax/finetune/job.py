@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from compressjax import accounting, checkpoint, data
+from compressjax import accounting, checkpoint
 from compressjax.finetune import distill
 from compressjax.io import build_model, open_model
 from compressjax.io.loading import resolve_model_path
@@ -34,24 +34,24 @@ def distill_config(fcfg) -> distill.DistillConfig:
 
 def _windows(tok, cfg, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
   """Training and held-out windows: ``num_windows + heldout_windows`` protocol calibration
-  windows (seeded, non-overlapping draws from the calibration text), split in that order."""
+  windows (seeded, non-overlapping draws from the calibration text, checked as the compress job
+  checks its calibration windows), split in that order."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from compressjax import pipeline  # pylint: disable=g-import-not-at-top
+
   cal = cfg.calibration
-  for name in ("num_windows", "seq_len"):
-    if not isinstance(cal[name], int) or cal[name] < 1:
-      raise ValueError(f"calibration.{name} must be a positive int, got {cal[name]!r}")
-  if not isinstance(cal.heldout_windows, int) or cal.heldout_windows < 0:
+  if isinstance(cal.heldout_windows, bool) or not isinstance(cal.heldout_windows, int) or (
+      cal.heldout_windows < 0):
     raise ValueError(f"calibration.heldout_windows must be an int >= 0, got "
                      f"{cal.heldout_windows!r}")
-  if cal.seq_len > max_pos:
-    raise ValueError(f"calibration.seq_len={cal.seq_len} exceeds the model's maximum position "
-                     f"({max_pos} tokens)")
-  try:
-    w = data.protocol_calibration_windows(
-        tok, data_dir=cfg.data.dir or None, num=cal.num_windows + cal.heldout_windows,
-        seq_len=cal.seq_len, seed=cal.seed, source=cal.source)
-  except ValueError as e:
-    raise ValueError(f"calibration (source {cal.source!r}, num_windows + heldout_windows = "
-                     f"{cal.num_windows + cal.heldout_windows}): {e}") from e
+  if not isinstance(cal.num_windows, int) or cal.num_windows < 1:
+    raise ValueError(f"calibration.num_windows must be a positive int, got {cal.num_windows!r}")
+  view = ml_collections.ConfigDict({
+      "calibration": {"num_windows": cal.num_windows + cal.heldout_windows,
+                      "seq_len": cal.seq_len, "seed": cal.seed, "source": cal.source,
+                      "batch_size": 1, "mode": "sequential"},
+      "data": {"dir": cfg.data.dir}})
+  w = pipeline.calibration_windows_for(tok, view, max_pos)
   return w[:cal.num_windows], w[cal.num_windows:]
 
 
@@ -110,7 +110,7 @@ def run_finetune(cfg) -> dict[str, Any]:
   res = pipeline._eval_all(model, eval_w, cfg.data.batch_size, cfg.name)  # pylint: disable=protected-access
   steps_timed = [h["step_s"] for h in history[1:]]  # the first step includes compilation
   tokens_per_step = dcfg.accum * dcfg.micro_batch * cfg.calibration.seq_len
-  n_train = int(sum(np.size(x) for x in part.split(tuned)[0]))
+  n_train = int(sum(np.size(x) for x in tr1))
   record = {
       "method": f"{base.get('method', 'compressed')}+{cfg.name}",
       "settings": {"base": base.get("settings"), "finetune": pipeline._to_jsonable(  # pylint: disable=protected-access

@@ -29,6 +29,7 @@ COMMANDS = {
                        "--config.finetune.lr=3e-4 "
                        "--config.results_file=experiments/results/bench_finetune.jsonl"),
     "bench_resume": "python experiments/bench_resume.py",
+    "bench_aqlm_tradeoff": "python experiments/bench_aqlm_tradeoff.py",
     "bench_peer": "python experiments/bench_peer.py",
 }
 INTRO = """# Results
@@ -282,6 +283,74 @@ def render_resume(name, recs):
       "Machine: " + "; ".join(machines), ""])
 
 
+def render_aqlm_tradeoff(name, recs):
+  """AQLM's settings against their per-layer error and solver time (issue 13's trade-off)."""
+  rows = []
+  for r in sorted(recs, key=lambda r: (r["method"], r["settings"]["beam_size"],
+                                       r["settings"]["iterations"])):
+    s, ph = r["settings"], r["phase_s"]
+    rows.append([r["method"], str(s["beam_size"]), str(s["iterations"]), fmt(r["rel_err_cal"], 4),
+                 fmt(r.get("rel_err_wiki"), 4), fmt(ph["kmeans"], 1), fmt(ph["beam"], 1),
+                 fmt(ph["codebooks"], 1), fmt(ph["scales"], 1), fmt(r["wall_s"], 1),
+                 fmt(r["projected_model_solver_s"] / 60, 1), r["commit"], r["date"][:10]])
+  machines = sorted({r["machine"] for r in recs})
+  blocks = sorted({b for r in recs for b in r["settings"]["blocks"]})
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+      f"AQLM on every linear of block(s) {blocks} of the reference model with real calibration "
+      "Hessians (16 protocol calibration windows): relative output error "
+      "`tr(dW^T H dW) / tr(W^T H W)` on the calibration activations and on 8 held-out wiki "
+      "evaluation windows (weighted by layer size), seconds of each solver phase (jitted, "
+      "compiled before timing), and the whole-model solver time projected to 30 blocks.", "",
+      table(["method", "beam", "rounds", "rel. err cal", "rel. err wiki", "k-means s", "beam s",
+             "codebooks s", "scales s", "total s", "projected model min", "commit", "date"],
+            rows), "", "Machine: " + "; ".join(machines), ""])
+
+
+FT_STAGES = (("kd", "end-to-end KD, continuous only"), ("ste", "STE"), ("pv", "PV-tuning"))
+
+
+def render_finetune(all_recs):
+  """Issue 14: each base model before / after block-wise / KD / STE / PV at equal steps+tokens."""
+  recs = all_recs.get("bench_finetune", [])
+  by_base = {}
+  for r in recs:
+    base = ((r.get("settings") or {}).get("base") or {}).get("name")
+    if base and "+" in r["method"]:
+      by_base.setdefault(base, {})[r["method"].split("+", 1)[1]] = r
+  compressed = _latest_by_method(all_recs, ["bench_gptq", "bench_extreme", "bench_finetune"])
+  rows = []
+  for base, stages in sorted(by_base.items()):
+    first = next(iter(stages.values()))
+    rows.append([base, "before fine-tuning", fmt(first["bits_per_param"]),
+                 fmt(first["before_ppl_wiki"]), fmt(first["before_ppl_austen"]),
+                 "-", "-", "-", "-", "-"])
+    bw = compressed.get(base + "-ft")
+    if bw is not None:
+      rows.append([base, "block-wise (in the compression run)", fmt(bw["bits_per_param"]),
+                   fmt(bw["ppl_wiki"]), fmt(bw["ppl_austen"]), "-", "-",
+                   fmt(bw["wall_s"], 0) + " (whole run)", "-", fmt(bw["peak_rss_mb"], 0)])
+    for key, label in FT_STAGES:
+      r = stages.get(key)
+      if r is None:
+        rows.append([base, label, "not measured yet"] + ["-"] * 7)
+        continue
+      rows.append([base, label, fmt(r["bits_per_param"]), fmt(r["ppl_wiki"]),
+                   fmt(r["ppl_austen"]), str(r["steps"]), str(r["tokens_seen"]),
+                   fmt(r["wall_s"], 0), fmt(r.get("train_tokens_per_s"), 0),
+                   fmt(r["peak_rss_mb"], 0)])
+  if not rows:
+    return ""
+  return "\n".join([
+      "## Fine-tuning compressed models", "",
+      "Student: the compressed checkpoint; teacher: the uncompressed model; loss: KL to the "
+      "teacher's next-token distribution on protocol calibration windows (never the evaluation "
+      "windows). All modes of one base at the same steps and tokens seen. Loss curves: "
+      "`experiments/results/finetune_loss.png` (`python experiments/plot_finetune.py`).", "",
+      table(["base", "stage", "bits/param", "ppl wiki", "ppl austen", "steps", "tokens",
+             "train s", "train tok/s", "peak RSS MiB"], rows), ""])
+
+
 def render_peer(name, recs):
   """Each pair (the peer's run and ours, one after the other) side by side, newest pair first."""
   pairs = {}
@@ -327,6 +396,9 @@ def main():
               if f.endswith(".jsonl")}
   summary = [render_comparison(all_recs), render_extreme(all_recs), render_pruning(all_recs),
              render_lowrank(all_recs)]
+  ft = render_finetune(all_recs)
+  if ft:
+    summary.append(ft)
   if all_recs.get("bench_peer"):
     summary.insert(0, render_peer("bench_peer", all_recs["bench_peer"]))
   parts += summary
@@ -339,6 +411,8 @@ def main():
       continue  # in the summary
     elif name == "bench_resume":
       parts.append(render_resume(name, recs))
+    elif name == "bench_aqlm_tradeoff":
+      parts.append(render_aqlm_tradeoff(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

@@ -64,6 +64,11 @@ class STEWeight(base.CompressedArray):
   codes0: jax.Array
   kind: str = dataclasses.field(metadata=dict(static=True), kw_only=True)
   meta: tuple = dataclasses.field(metadata=dict(static=True), kw_only=True)
+  #: ``"latent"``: the forward pass uses codes recomputed from ``latent`` (STE);
+  #: ``"stored"``: it uses ``codes0`` and ``latent`` is PV-tuning's straight-through buffer
+  #: (it receives ``dL/dW_hat``; :mod:`compressjax.finetune.pv` re-encodes codes from it).
+  forward_codes: str = dataclasses.field(default="latent", metadata=dict(static=True),
+                                         kw_only=True)
 
   trainable: ClassVar[tuple[str, ...]] = ("latent", "scale", "zero")
 
@@ -92,7 +97,10 @@ class STEWeight(base.CompressedArray):
     return _unpacked(self.kind, self.meta, self.codes0, self.scale, self.zero, self.codebook)
 
   def codes(self, latent=None) -> jax.Array:
-    """Codes recomputed from ``latent`` (default: the leaf's), ``int32``."""
+    """The codes of the forward pass (``int32``): recomputed from ``latent`` (default: the
+    leaf's), or the stored ones when ``forward_codes == "stored"`` and no latent is given."""
+    if latent is None and self.forward_codes == "stored":
+      return self.prev_codes()
     return _encode(self.kind, self.meta, self.latent if latent is None else latent, self.scale,
                    self.zero, self.codebook, self.codes0)
 
@@ -111,7 +119,7 @@ class STEWeight(base.CompressedArray):
 
 jax.tree_util.register_dataclass(
     STEWeight, data_fields=["latent", "scale", "zero", "codebook", "codes0"],
-    meta_fields=["kind", "meta"])
+    meta_fields=["kind", "meta", "forward_codes"])
 
 
 def is_ste(x) -> bool:
@@ -177,19 +185,25 @@ def _decode32(kind, meta, codes, scale, zero, codebook):
 # --- the straight-through product -------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _ste_dot(x, latent, scale, zero, codebook, codes0, kind, meta):
-  codes = _encode(kind, meta, latent, scale, zero, codebook, codes0)
+def _forward_codes(kind, meta, stored, latent, scale, zero, codebook, codes0):
+  if stored:
+    return _unpacked(kind, meta, codes0, scale, zero, codebook)
+  return _encode(kind, meta, latent, scale, zero, codebook, codes0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ste_dot(x, latent, scale, zero, codebook, codes0, kind, meta, stored):
+  codes = _forward_codes(kind, meta, stored, latent, scale, zero, codebook, codes0)
   return formats.dot(x, _wrap(kind, meta, None, scale, zero, codebook, codes))
 
 
-def _ste_dot_fwd(x, latent, scale, zero, codebook, codes0, kind, meta):
-  codes = _encode(kind, meta, latent, scale, zero, codebook, codes0)
+def _ste_dot_fwd(x, latent, scale, zero, codebook, codes0, kind, meta, stored):
+  codes = _forward_codes(kind, meta, stored, latent, scale, zero, codebook, codes0)
   y = formats.dot(x, _wrap(kind, meta, None, scale, zero, codebook, codes))
   return y, (x, latent, scale, zero, codebook, codes0, codes)
 
 
-def _ste_dot_bwd(kind, meta, res, g):
+def _ste_dot_bwd(kind, meta, stored, res, g):
   x, latent, scale, zero, codebook, codes0, codes = res
   m = dict(meta)
   k, n = m["shape"]
@@ -201,9 +215,11 @@ def _ste_dot_bwd(kind, meta, res, g):
   dzero = None
   if kind == "scalar":
     gs = m["group_size"]
-    inr = codes_core.scalar_in_range(latent, scale, zero, bits=m["bits"], group_size=gs,
-                                     symmetric=m["symmetric"])
-    dlat = dw * inr
+    if stored:  # PV buffer: the gradient w.r.t. the decoded weight itself
+      dlat = dw
+    else:
+      dlat = dw * codes_core.scalar_in_range(latent, scale, zero, bits=m["bits"], group_size=gs,
+                                             symmetric=m["symmetric"])
     q = codes.astype(jnp.float32) - (2.0**(m["bits"] - 1) if m["symmetric"] else 0.0)
     dscale = (dw * q).reshape(k // gs, gs, n).sum(1)
     if zero is not None:
@@ -222,7 +238,8 @@ _ste_dot.defvjp(_ste_dot_fwd, _ste_dot_bwd)
 def ste_matmul_xla(x: jax.Array, w: STEWeight) -> jax.Array:
   """``x @ W_hat`` (the compressed leaf of the recomputed codes, through :func:`formats.dot`)
   with the straight-through backward pass of the module docstring."""
-  return _ste_dot(x, w.latent, w.scale, w.zero, w.codebook, w.codes0, w.kind, w.meta)
+  return _ste_dot(x, w.latent, w.scale, w.zero, w.codebook, w.codes0, w.kind, w.meta,
+                  w.forward_codes == "stored")
 
 
 formats.register_matmul(STEWeight, "xla", ste_matmul_xla, priority=formats.FALLBACK_PRIORITY)
@@ -265,7 +282,7 @@ def _from_leaf(path: str, leaf) -> STEWeight:
   return w
 
 
-def to_ste(params: Any, where: Selector = None) -> Any:
+def to_ste(params: Any, where: Selector = None, forward_codes: str = "latent") -> Any:
   """``params`` with each compressed leaf selected by ``where`` (default: all) replaced by an
   :class:`STEWeight` whose codes, re-encoded from its latent, equal the stored codes (checked:
   the forward pass starts as the compressed model's, exactly).
@@ -274,13 +291,15 @@ def to_ste(params: Any, where: Selector = None) -> Any:
     NotImplementedError: a selected leaf's format is not supported (named).
     ValueError: ``where`` selects no compressed leaf.
   """
+  if forward_codes not in ("latent", "stored"):
+    raise ValueError(f"to_ste: forward_codes must be 'latent' or 'stored', got {forward_codes!r}")
   pick = (lambda p, x: True) if where is None else as_predicate(where)
   hits = [0]
 
   def one(path, leaf):
     if isinstance(leaf, base.CompressedArray) and pick(path, leaf):
       hits[0] += 1
-      return _from_leaf(path, leaf)
+      return dataclasses.replace(_from_leaf(path, leaf), forward_codes=forward_codes)
     return leaf
 
   out = map_with_path(one, params)

@@ -46,7 +46,7 @@ def _run(cfg, p, q, windows, mode, steps, **kw):
   if mode == "kd":
     return distill.finetune(cfg, p, q, trainable_mask(q, where=SEL), windows, dc,
                             progress=False, **kw)
-  pc = pv.PVConfig(tau=0.02, lr_v=2e-2)
+  pc = pv.PVConfig(tau=0.005, lr_v=5e-3)
   tree = ste.to_ste(q, SEL) if mode == "ste" else pv.to_pv(q, SEL)
   mask = trainable_mask(tree, where=SEL)
   extra = {}
@@ -145,7 +145,7 @@ def test_ste_pv_lower_heldout_kd_and_pv_vs_kd(setup):
                                     _logits(cfg, out, windows[:2]))
     res[mode] = _heldout(cfg, p, tuned, windows[64:], dc)
     if mode == "pv":
-      assert all(h["v_frac_max"] <= 0.02 + 1e-9 for h in hist)
+      assert all(h["v_frac_max"] <= 0.005 + 1e-9 for h in hist)
       assert sum(h["v_changed"] for h in hist) > 0
   print(f"held-out KD: before {before:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
   for mode in ("ste", "pv"):
@@ -170,7 +170,7 @@ def test_pv_resume_after_kill_same_trajectory_and_compiles_once(setup, tmp_path)
   assert sum(h["v_changed"] for h in full) > 0
   # One compilation of the train step and of the V-step over several steps.
   dc = distill.DistillConfig(steps=3, micro_batch=1, accum=2, chunk=16)
-  pc = pv.PVConfig(tau=0.02, lr_v=2e-2)
+  pc = pv.PVConfig(tau=0.005, lr_v=5e-3)
   tree = pv.to_pv(q, SEL)
   part = distill.partition(tree, trainable_mask(tree, where=SEL))
   loss_fn, ts = distill.make_loss_fn(cfg, part, p, dc)
@@ -185,3 +185,23 @@ def test_pv_resume_after_kill_same_trajectory_and_compiles_once(setup, tmp_path)
     train, state, _ = step(train, frozen, state, ts, batch)
     train, frozen, _ = post(train, frozen)
   assert step._cache_size() == 1 and post._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_job_dispatches_modes_from_configs(setup):
+  from compressjax.finetune import job  # pylint: disable=g-import-not-at-top
+  from configs import finetune_kd, finetune_pv, finetune_ste  # pylint: disable=g-import-not-at-top
+  _, _, q, _ = setup
+  cfgs = {m: c.get_config() for m, c in (("kd", finetune_kd), ("ste", finetune_ste),
+                                         ("pv", finetune_pv))}
+  keys = ("steps", "micro_batch", "accum", "lr")
+  assert len({tuple(c.finetune[k] for k in keys) for c in cfgs.values()}) == 1  # equal tokens
+  for mode, c in cfgs.items():
+    assert c.finetune.mode == mode
+    dcfg = job.distill_config(c.finetune)
+    mask = trainable_mask(q, where=c.finetune.train, train_dense=c.finetune.train_dense)
+    tree, tmask, extra = job._mode_setup(mode, q, mask, c.finetune, dcfg)  # pylint: disable=protected-access
+    leaf = tree["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(leaf, formats.QuantizedArray if mode == "kd" else ste.STEWeight)
+    assert sorted(extra) == ([] if mode != "pv" else ["opt", "post_step"])
+  with pytest.raises(ValueError, match="finetune.mode"):
+    job._mode_setup("qat", q, mask, cfgs["kd"].finetune, dcfg)  # pylint: disable=protected-access

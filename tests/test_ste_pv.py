@@ -46,7 +46,7 @@ def _run(cfg, p, q, windows, mode, steps, **kw):
   if mode == "kd":
     return distill.finetune(cfg, p, q, trainable_mask(q, where=SEL), windows, dc,
                             progress=False, **kw)
-  pc = pv.PVConfig(tau=0.005, lr_v=5e-3)
+  pc = kw.pop("pc", pv.PVConfig(tau=0.005, lr_v=5e-3))
   tree = ste.to_ste(q, SEL) if mode == "ste" else pv.to_pv(q, SEL)
   mask = trainable_mask(tree, where=SEL)
   extra = {}
@@ -156,13 +156,14 @@ def test_ste_pv_lower_heldout_kd_and_pv_vs_kd(setup):
 
 def test_pv_resume_after_kill_same_trajectory_and_compiles_once(setup, tmp_path):
   cfg, p, q, windows = setup
-  kw = dict(dc=dict(micro_batch=2, accum=1, checkpoint_every=2))
+  big = pv.PVConfig(tau=0.02, lr_v=2e-2)  # large V-steps, so codes change within 6 steps
+  kw = dict(dc=dict(micro_batch=2, accum=1, checkpoint_every=2), pc=big)
   _, full = _run(cfg, p, q, windows[:16], "pv", 6, **kw)
   ck = str(tmp_path / "ck")
   _, first = _run(cfg, p, q, windows[:16], "pv", 6, checkpoint_dir=ck, stop_after=4,
-                  dc=dict(micro_batch=2, accum=1, checkpoint_every=2))
+                  dc=dict(micro_batch=2, accum=1, checkpoint_every=2), pc=big)
   _, rest = _run(cfg, p, q, windows[:16], "pv", 6, checkpoint_dir=ck,
-                 dc=dict(micro_batch=2, accum=1, checkpoint_every=2))
+                 dc=dict(micro_batch=2, accum=1, checkpoint_every=2), pc=big)
   assert [h["step"] for h in first + rest] == list(range(1, 7))
   np.testing.assert_allclose([h["loss"] for h in first + rest], [h["loss"] for h in full],
                              rtol=1e-5)

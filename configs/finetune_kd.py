@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "mixed", "wiki", "austen" or a text file/dir (see configs/default.py).
   c.calibration.source = "mixed"
   c.finetune = ml_collections.ConfigDict()
+  # "kd": continuous children only (codes fixed); "ste": straight-through latent weights
+  # (configs/finetune_ste.py); "pv": PV-tuning (configs/finetune_pv.py).
+  c.finetune.mode = "kd"
   # Optimizer steps; tokens seen = steps * micro_batch * accum * seq_len.
   c.finetune.steps = 64
   # Peak learning rate of Adam (warm-up then cosine to 10%).

@@ -279,7 +279,9 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
              dcfg: DistillConfig, *, checkpoint_dir: str | None = None,
              heldout: np.ndarray | None = None, progress: bool = True,
              log_file: str | None = None, dtype=jnp.float32,
-             stop_after: int | None = None) -> tuple[Any, list[dict[str, Any]]]:
+             stop_after: int | None = None, opt: optax.GradientTransformation | None = None,
+             post_step: Callable[[Partition], Callable] | None = None
+             ) -> tuple[Any, list[dict[str, Any]]]:
   """Fine-tunes ``student_params`` (compressed) towards ``teacher_params`` (dense) by KD.
 
   Args:
@@ -293,6 +295,11 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
     heldout: optional windows on which the KD loss is reported before and after.
     log_file: JSON-lines loss log (one record per step), appended.
     stop_after: stop (after checkpointing) once this step is reached; for kill/resume tests.
+    opt: the optimizer (default ``dcfg.optimizer()``; PV-tuning passes one with a V-part).
+    post_step: ``post_step(partition)`` returns a jitted ``(train, frozen) -> (train, frozen,
+      info)`` run after every optimizer step (PV-tuning's V-step, which rewrites codes in
+      ``frozen``); ``info``'s scalars join the step's record. With it the checkpoints hold
+      ``frozen`` too.
 
   Returns:
     ``(params, history)``: the tuned tree and one dict per step run here (``step``, ``loss``,
@@ -305,8 +312,9 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
   train, frozen = part.split(student_params)
   train = part.master(train)
   loss_fn, teacher_state = make_loss_fn(cfg, part, teacher_params, dcfg, dtype)
-  opt = dcfg.optimizer()
+  opt = dcfg.optimizer() if opt is None else opt
   opt_state = opt.init(train)
+  post = post_step(part) if post_step is not None else None
   start = 0
 
   mngr = None
@@ -317,9 +325,13 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
     latest = mngr.latest_step()
     if latest is not None:
       target = {"train": train, "opt_state": opt_state}
+      if post is not None:
+        target["frozen"] = frozen
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
       restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
       train, opt_state = list(restored["train"]), restored["opt_state"]
+      if post is not None:
+        frozen = list(restored["frozen"])
       start = latest
 
   step_fn = make_train_step(loss_fn, opt)
@@ -333,6 +345,9 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
     t0 = time.perf_counter()
     train, opt_state, m = step_fn(train, frozen, opt_state, teacher_state,
                                   jnp.asarray(windows[idx]))
+    if post is not None:
+      train, frozen, info = post(train, frozen)
+      m = {**m, **info}
     m = {k: float(v) for k, v in m.items()}
     rec = {"step": s + 1, **m, "tokens": (s + 1) * tokens_per_step,
            "step_s": time.perf_counter() - t0}
@@ -345,7 +360,10 @@ def finetune(cfg, teacher_params, student_params, mask, windows: np.ndarray,
         f.write(json.dumps(rec) + "\n")
     if mngr is not None and ((s + 1) % dcfg.checkpoint_every == 0 or s + 1 == end):
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-      mngr.save(s + 1, args=ocp.args.StandardSave({"train": train, "opt_state": opt_state}))
+      item = {"train": train, "opt_state": opt_state}
+      if post is not None:
+        item["frozen"] = frozen
+      mngr.save(s + 1, args=ocp.args.StandardSave(item))
       mngr.wait_until_finished()
   if mngr is not None:
     mngr.close()

@@ -55,6 +55,25 @@ def _windows(tok, cfg, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
   return w[:cal.num_windows], w[cal.num_windows:]
 
 
+def _mode_setup(mode: str, student, mask, fcfg, dcfg):
+  """``(tree, mask, finetune kwargs)`` of ``mode``: ``"kd"`` (continuous children only),
+  ``"ste"`` (latent weights with straight-through codes) or ``"pv"`` (PV-tuning)."""
+  from compressjax.finetune import pv, ste, trainable_mask  # pylint: disable=g-import-not-at-top
+
+  if mode == "kd":
+    return student, mask, {}
+  if mode not in ("ste", "pv"):
+    raise ValueError(f"finetune.mode must be 'kd', 'ste' or 'pv', got {mode!r}")
+  tree = (ste.to_ste if mode == "ste" else pv.to_pv)(student, fcfg.train)
+  tmask = trainable_mask(tree, where=fcfg.train, train_dense=fcfg.train_dense or None)
+  if mode == "ste":
+    return tree, tmask, {}
+  pcfg = pv.PVConfig(tau=fcfg.tau, lr_v=fcfg.lr_v, delta_decay=fcfg.delta_decay)
+  part = distill.partition(tree, tmask)
+  return tree, tmask, {"opt": pv.make_optimizer(tree, part, dcfg, pcfg),
+                       "post_step": pv.make_v_step(pcfg)}
+
+
 def run_finetune(cfg) -> dict[str, Any]:
   """Runs the job described by ``cfg`` (see ``configs/finetune_kd.py``); returns its record."""
   from compressjax import pipeline  # pylint: disable=g-import-not-at-top
@@ -97,8 +116,14 @@ def run_finetune(cfg) -> dict[str, Any]:
     os.makedirs(cfg.resume_dir, exist_ok=True)
     log_file = os.path.join(cfg.resume_dir, "loss_log.jsonl")
   t0 = time.perf_counter()
-  tuned, history = distill.finetune(scfg, teacher, student, mask, train_w, dcfg,
-                                    checkpoint_dir=cfg.resume_dir or None, log_file=log_file)
+  mode = cfg.finetune.get("mode", "kd")
+  tree, tmask, extra = _mode_setup(mode, student, mask, cfg.finetune, dcfg)
+  tuned, history = distill.finetune(scfg, teacher, tree, tmask, train_w, dcfg,
+                                    checkpoint_dir=cfg.resume_dir or None, log_file=log_file,
+                                    **extra)
+  if mode != "kd":
+    from compressjax.finetune import ste  # pylint: disable=g-import-not-at-top
+    tuned = ste.export(tuned)
   train_s = time.perf_counter() - t0
   tr1, fr1 = part.split(tuned)
   after = (distill.heldout_loss(loss_fn, teacher_state, tr1, fr1, heldout_w)
@@ -127,6 +152,7 @@ def run_finetune(cfg) -> dict[str, Any]:
       "before_ppl_austen": base.get("ppl_austen"),
       "heldout_kd_before": before.get("kd"),
       "heldout_kd_after": after.get("kd"),
+      "mode": mode,
       "steps": len(history),
       "tokens_seen": history[-1]["tokens"] if history else 0,
       "train_tokens_per_s": (tokens_per_step / float(np.mean(steps_timed))

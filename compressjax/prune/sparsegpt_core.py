@@ -156,9 +156,8 @@ def sparsegpt_prune(W: jax.Array, H: jax.Array, *, sparsity: float = 0.5,
     obs_core.check_split(W.shape[1], split, "SparseGPT")
     fn = obs_core.split_columns(functools.partial(_sparsegpt, axis_name=split.axis, **kw), split,
                                 in_specs=("cols", None), out_specs=("cols", "cols", None))
-    Wp, keep, info = jax.jit(fn)(
-        jax.device_put(W, split.sharding()),
-        jax.device_put(H, jax.sharding.NamedSharding(split.mesh, obs_core.P())))
+    Wp, keep, info = jax.jit(fn)(obs_core.place(W, split.sharding()),
+                                 obs_core.place(H, split.replicated()))
   return Wp.astype(W.dtype), keep, info
 
 

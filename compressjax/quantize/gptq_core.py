@@ -398,19 +398,9 @@ def _gptq_split(W, H, keep=None, prune=None, *, split: obs_core.ColumnSplit | No
   fn = obs_core.split_columns(
       functools.partial(_gptq, axis_name=split.axis, **kw), split,
       in_specs=(cols, rep, rep, cols), out_specs=(cols, cols, cols, cols, cols, rep))
-  put = lambda a, s: None if a is None else jax.device_put(
-      a, split.sharding() if s else jax.sharding.NamedSharding(split.mesh, obs_core.P()))
-  return jax.jit(fn)(put(W, 1), put(H, 0), put(keep, 0), put(prune, 1))
-
-
-def _place(qw, split: obs_core.ColumnSplit | None):
-  """``qw`` with every child laid out as the column split of the dense kernel dictates."""
-  if split is None:
-    return qw
-  from compressjax.formats import sharding as fsharding  # pylint: disable=g-import-not-at-top
-  specs = fsharding.partition_specs(qw, split.spec(), dict(split.mesh.shape))
-  return jax.tree.map(lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(split.mesh, s)),
-                      qw, specs)
+  col, rep = split.sharding(), split.replicated()
+  return jax.jit(fn)(obs_core.place(W, col), obs_core.place(H, rep), obs_core.place(keep, rep),
+                     obs_core.place(prune, col))
 
 
 def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | None = None,
@@ -492,7 +482,7 @@ def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | No
       act_order=bool(act_order), static_groups=bool(static_groups), with_q=False)
   qw = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                  symmetric=bool(symmetric), dtype=W.dtype)
-  return _place(qw, split), info
+  return obs_core.place_leaf(qw, split), info
 
 
 def gptq_masked(W: jax.Array, H: jax.Array, keep: jax.Array, *, bits: int,

@@ -57,7 +57,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # pylint: disable=invalid-name
 
 __all__ = ["DAMP_RETRIES", "ColumnSplit", "Step", "column_split", "drop_dead", "gather_columns",
-           "hinv_cholesky", "padded_length", "percdamp_schedule", "split_columns", "sweep"]
+           "hinv_cholesky", "padded_length", "percdamp_schedule", "place", "place_leaf",
+           "split_columns", "sweep"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -278,6 +279,9 @@ class ColumnSplit(NamedTuple):
   def sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec())
 
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
 
 def _auto(mesh):
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
@@ -301,6 +305,32 @@ def column_split(W) -> ColumnSplit | None:
     return None
   split = ColumnSplit(_auto(sh.mesh), spec[1])
   return split if split.size > 1 else None
+
+
+def place(a, sharding):
+  """``a`` laid out as ``sharding``, also across processes (``a`` then a host array or an array
+  every process holds in full, or already a global array)."""
+  if a is None:
+    return None
+  if isinstance(a, jax.Array) and a.sharding == sharding:
+    return a
+  if sharding.is_fully_addressable:
+    return jax.device_put(a, sharding)
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return jax.jit(lambda v: v, out_shardings=sharding)(a)
+  host = np.asarray(a)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def place_leaf(leaf, split: ColumnSplit | None):
+  """A compressed ``leaf`` with every child laid out as a kernel split ``P(None, axis)`` dictates
+  (:func:`compressjax.formats.partition_specs`: codes, scales, values split by output column,
+  flat children replicated); unchanged without ``split``."""
+  if split is None:
+    return leaf
+  from compressjax.formats import sharding as fsharding  # pylint: disable=g-import-not-at-top
+  specs = fsharding.partition_specs(leaf, split.spec(), dict(split.mesh.shape))
+  return jax.tree.map(lambda a, s: place(a, NamedSharding(split.mesh, s)), leaf, specs)
 
 
 def split_columns(fn: Callable, split: ColumnSplit, in_specs: tuple, out_specs: Any) -> Callable:

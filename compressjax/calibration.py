@@ -27,7 +27,7 @@ mesh): each layer's :class:`LayerStats` carries ``columns``, a
 axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT) solve with
 ``W``'s columns split over the devices (``jax.shard_map``, the Hessian replicated) and return
 leaves whose codes, scales, values and masks stay split ``P(None, axes)``; the other transforms
-ignore it. Tested on one process with 8 simulated CPU devices
+ignore it (one process only for now). Tested on one process with 8 simulated CPU devices
 (``tests/test_engine_sharded.py``). With several processes (``jax.distributed``; on CPU with
 ``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
 over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
@@ -46,6 +46,9 @@ as targets: one more copy of ``X`` in memory.
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
 inputs and the transform state, atomically. A killed run restarted with the same arguments
 continues from the last written block and gives the same result as an uninterrupted run.
+The resume point holds *host* arrays (the next block's inputs gathered into this process, the
+transform state), which is fine for one process, also on a mesh; with several processes the
+inputs are split over processes and ``resume_dir`` is refused (:meth:`_Placement.host`).
 
 References:
   Frantar et al. 2022, GPTQ (sequential block-by-block calibration);
@@ -264,7 +267,9 @@ class _Placement:
 
   def columns(self, n: int, enabled: bool):
     """The split of ``n`` output columns over all mesh axes for the solvers, or ``None``."""
-    if self.mesh is None or not enabled:
+    if self.mesh is None or not enabled or jax.process_count() > 1:
+      # Several processes: not yet (the compressed leaves would be split over processes, and
+      # checkpoint.save refuses such arrays), so every device solves every layer whole.
       return None
     split = obs_core.ColumnSplit(self.mesh, tuple(self.mesh.axis_names))
     return split if split.size > 1 and n % split.size == 0 else None
@@ -316,7 +321,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
     shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT) split each layer's
       output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
-      stay split ``P(None, axes)``. ``False``: every device solves every layer whole.
+      stay split ``P(None, axes)``. ``False``: every device solves every layer whole. One
+      process only for now: with several processes the layers are solved whole.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.

@@ -21,8 +21,13 @@ compressed blocks so far and two copies of ``X`` -- not the model.
 **Data parallel**: with ``mesh``, the windows of every batch are split over the mesh axes
 ``data_axis`` (all axes by default): the block forward passes run on all devices, the statistics
 are summed across them by the compiled program (XLA all-reduce), and the solvers run on the
-summed statistics (every device solves every layer: the solvers' output columns are not split
-across the mesh yet). Tested on one process with 8 simulated CPU devices
+summed statistics. **Solvers split over the mesh** (``shard_solvers=True``, the default with a
+mesh): each layer's :class:`LayerStats` carries ``columns``, a
+:class:`~compressjax.quantize.obs_core.ColumnSplit` of the layer's output columns over all mesh
+axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT) solve with
+``W``'s columns split over the devices (``jax.shard_map``, the Hessian replicated) and return
+leaves whose codes, scales, values and masks stay split ``P(None, axes)``; the other transforms
+ignore it (one process only for now). Tested on one process with 8 simulated CPU devices
 (``tests/test_engine_sharded.py``). With several processes (``jax.distributed``; on CPU with
 ``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
 over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
@@ -41,6 +46,9 @@ as targets: one more copy of ``X`` in memory.
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
 inputs and the transform state, atomically. A killed run restarted with the same arguments
 continues from the last written block and gives the same result as an uninterrupted run.
+The resume point holds *host* arrays (the next block's inputs gathered into this process, the
+transform state), which is fine for one process, also on a mesh; with several processes the
+inputs are split over processes and ``resume_dir`` is refused (:meth:`_Placement.host`).
 
 References:
   Frantar et al. 2022, GPTQ (sequential block-by-block calibration);
@@ -64,6 +72,7 @@ from tqdm.auto import tqdm
 from compressjax import checkpoint
 from compressjax import finetune
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
+from compressjax.quantize import obs_core
 from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
 from compressjax.transforms.selection import leaves_with_paths
 
@@ -80,13 +89,16 @@ class LayerStats:
   Invariants: ``hessian`` is ``(K, K)`` float32 ``sum_t x_t x_t^T`` (the GPTQ Hessian is
   ``2 * hessian / n``), exactly symmetric; ``sq_sum`` and ``abs_sum`` are ``(K,)`` float32 sums
   of ``x^2`` and ``|x|`` over tokens (Wanda's norm is ``sqrt(sq_sum)``; AWQ's activation scale is
-  ``abs_sum / n``); ``n`` is the float32 token count.
+  ``abs_sum / n``); ``n`` is the float32 token count. ``columns`` (static) is where a solver
+  may split the layer's output columns (:class:`~compressjax.quantize.obs_core.ColumnSplit`,
+  set by :func:`run_sequential` on a mesh), or ``None``: one device.
   """
 
   hessian: jax.Array
   sq_sum: jax.Array
   abs_sum: jax.Array
   n: jax.Array
+  columns: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   @classmethod
   def zeros(cls, k: int) -> "LayerStats":
@@ -100,7 +112,7 @@ class LayerStats:
       xf = xf * weight.reshape(-1, 1).astype(jnp.float32)
     n = xf.shape[0] if weight is None else jnp.sum(weight.astype(jnp.float32))
     return LayerStats(self.hessian + gram(xf), self.sq_sum + jnp.sum(xf * xf, 0),
-                      self.abs_sum + jnp.sum(jnp.abs(xf), 0), self.n + n)
+                      self.abs_sum + jnp.sum(jnp.abs(xf), 0), self.n + n, self.columns)
 
   def gptq_hessian(self) -> jax.Array:
     """``2 X^T X / n``, as the GPTQ reference accumulates it."""
@@ -239,6 +251,8 @@ class _Placement:
     sharding = sharding or NamedSharding(self.mesh, P())
     if isinstance(a, jax.Array) and a.is_fully_addressable and jax.process_count() == 1:
       return jax.device_put(a, sharding)
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:  # split over processes
+      return jax.jit(lambda v: v, out_shardings=sharding)(a)
     host = np.asarray(a)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
@@ -250,6 +264,15 @@ class _Placement:
     if self.mesh is None:
       return tree
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a.addressable_data(0))), tree)
+
+  def columns(self, n: int, enabled: bool):
+    """The split of ``n`` output columns over all mesh axes for the solvers, or ``None``."""
+    if self.mesh is None or not enabled or jax.process_count() > 1:
+      # Several processes: not yet (the compressed leaves would be split over processes, and
+      # checkpoint.save refuses such arrays), so every device solves every layer whole.
+      return None
+    split = obs_core.ColumnSplit(self.mesh, tuple(self.mesh.axis_names))
+    return split if split.size > 1 and n % split.size == 0 else None
 
   def host(self, x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -273,7 +296,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
                    mode: str = "sequential", resume_dir: str | None = None,
                    recipe_key: str = "", progress: bool = True, mesh=None,
                    data_axis: str | Sequence[str] | None = None,
-                   block_finetune: finetune.BlockFinetune | None = None) -> tuple[Any, Any]:
+                   block_finetune: finetune.BlockFinetune | None = None,
+                   shard_solvers: bool = True) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
@@ -295,6 +319,10 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     data_axis: the mesh axis (or axes) the windows are split over; default all.
     block_finetune: tune each compressed block's continuous parameters to the uncompressed
       block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
+    shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT) split each layer's
+      output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
+      stay split ``P(None, axes)``. ``False``: every device solves every layer whole. One
+      process only for now: with several processes the layers are solved whole.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
@@ -318,6 +346,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   if batch_size % place.data_size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the data axes' size "
                      f"{place.data_size} (mesh {dict(place.mesh.shape)})")
+  if not isinstance(shard_solvers, bool):
+    raise ValueError(f"shard_solvers must be a bool, got {shard_solvers!r}")
   if block_finetune is not None and not isinstance(block_finetune, finetune.BlockFinetune):
     raise ValueError(f"block_finetune must be a compressjax.finetune.BlockFinetune or None, got "
                      f"{type(block_finetune).__name__}")
@@ -363,6 +393,9 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     stats_by_cap, orig_out = passes.stats(keep)(place.put_tree(dense), x, weights)
     stats_by_cap = place.local(stats_by_cap)
     stats = {prefix + k: stats_by_cap[src] for k, src in bm.linear_inputs.items()}
+    stats = {p: dataclasses.replace(
+        st, columns=place.columns(_out_dim(dense.get(p[len(prefix):])), shard_solvers))
+             for p, st in stats.items()}
     view = _map(lambda p, a: dense[p[len(prefix):]] if p.startswith(prefix) else _UNSELECTED,
                 abstract)
     del dense
@@ -392,6 +425,11 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   flat = dict(done)
   flat.update({p: v for p, v in leaves_with_paths(new_rest) if p in outside})
   return nest(abstract, flat), state
+
+
+def _out_dim(w) -> int:
+  shape = getattr(w, "shape", ())
+  return int(shape[1]) if len(shape) == 2 else 0
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, Any]:

@@ -64,8 +64,12 @@ def _check(W, H, blocksize, percdamp, sparsity, nm):
       raise ValueError(f"blocksize={blocksize} must be a multiple of m={m} for N:M pruning")
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "nm", "blocksize", "percdamp"))
-def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
+@functools.partial(jax.jit, static_argnames=("sparsity", "nm", "blocksize", "percdamp",
+                                             "axis_name"))
+def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp, axis_name=None):
+  """SparseGPT on validated arguments; with ``axis_name`` (inside ``shard_map``) ``W`` is this
+  device's output columns: the unstructured block mask is chosen from all devices' saliencies
+  (gathered, ranked as on one device, this device's columns kept), N:M masks are per column."""
   K, N = W.shape
   ctype = base.accumulation_dtype(W.dtype, H.dtype)
   W, H, dead = obs_core.drop_dead(W.astype(ctype), H.astype(ctype))
@@ -81,9 +85,11 @@ def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
       return keep
     d = jnp.diag(Hinv11)
     real1 = jax.lax.dynamic_slice_in_dim(real, i1, B)
-    sal = jnp.where(real1[:, None], W1**2 / d[:, None]**2, jnp.inf)
-    n_prune = jnp.round(sparsity * jnp.sum(real1) * N).astype(jnp.int32)
-    return jax.lax.dynamic_update_slice_in_dim(keep, masks.ranks(sal) >= n_prune, i1, axis=0)
+    sal = obs_core.gather_columns(jnp.where(real1[:, None], W1**2 / d[:, None]**2, jnp.inf),
+                                  axis_name)  # the whole block, all outputs
+    n_prune = jnp.round(sparsity * jnp.sum(real1) * sal.shape[1]).astype(jnp.int32)
+    kb = obs_core.local_columns(masks.ranks(sal) >= n_prune, N, axis_name)
+    return jax.lax.dynamic_update_slice_in_dim(keep, kb, i1, axis=0)
 
   def rule(st, keep):
     """Zero the pruned entries of one row (N:M: choose the next ``m`` rows' mask first)."""
@@ -102,14 +108,16 @@ def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp):
   W, keep, loss = obs_core.sweep(W, Hinv, rule, jnp.ones((Kp, N), bool), blocksize=blocksize,
                                  block_start=block_start)
   keep = keep[:K]
-  info = {"loss": loss, "damp": damp, "percdamp": percdamp_used, "cholesky_ok": ok,
+  info = {"loss": obs_core.psum(loss, axis_name), "damp": damp, "percdamp": percdamp_used,
+          "cholesky_ok": ok,
           "dead": jnp.sum(dead.astype(jnp.int32))}
   return W, keep, info
 
 
 def sparsegpt_prune(W: jax.Array, H: jax.Array, *, sparsity: float = 0.5,
                     pattern: str | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[jax.Array, jax.Array, dict]:
+                    percdamp: float = 0.01, split: obs_core.ColumnSplit | None = None
+                    ) -> tuple[jax.Array, jax.Array, dict]:
   """Prunes a ``(K, N)`` weight with SparseGPT given its input Hessian ``H = 2 X^T X / n``.
 
   Args:
@@ -119,6 +127,12 @@ def sparsegpt_prune(W: jax.Array, H: jax.Array, *, sparsity: float = 0.5,
     pattern: ``None`` (unstructured) or ``"n:m"`` (n kept of every m input rows, e.g. ``"2:4"``).
     blocksize: rows per adaptive-mask block and lazy batch update (the paper's ``B_s = 128``).
     percdamp: relative damping of ``H`` (raised tenfold while the Cholesky fails, as in GPTQ).
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`, e.g. ``obs_core.column_split(W)``):
+      each device reconstructs its columns with the replicated ``H``; the unstructured mask of
+      each block is chosen from the saliencies of all columns (one all-gather of the block's
+      ``(blocksize, N)`` saliencies per block), N:M masks per column, so the result equals one
+      device's; ``W_pruned`` and ``keep`` come back split the same way. ``None``: one device.
 
   Returns:
     ``(W_pruned, keep, info)``: the reconstructed weights (zero where pruned, ``W.dtype``), the
@@ -135,8 +149,15 @@ def sparsegpt_prune(W: jax.Array, H: jax.Array, *, sparsity: float = 0.5,
   """
   nm = masks.parse_pattern(pattern)
   _check(W, H, blocksize, percdamp, sparsity, nm)
-  Wp, keep, info = _sparsegpt(W, H, sparsity=float(sparsity), nm=nm, blocksize=int(blocksize),
-                              percdamp=float(percdamp))
+  kw = dict(sparsity=float(sparsity), nm=nm, blocksize=int(blocksize), percdamp=float(percdamp))
+  if split is None:
+    Wp, keep, info = _sparsegpt(W, H, **kw)
+  else:
+    obs_core.check_split(W.shape[1], split, "SparseGPT")
+    fn = obs_core.split_columns(functools.partial(_sparsegpt, axis_name=split.axis, **kw), split,
+                                in_specs=("cols", None), out_specs=("cols", "cols", None))
+    Wp, keep, info = jax.jit(fn)(obs_core.place(W, split.sharding()),
+                                 obs_core.place(H, split.replicated()))
   return Wp.astype(W.dtype), keep, info
 
 

@@ -196,10 +196,10 @@ def _loo_outlier_mask(rows, dinv, threshold, *, bits, symmetric):
     jax.jit,
     static_argnames=("bits", "group_size", "symmetric", "scale_dtype", "blocksize", "percdamp",
                      "act_order", "static_groups", "with_q", "outlier_threshold", "stats_bits",
-                     "stats_group_size"))
+                     "stats_group_size", "axis_name"))
 def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dtype, blocksize,
           percdamp, act_order, static_groups, with_q, outlier_threshold=float("inf"),
-          stats_bits=0, stats_group_size=16):
+          stats_bits=0, stats_group_size=16, axis_name=None):
   """Lazy-batch GPTQ on validated arguments (``group_size`` resolved, ``<= K``).
 
   Extensions shared by SpQR and OWQ (all off by default, giving plain GPTQ):
@@ -222,6 +222,10 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
   only at outliers and kept rows) is ``None`` unless outliers or ``keep`` are on. With
   ``stats_bits``, ``scale``/``zero`` are the float32 first-level statistics *before* the second
   level (what :func:`stats_roundtrip` and the stored format quantize).
+
+  With ``axis_name`` (inside :func:`_gptq_split`'s ``shard_map``), ``W`` is this device's output
+  columns: the loss and outlier count are summed over the devices, SpQR's outlier threshold is
+  computed from all columns (gathered once), everything else is per column already.
   """
   K, N = W.shape
   gs = group_size
@@ -282,7 +286,9 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
   dinv_all = jnp.diag(Hinv)
   if outliers:
     # SpQR: the threshold is relative to the mean Hessian-weighted weight variance.
-    tau = outlier_threshold * jnp.mean(jnp.var(W, axis=1, ddof=1) / dinv_all**2)
+    Wall = obs_core.gather_columns(W, axis_name)  # the variance runs over all output columns
+    tau = outlier_threshold * jnp.mean(jnp.var(Wall, axis=1, ddof=1) / dinv_all**2)
+    del Wall
   else:
     tau = jnp.asarray(jnp.inf, ctype)
 
@@ -367,20 +373,41 @@ def _gptq(W, H, keep=None, prune=None, *, bits, group_size, symmetric, scale_dty
     Q = None if Q is None else Q[invperm]
     R = None if R is None else R[invperm]
   info = {
-      "loss": loss,
+      "loss": obs_core.psum(loss, axis_name),
       "damp": damp,
       "percdamp": percdamp_used,
       "dead": jnp.sum(dead.astype(jnp.int32)),
       "cholesky_ok": ok,
-      "outliers": n_out,
+      "outliers": obs_core.psum(n_out, axis_name),
   }
   return codes, scales, zero, Q, R, info
+
+
+def _gptq_split(W, H, keep=None, prune=None, *, split: obs_core.ColumnSplit | None, **kw):
+  """:func:`_gptq` with ``W``'s output columns split over ``split`` (``None``: one device).
+
+  Each device runs the same recursion on its columns with the replicated ``H`` (see
+  :mod:`compressjax.quantize.obs_core`); codes, scales, zeros, ``Q`` and residuals come back
+  split over the same axes, the info scalars replicated.
+  """
+  if split is None:
+    return _gptq(W, H, keep, prune, **kw)
+  obs_core.check_split(W.shape[1], split, "GPTQ",
+                       kw.get("stats_group_size", 1) if kw.get("stats_bits") else 1)
+  cols, rep = "cols", None
+  fn = obs_core.split_columns(
+      functools.partial(_gptq, axis_name=split.axis, **kw), split,
+      in_specs=(cols, rep, rep, cols), out_specs=(cols, cols, cols, cols, cols, rep))
+  col, rep = split.sharding(), split.replicated()
+  return jax.jit(fn)(obs_core.place(W, col), obs_core.place(H, rep), obs_core.place(keep, rep),
+                     obs_core.place(prune, col))
 
 
 def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | None = None,
                   symmetric: bool = True, scale_dtype: Any = jnp.float16, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False) -> tuple[QuantizedArray, dict[str, jax.Array]]:
+                  static_groups: bool = False, split: obs_core.ColumnSplit | None = None
+                  ) -> tuple[QuantizedArray, dict[str, jax.Array]]:
   """GPTQ-quantizes a ``(K, N)`` weight given its input Hessian ``H``.
 
   Implements Algorithm 1 of Frantar et al. 2022 with lazy batch updates (see
@@ -409,6 +436,13 @@ def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | No
       ``group_size < K`` this requires ``static_groups=True``.
     static_groups: compute every group's grid up front from the original
       weight instead of from the error-updated rows when the group is reached.
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`; e.g.
+      ``obs_core.column_split(W)`` of a column-sharded ``W``): each device runs the recursion on
+      its ``N / devices`` columns with the replicated ``H``, giving the same codes and scales as
+      one device; the result's children are split as
+      :func:`compressjax.formats.partition_specs` gives for ``P(None, axis)``. ``None``: one
+      device. Not jittable (it places arrays); the one-device path is.
 
   Returns:
     ``(qw, info)``: the :class:`QuantizedArray` (logical dtype ``W.dtype``)
@@ -442,13 +476,13 @@ def gptq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | No
     Frantar et al., "GPTQ", arXiv:2210.17323, Algorithm 1.
   """
   gs = _check_args(W, H, bits, group_size, blocksize, percdamp, act_order, static_groups)
-  codes, scale, zero, _, _, info = _gptq(
-      W, H, bits=bits, group_size=gs, symmetric=bool(symmetric), scale_dtype=scale_dtype,
-      blocksize=blocksize, percdamp=float(percdamp), act_order=bool(act_order),
-      static_groups=bool(static_groups), with_q=False)
+  codes, scale, zero, _, _, info = _gptq_split(
+      W, H, split=split, bits=bits, group_size=gs, symmetric=bool(symmetric),
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=float(percdamp),
+      act_order=bool(act_order), static_groups=bool(static_groups), with_q=False)
   qw = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                  symmetric=bool(symmetric), dtype=W.dtype)
-  return qw, info
+  return obs_core.place_leaf(qw, split), info
 
 
 def gptq_masked(W: jax.Array, H: jax.Array, keep: jax.Array, *, bits: int,

@@ -14,6 +14,13 @@ dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[i] = 0``; damping
 ``H += percdamp * mean(diag(H)) * I``, raised tenfold while the Cholesky factorisation fails;
 ``Hinv`` is the upper Cholesky factor ``U`` of ``H^{-1} = U^T U``.
 
+**Split over a mesh** (:func:`split_columns`): every step of the recursion acts on all output
+columns ``N`` alike and couples them only through ``H`` (shared), so a solver can run with ``W``'s
+columns split over mesh axes (``jax.shard_map``), each device solving its own columns with the
+replicated ``H``/``Hinv``. The per-column arithmetic is the same as on one device; what a rule
+computes *across* columns (SparseGPT's block mask, SpQR's outlier threshold, the loss) it does
+with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``).
+
 The recursion (:func:`sweep`), with lazy batch updates over blocks of ``blocksize`` rows
 ``[i1, i2)`` and steps of ``step`` rows ``S = [i, i + step)`` inside a block:
 
@@ -43,12 +50,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # The papers' variable names (H, Hinv, W, Err1, ...) are kept on purpose.
 # pylint: disable=invalid-name
 
-__all__ = ["DAMP_RETRIES", "Step", "drop_dead", "hinv_cholesky", "padded_length", "percdamp_schedule",
-           "sweep"]
+__all__ = ["DAMP_RETRIES", "ColumnSplit", "Step", "column_split", "drop_dead", "gather_columns",
+           "hinv_cholesky", "padded_length", "percdamp_schedule", "place", "place_leaf",
+           "split_columns", "sweep"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -238,3 +248,128 @@ def sweep(W: jax.Array, Hinv: jax.Array, rule: Rule, state: Any, *, blocksize: i
   _, Q, loss, state = jax.lax.fori_loop(0, Kp // B, block_step,
                                         (W, Q, jnp.zeros((), ctype), state))
   return (Q[:K] if keep_values else None), state, loss
+
+
+# ------------------------------------------------------------------------------------------
+# Output columns split over a mesh.
+# ------------------------------------------------------------------------------------------
+
+
+class ColumnSplit(NamedTuple):
+  """Where a solver's output columns go: ``W``'s dimension 1 split over ``axis`` of ``mesh``.
+
+  Attributes:
+    mesh: a ``jax.sharding.Mesh`` (Auto axes; an Explicit mesh is re-made with Auto axes of the
+      same devices by :func:`column_split`).
+    axis: a mesh axis name or a tuple of them (the columns are split over their product, in
+      order, as ``PartitionSpec(None, axis)`` lays them out).
+  """
+
+  mesh: Any
+  axis: Any
+
+  @property
+  def size(self) -> int:
+    axes = (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+  def spec(self) -> P:
+    return P(None, self.axis)
+
+  def sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec())
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+def _auto(mesh):
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  return mesh
+
+
+def column_split(W) -> ColumnSplit | None:
+  """The split of ``W``'s output columns, read from its sharding, or ``None``.
+
+  ``W`` is a concrete ``jax.Array`` whose ``NamedSharding`` names mesh axes (of total size
+  above 1) on dimension 1 and none on dimension 0; anything else (host arrays, tracers,
+  replicated or row-split arrays) gives ``None``: the solver then runs on one device.
+  """
+  sh = getattr(W, "sharding", None) if isinstance(W, jax.Array) else None
+  if not isinstance(sh, NamedSharding) or getattr(W, "ndim", 0) != 2:
+    return None
+  spec = tuple(sh.spec) + (None,) * (2 - len(tuple(sh.spec)))
+  if spec[0] is not None or spec[1] is None:
+    return None
+  split = ColumnSplit(_auto(sh.mesh), spec[1])
+  return split if split.size > 1 else None
+
+
+def place(a, sharding):
+  """``a`` laid out as ``sharding``, also across processes (``a`` then a host array or an array
+  every process holds in full, or already a global array)."""
+  if a is None:
+    return None
+  if isinstance(a, jax.Array) and a.sharding == sharding:
+    return a
+  if sharding.is_fully_addressable:
+    return jax.device_put(a, sharding)
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return jax.jit(lambda v: v, out_shardings=sharding)(a)
+  host = np.asarray(a)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def place_leaf(leaf, split: ColumnSplit | None):
+  """A compressed ``leaf`` with every child laid out as a kernel split ``P(None, axis)`` dictates
+  (:func:`compressjax.formats.partition_specs`: codes, scales, values split by output column,
+  flat children replicated); unchanged without ``split``."""
+  if split is None:
+    return leaf
+  from compressjax.formats import sharding as fsharding  # pylint: disable=g-import-not-at-top
+  specs = fsharding.partition_specs(leaf, split.spec(), dict(split.mesh.shape))
+  return jax.tree.map(lambda a, s: place(a, NamedSharding(split.mesh, s)), leaf, specs)
+
+
+def split_columns(fn: Callable, split: ColumnSplit, in_specs: tuple, out_specs: Any) -> Callable:
+  """``fn`` run per device with ``W``'s columns split as ``split`` says (``jax.shard_map``).
+
+  ``in_specs``/``out_specs`` hold ``"cols"`` for arrays split along dimension 1 (output
+  columns), ``None`` for replicated ones (``H``, scalars); ``fn`` receives its local columns
+  and must reduce what it computes across columns over ``split.axis``.
+  """
+  to = lambda t: jax.tree.map(lambda s: split.spec() if s == "cols" else P(), t,
+                              is_leaf=lambda x: x is None or isinstance(x, str))
+  return jax.shard_map(fn, mesh=split.mesh, in_specs=to(in_specs), out_specs=to(out_specs),
+                       check_vma=False)
+
+
+def check_split(n: int, split: ColumnSplit, what: str, multiple: int = 1) -> None:
+  """Raises unless the ``n`` output columns split evenly (in multiples of ``multiple``)."""
+  if n % (split.size * multiple):
+    raise ValueError(
+        f"{what}: the {n} output columns cannot be split over mesh axes {split.axis!r} of size "
+        f"{split.size}" + (f" in multiples of {multiple}" if multiple > 1 else "") +
+        "; replicate W (or shard it over fewer devices)")
+
+
+def gather_columns(x: jax.Array, axis_name) -> jax.Array:
+  """All devices' columns of ``x`` ``(rows, local N)`` side by side (identity without a split)."""
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
+def local_columns(full: jax.Array, n_local: int, axis_name) -> jax.Array:
+  """This device's columns of a gathered ``(rows, N)`` array (inverse of :func:`gather_columns`)."""
+  if axis_name is None:
+    return full
+  start = jax.lax.axis_index(axis_name) * n_local
+  return jax.lax.dynamic_slice_in_dim(full, start, n_local, axis=1)
+
+
+def psum(x, axis_name):
+  """``x`` summed over the devices of ``axis_name`` (identity without a split)."""
+  return x if axis_name is None else jax.lax.psum(x, axis_name)

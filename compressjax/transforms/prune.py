@@ -26,6 +26,7 @@ import numpy as np
 
 from compressjax.formats import BitmaskSparse, NMSparse
 from compressjax.prune import masks, sparsegpt_core, structured_core
+from compressjax.quantize import obs_core
 from compressjax.transforms.base import (DEFAULT_WHERE, PLANNING, Transform, _map, _real_stats,
                                          _visible, leaves_with_paths_marked, leafwise)
 from compressjax.transforms.quantize import _check_dense_2d, check_damping, check_positive_int
@@ -176,8 +177,10 @@ def sparsegpt(sparsity: float = 0.5, pattern: str | None = None, *, blocksize: i
     _check_dense_2d(w, "sparsegpt")
     wp, keep, _ = sparsegpt_core.sparsegpt_prune(w, stats.gptq_hessian(), sparsity=sparsity,
                                                  pattern=pattern, blocksize=blocksize,
-                                                 percdamp=percdamp)
-    return _sparse_leaf(wp, keep, nm, nnz(w.shape), value_dtype)
+                                                 percdamp=percdamp,
+                                                 split=getattr(stats, "columns", None))
+    return obs_core.place_leaf(_sparse_leaf(wp, keep, nm, nnz(w.shape), value_dtype),
+                               getattr(stats, "columns", None))
 
   return leafwise(fn, where, name=_name("sparsegpt", sparsity, nm), with_stats=True)
 

@@ -173,8 +173,15 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     if group_size is not None and w.shape[0] % group_size:
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
                             group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
-    if sparse is None:
+    if sparse is None and getattr(stats, "columns", None) is not None:
+      # On a mesh: each device solves its share of the output columns (same codes).
+      q, info = gptq_core.gptq_quantize(
+          w, stats.gptq_hessian(), bits=bits, group_size=group_size, symmetric=symmetric,
+          scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+          static_groups=static_groups, split=stats.columns)
+    elif sparse is None:
       q, info = quant(w, stats.gptq_hessian())
+    if sparse is None:
       if not isinstance(info["loss"], jax.core.Tracer) and not jnp.isfinite(info["loss"]):
         raise ValueError("the GPTQ solver's loss is not finite (a degenerate Hessian?)")
       return q

@@ -127,21 +127,24 @@ def decode_rows(w: Any, start: Any, size: int, dtype: Any) -> jax.Array:
 
 
 def pick_tile(k: int, n: int, align: int, target_elements: int | None = None) -> int:
-  """Tile rows: a multiple of ``align`` near ``target_elements / n``, at most about ``K / 2``.
+  """Tile rows: a multiple of ``align`` near ``target_elements / n``, at most about ``K / 4``.
+
+  The cap keeps a tile's decode temporaries (the tile and one or two copies while it is
+  formed) below the dense weight also for small layers.
 
   Examples:
     >>> pick_tile(1536, 576, 32)
-    448
+    384
     >>> pick_tile(576, 1536, 32)
-    160
+    128
     >>> pick_tile(64, 8, 32, 1 << 17)
     32
   """
   target = TILE_ELEMENTS if target_elements is None else int(target_elements)
   rows = max(MIN_TILE_ROWS, target // max(n, 1))
   rows = max(align, rows // align * align)
-  half = max(align, (k // 2) // align * align)  # >= 2 tiles whenever K allows it
-  return int(min(rows, half))
+  quarter = max(align, (k // 4) // align * align)  # >= 4 tiles whenever K allows it
+  return int(min(rows, quarter))
 
 
 def tiled_dot(x: jax.Array, w: Any, *, tile: int | None = None,

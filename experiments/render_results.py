@@ -260,6 +260,24 @@ def render_throughput(name, recs):
              "date"], rows), "", "Machine: " + "; ".join(machines), ""])
 
 
+def render_kernels(name, recs):
+  """Section "kernels": every implementation's time against the dense bf16 matmul."""
+  rows = []
+  for r in recs:
+    s = r.get("settings", {})
+    rows.append([r["method"], str(s.get("implementation")), r["shape"], str(r["rows"]),
+                 fmt(1e3 * r["time_s"], 3), fmt(1e3 * r["dense_time_s"], 3),
+                 fmt(1e3 * s["dense_f32_time_s"], 3) if "dense_f32_time_s" in s else "",
+                 fmt(r["speedup"]), fmt(100 * r["bw_fraction"], 1), r["device"], r["commit"],
+                 r["date"][:10]])
+  machines = sorted({r["machine"] for r in recs})
+  return "\n".join([
+      "## kernels", "", "Command: `python experiments/bench_kernels.py`", "",
+      table(["format", "implementation", "K x N", "rows", "ms", "dense bf16 ms", "dense f32 ms",
+             "speedup vs bf16", "% of bandwidth", "device", "commit", "date"], rows), "",
+      "Machine: " + "; ".join(machines), ""])
+
+
 def render_resume(name, recs):
   rows = []
   for r in recs:
@@ -413,6 +431,8 @@ def main():
       parts.append(render_resume(name, recs))
     elif name == "bench_aqlm_tradeoff":
       parts.append(render_aqlm_tradeoff(name, recs))
+    elif name == "bench_kernels":
+      parts.append(render_kernels(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

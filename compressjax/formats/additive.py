@@ -7,8 +7,8 @@ one from each of ``M`` learned codebooks of ``2**B`` entries, times a per-output
 
 Two ``"xla"`` matmul paths, chosen per shape by :func:`use_lut` (a rule measured on CPU):
 
-* decode: build the dense ``(K, N)`` weight (a gather of ``M`` codewords per vector, summed)
-  and multiply;
+* tiled decode: per ``K``-tile, gather and sum ``M`` codewords per vector and multiply
+  (:mod:`compressjax.formats.tiled`); the dense weight is never formed;
 * lookup table (few rows): ``lut = x_group @ codebooks^T``, ``(rows, K/g, M, 2**B)``, gathered by
   the codes and summed; the dense weight is never formed.
 
@@ -31,6 +31,7 @@ import numpy as np
 from compressjax.formats import base
 from compressjax.formats import dispatch
 from compressjax.formats import packing
+from compressjax.formats import tiled
 
 __all__ = ["AdditiveCodebookArray", "code_container", "decode", "use_lut"]
 
@@ -182,10 +183,9 @@ def additive_matmul_xla(x: jax.Array, w: AdditiveCodebookArray, *,
   rows = math.prod(batch)
   if lut is None:
     lut = use_lut(rows, w)
-  codes = w.code_values()
   if not lut:
-    wd = decode(codes, w.codebooks.astype(acc), w.scales.astype(acc)).astype(out_dtype)
-    return jnp.matmul(x.astype(out_dtype), wd, preferred_element_type=acc).astype(out_dtype)
+    return tiled.tiled_dot(x, w)
+  codes = w.code_values()
   g = w.in_group_size
   i = k // g
   xg = x.reshape((rows, i, g)).astype(acc)
@@ -200,6 +200,27 @@ def additive_matmul_xla(x: jax.Array, w: AdditiveCodebookArray, *,
   return y.reshape(batch + (n,)).astype(out_dtype)
 
 
+def _prepare_additive_rows(w: AdditiveCodebookArray):
+  """Tile decoder: the tile's ``(T / g, N, M)`` codes summed from the codebooks."""
+  g = w.in_group_size
+
+  def decode_tile(start, size, dtype):
+    acc = base.accumulation_dtype(dtype)
+    i0, ni = start // g, size // g
+    if code_container(w.nbits) == "packed":
+      codes = packing.unpack_rows(w.codes, w.nbits, i0, ni).astype(jnp.int32)
+    else:
+      codes = jax.lax.dynamic_slice_in_dim(w.codes, i0, ni, axis=0).astype(jnp.int32)
+    return decode(codes, w.codebooks.astype(acc), w.scales.astype(acc)).astype(dtype)
+
+  return decode_tile
+
+
+def _additive_alignment(w: AdditiveCodebookArray) -> int:
+  return w.in_group_size * (packing.BLOCK if code_container(w.nbits) == "packed" else 1)
+
+
+tiled.register_rows_decoder(AdditiveCodebookArray, _prepare_additive_rows, _additive_alignment)
 jax.tree_util.register_dataclass(AdditiveCodebookArray,
                                  data_fields=["codes", "codebooks", "scales"],
                                  meta_fields=["shape", "dtype", "nbits"])

@@ -4,8 +4,9 @@ These are the shared pieces that SpQR (grouped codes + bilevel statistics + spar
 OWQ (grouped codes + a few full-precision input rows) and later the low-rank and sparse recipes
 are assembled from, instead of each method getting its own code path:
 
-* :class:`SumArray` ``W = sum(terms)``, each term dense or compressed; it multiplies term by term,
-  so no term is ever materialized for a product.
+* :class:`SumArray` ``W = sum(terms)``, each term dense or compressed; a product decodes the sum
+  of the terms one ``K``-tile at a time (low-rank terms multiply factorized), so neither the
+  sum nor any term is ever materialized for a product.
 * :class:`SparseOutliers` an unstructured sparse ``(K, N)`` matrix in compressed-sparse-column
   form (``uint16`` row indices when ``K <= 65536``, ``float16`` values, ``int32`` column pointers).
 * :class:`KeptRows` a few full rows (input features) of ``W`` stored densely with their indices.
@@ -28,6 +29,7 @@ import numpy as np
 
 from compressjax.formats import base
 from compressjax.formats import dispatch
+from compressjax.formats import tiled
 
 __all__ = ["KeptRows", "SparseOutliers", "SumArray", "Transposed"]
 
@@ -83,35 +85,45 @@ class SumArray(base.CompressedArray):
     return out.astype(self.dtype)
 
 
-#: Above this many activation rows, sparse and sum formats are decoded once and multiplied
-#: densely (a gather/scatter per row costs more than decoding); below it (decoding), they are
-#: multiplied term by term without building the dense weight.
-DENSE_ROWS = 16
-
-
 def _rows(x) -> int:
   return math.prod(x.shape[:-1])
 
 
+def _prepare_sum_rows(w: SumArray):
+  decoders = [tiled.rows_decoder(t) for t in w.terms]
+
+  def decode(start, size, dtype):
+    out = decoders[0](start, size, dtype)
+    for d in decoders[1:]:
+      out = out + d(start, size, dtype)
+    return out
+
+  return decode
+
+
+def _sum_alignment(w: SumArray) -> int:
+  return math.lcm(*(tiled.row_alignment(t) for t in w.terms))
+
+
 def sum_matmul_xla(x: jax.Array, w: SumArray) -> jax.Array:
-  """Term by term for few rows; for many rows, one product with the decoded sum of the
-  full-rank terms. Low-rank terms are always multiplied factorized (``(x @ A) @ B``)."""
+  """``x @ W`` for a sum: the terms that decode row tiles (dense arrays, packed codes, sparse
+  formats) are summed tile by tile inside one :func:`~compressjax.formats.tiled.tiled_dot`;
+  low-rank terms multiply factorized (``(x @ A) @ B``) and terms without a tile decoder
+  (e.g. :class:`Incoherent`, :class:`Transposed`) through their own product. No dense
+  ``(K, N)`` temporary is built for any row count."""
   from compressjax.formats.lowrank import LowRank  # pylint: disable=g-import-not-at-top
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
-  factored = [t for t in w.terms if isinstance(t, LowRank)]
-  full = [t for t in w.terms if not isinstance(t, LowRank)]
+  tileable = tuple(t for t in w.terms
+                   if not isinstance(t, LowRank) and tiled.has_rows_decoder(t))
+  others = [t for t in w.terms if not any(t is u for u in tileable)]
   y = None
-  if _rows(x) > DENSE_ROWS and full:
-    dense = dispatch.materialize(full[0]).astype(acc)
-    for t in full[1:]:
-      dense = dense + dispatch.materialize(t).astype(acc)
-    y = jnp.matmul(x.astype(out_dtype), dense.astype(out_dtype), preferred_element_type=acc)
-    y = y.astype(acc)
-    terms = factored
-  else:
-    terms = list(w.terms)
-  for t in terms:
+  if tileable:
+    if len(tileable) > 1:  # one tiled loop decodes the sum of these terms tile by tile
+      y = tiled.tiled_dot(x, SumArray(tileable, shape=w.shape, dtype=w.dtype)).astype(acc)
+    else:  # a single term: its own product (possibly a faster registered kernel)
+      y = dispatch.dot(x, tileable[0]).astype(acc)
+  for t in others:
     yt = dispatch.dot(x, t).astype(acc)
     y = yt if y is None else y + yt
   return y.astype(out_dtype)
@@ -195,16 +207,30 @@ class SparseOutliers(base.CompressedArray):
     return out.astype(self.dtype)
 
 
+def _prepare_outlier_rows(w: SparseOutliers):
+  rows = w.rows.astype(jnp.int32)
+  cols = w.columns()
+
+  def decode(start, size, dtype):
+    r = rows - start
+    r = jnp.where((r >= 0) & (r < size), r, size)  # out of the tile: dropped
+    out = jnp.zeros((size, w.shape[1]), dtype)
+    return out.at[r, cols].add(w.values.astype(dtype), mode="drop")
+
+  return decode
+
+
 def sparse_matmul_xla(x: jax.Array, w: SparseOutliers) -> jax.Array:
-  """``y[..., n] = sum_e x[..., rows[e]] * values[e]`` over the entries of column ``n``."""
+  """``y[..., n] = sum_e x[..., rows[e]] * values[e]`` over the entries of column ``n`` while the
+  ``(M, nnz)`` products stay below a quarter of the dense weight's elements; otherwise tiled over
+  ``K`` (each tile scatters the entries that fall in it into a ``(T, N)`` block)."""
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
   n = w.shape[1]
   if w.values.shape[0] == 0:
     return jnp.zeros(x.shape[:-1] + (n,), out_dtype)
-  if _rows(x) > DENSE_ROWS:
-    return jnp.matmul(x.astype(out_dtype), w.materialize().astype(out_dtype),
-                      preferred_element_type=acc).astype(out_dtype)
+  if 4 * _rows(x) * w.values.shape[0] > math.prod(w.shape):
+    return tiled.tiled_dot(x, w)
   contrib = x[..., w.rows.astype(jnp.int32)].astype(acc) * w.values.astype(acc)  # (..., nnz)
   batch = x.shape[:-1]
   flat = contrib.reshape(-1, contrib.shape[-1]).T  # (nnz, M)
@@ -252,7 +278,16 @@ class KeptRows(base.CompressedArray):
     return out.at[self.rows].set(self.values.astype(self.dtype))
 
 
+def _prepare_kept_rows(w: KeptRows):
+  def decode(start, size, dtype):
+    r = w.rows.astype(jnp.int32) - start
+    r = jnp.where((r >= 0) & (r < size), r, size)
+    return jnp.zeros((size, w.shape[1]), dtype).at[r].set(w.values.astype(dtype), mode="drop")
+  return decode
+
+
 def kept_rows_matmul_xla(x: jax.Array, w: KeptRows) -> jax.Array:
+  """``x[..., rows] @ values``: reads only the kept rows."""
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   acc = base.accumulation_dtype(out_dtype)
   y = jnp.matmul(x[..., w.rows].astype(acc), w.values.astype(acc), preferred_element_type=acc)
@@ -293,8 +328,34 @@ class Transposed(base.CompressedArray):
 
 
 def transposed_matmul_xla(x: jax.Array, w: Transposed) -> jax.Array:
+  """``x @ inner^T`` tiled over ``N`` (the rows of ``inner``): each block of output columns is
+  ``x @ inner[s : s + T]^T`` with the block decoded by ``inner``'s tile decoder, so the dense
+  weight is never built (a dense ``inner`` is multiplied directly)."""
   out_dtype = jnp.result_type(x.dtype, w.dtype)
-  return jnp.matmul(x, w.materialize().astype(out_dtype))
+  acc = base.accumulation_dtype(out_dtype)
+  if not isinstance(w.inner, base.CompressedArray):
+    return jnp.matmul(x.astype(out_dtype), jnp.asarray(w.inner).T.astype(out_dtype),
+                      preferred_element_type=acc).astype(out_dtype)
+  k, n = w.shape
+  align = tiled.row_alignment(w.inner)
+  tile = tiled.pick_tile(n, k, align)
+  decode = tiled.rows_decoder(w.inner)
+  batch = x.shape[:-1]
+  xm = x.reshape((-1, k)).astype(out_dtype)
+  nfull, rem = divmod(n, tile)
+
+  def block(s, size):
+    wt = decode(s, size, acc).astype(out_dtype)  # (size, K)
+    return jnp.matmul(xm, wt.T, preferred_element_type=acc)
+
+  y = jnp.zeros((xm.shape[0], n), acc)
+  if nfull:
+    y = jax.lax.fori_loop(
+        0, nfull, lambda i, y: jax.lax.dynamic_update_slice_in_dim(
+            y, block(i * tile, tile), i * tile, axis=1), y)
+  if rem:
+    y = y.at[:, nfull * tile:].set(block(nfull * tile, rem))
+  return y.reshape(batch + (n,)).astype(out_dtype)
 
 
 for _cls, _field in ((SumArray, ["terms"]), (SparseOutliers, ["indptr", "rows", "values"]),
@@ -302,6 +363,9 @@ for _cls, _field in ((SumArray, ["terms"]), (SparseOutliers, ["indptr", "rows", 
   jax.tree_util.register_dataclass(_cls, data_fields=_field, meta_fields=["shape", "dtype"])
 jax.tree_util.register_dataclass(Transposed, data_fields=["inner"], meta_fields=[])
 
+tiled.register_rows_decoder(SumArray, _prepare_sum_rows, _sum_alignment)
+tiled.register_rows_decoder(SparseOutliers, _prepare_outlier_rows, lambda w: 1)
+tiled.register_rows_decoder(KeptRows, _prepare_kept_rows, lambda w: 1)
 dispatch.register_matmul(SumArray, "xla", sum_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)
 dispatch.register_matmul(SparseOutliers, "xla", sparse_matmul_xla,
                          priority=dispatch.FALLBACK_PRIORITY)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from compressjax.formats import base
 from compressjax.formats import quantized
+from compressjax.formats import tiled
 
 __all__ = [
     "FALLBACK_PRIORITY",
@@ -200,55 +201,15 @@ def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array
 
 
 def quantized_matmul_xla(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
-  """Pure-jnp ``x @ w`` for a :class:`~compressjax.formats.QuantizedArray`.
+  """Pure-jnp ``x @ w`` for a :class:`~compressjax.formats.QuantizedArray`, tiled over ``K``.
 
-  When the number of activation rows ``M = prod(x.shape[:-1])`` is at most
-  ``group_size`` (decoding, small batches), the dense ``(K, N)`` weight is
-  never built: with ``x`` viewed as ``(M, G, gs)`` and the codes as
-  ``(G, gs, N)``, per-group partial products with the centered codes
-  ``p[m, g, n] = sum_k x[m, g, k] * (q[g, k, n] - c)``, ``c = 2**(bits-1)``,
-  take ``M * G * N <= K * N`` elements, and
-
-  * symmetric: ``y = sum_g scale[g] * p[:, g]``;
-  * asymmetric: ``y = sum_g scale[g] * p[:, g] + sum_g (zero[g] + c * scale[g]) * sum_k x[:, g, k]``.
-
-  For larger ``M`` the weight is decoded once (in ``float32``, then cast to the
-  output dtype) and multiplied, which uses less memory than the partial
-  products would.
-  Products accumulate in ``float32`` (or wider) and the result is cast to
-  ``jnp.result_type(x.dtype, w.dtype)``.
+  :func:`compressjax.formats.tiled.tiled_dot`: rows ``[s, s + T)`` of the weight are unpacked
+  from their ``T * bits / 32`` words and dequantized with their groups' statistics, then
+  ``x[:, s : s + T] @ W[s : s + T]`` accumulates in ``float32`` (or wider). Temporaries are
+  ``O(T x N)`` at every row count: the dense ``(K, N)`` weight is never built. The result is cast
+  to ``jnp.result_type(x.dtype, w.dtype)``.
   """
-  out_dtype = jnp.result_type(x.dtype, w.dtype)
-  acc = base.accumulation_dtype(out_dtype)
-  k, n = w.shape
-  batch = x.shape[:-1]
-  m = math.prod(batch)
-  if m > w.group_size:
-    zero = w.zero_values()
-    wd = quantized.dequantize(
-        w.grouped_codes(), w.scale_values()[:, None, :], None if zero is None else zero[:, None, :],
-        bits=w.bits, symmetric=w.symmetric).reshape(k, n).astype(out_dtype)
-    y = jnp.matmul(x.astype(out_dtype), wd, preferred_element_type=acc)
-    return y.astype(out_dtype)
-  g, gs = w.num_groups, w.group_size
-  xg = x.reshape(batch + (g, gs))
-  # Centered codes q - 2**(bits-1) lie in [-128, 127]: exact in every float
-  # dtype of 16 bits or more (bf16 included), so the codes enter the product
-  # in the activation dtype; centering keeps the partial products small, so
-  # little precision is lost when the zero term is added.
-  floating = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize >= 2
-  cdtype = x.dtype if floating else acc
-  center = 2**(w.bits - 1)
-  q = (w.grouped_codes().astype(jnp.int32) - center).astype(cdtype)
-  partial = jnp.einsum("...gk,gkn->...gn", xg.astype(cdtype), q, preferred_element_type=acc)
-  scale = w.scale_values().astype(acc)
-  y = jnp.einsum("...gn,gn->...n", partial, scale, preferred_element_type=acc)
-  if not w.symmetric:
-    # scale * q + zero = scale * (q - center) + (zero + center * scale).
-    xsum = jnp.sum(xg.astype(acc), axis=-1)  # (..., G)
-    offset = w.zero_values().astype(acc) + center * scale
-    y = y + jnp.einsum("...g,gn->...n", xsum, offset, preferred_element_type=acc)
-  return y.astype(out_dtype)
+  return tiled.tiled_dot(x, w)
 
 
 register_matmul(quantized.QuantizedArray, "xla", quantized_matmul_xla,

@@ -20,6 +20,7 @@ import numpy as np
 
 from compressjax.formats import base
 from compressjax.formats import dispatch
+from compressjax.formats import tiled
 
 __all__ = ["LowRank"]
 
@@ -80,5 +81,18 @@ def lowrank_matmul_xla(x: jax.Array, w: LowRank) -> jax.Array:
   return dispatch.dot(h, w.b).astype(out_dtype)
 
 
+def _prepare_lowrank_rows(w: LowRank):
+  """Tile decoder (rows of ``A @ B``): a tile of ``A`` times the small ``(r, N)`` ``B``."""
+  a = tiled.rows_decoder(w.a)
+  b = dispatch.materialize(w.b)
+
+  def decode(start, size, dtype):
+    acc = base.accumulation_dtype(dtype)
+    return jnp.matmul(a(start, size, acc), b.astype(acc), preferred_element_type=acc).astype(dtype)
+
+  return decode
+
+
+tiled.register_rows_decoder(LowRank, _prepare_lowrank_rows, lambda w: tiled.row_alignment(w.a))
 jax.tree_util.register_dataclass(LowRank, data_fields=["a", "b"], meta_fields=["dtype"])
 dispatch.register_matmul(LowRank, "xla", lowrank_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)

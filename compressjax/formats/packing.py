@@ -33,10 +33,12 @@ import numpy as np
 __all__ = [
     "BLOCK",
     "SUPPORTED_BITS",
+    "gather",
     "pack",
     "packed_nbytes",
     "packed_length",
     "unpack",
+    "unpack_rows",
 ]
 
 #: Number of codes in one packed block; a block occupies ``bits`` words.
@@ -238,3 +240,57 @@ def packed_nbytes(shape: tuple[int, ...], bits: int, axis: int = 0) -> int:
   axis = _normalize_axis(axis, len(shape), "shape")
   n = packed_length(shape[axis], bits)
   return 4 * n * math.prod(shape[:axis] + shape[axis + 1:])
+
+
+def unpack_rows(packed: jax.Array, bits: int, start, size: int) -> jax.Array:
+  """Codes ``start .. start + size`` along axis 0 of a :func:`pack` ``ed`` (axis 0) array.
+
+  Reads only the words that hold those codes: the block unpacker for tiled products.
+
+  Args:
+    packed: ``uint32`` ``(packed_length(L, bits), ...)`` as written by ``pack(codes, bits, 0)``.
+    bits: code width.
+    start: first code, a multiple of :data:`BLOCK` (may be traced).
+    size: number of codes (static); ``start + size <= L`` (the words past ``L`` are padding).
+
+  Returns:
+    ``uint8`` ``(size, ...)`` codes.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> p = pack(jnp.arange(96, dtype=jnp.uint8) % 8, bits=3)
+    >>> unpack_rows(p, 3, 32, 4).tolist()
+    [0, 1, 2, 3]
+  """
+  _check_bits(bits)
+  words = packed_length(size, bits)
+  w = jax.lax.dynamic_slice_in_dim(packed, (start // BLOCK) * bits, words, axis=0)
+  return _unpack(w, int(bits), int(size), 0)
+
+
+def gather(packed: jax.Array, bits: int, index: jax.Array) -> jax.Array:
+  """Codes at positions ``index`` (any shape, ``int32``) of a 1-D :func:`pack` ``ed`` stream.
+
+  Each code is read from the one or two words holding its bits (no unpacking of the stream),
+  so the cost is that of the ``index`` array.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> p = pack(jnp.arange(40, dtype=jnp.uint8) % 8, bits=3)
+    >>> gather(p, 3, jnp.array([0, 10, 21, 39])).tolist()
+    [0, 2, 5, 7]
+  """
+  _check_bits(bits)
+  if packed.ndim != 1:
+    raise ValueError(f"packed must be 1-D, got shape {packed.shape}.")
+  idx = index.astype(jnp.int32)
+  blk, lane = idx // BLOCK, idx % BLOCK
+  bitpos = lane * bits  # within the block's ``bits`` words
+  first = blk * bits + bitpos // BLOCK
+  off = (bitpos % BLOCK).astype(jnp.uint32)
+  lo = jnp.right_shift(jnp.take(packed, first, mode="clip"), off)
+  if BLOCK % bits:  # widths that straddle words
+    nxt = jnp.take(packed, jnp.minimum(first + 1, packed.shape[0] - 1), mode="clip")
+    hi = jnp.left_shift(nxt, jnp.clip(np.uint32(BLOCK) - off, 0, BLOCK - 1).astype(jnp.uint32))
+    lo = lo | jnp.where(off + np.uint32(bits) > BLOCK, hi, np.uint32(0))
+  return (lo & np.uint32((1 << bits) - 1)).astype(jnp.uint8)

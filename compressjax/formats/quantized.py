@@ -11,6 +11,7 @@ import numpy as np
 
 from compressjax.formats import base
 from compressjax.formats import packing
+from compressjax.formats import tiled
 
 __all__ = ["QUANTIZED_BITS", "QuantizedArray", "dequantize", "valid_group_sizes"]
 
@@ -263,6 +264,22 @@ class QuantizedArray(base.CompressedArray):
                    symmetric=self.symmetric)
     return w.reshape(self.shape).astype(self.dtype)
 
+
+def _prepare_rows(w: QuantizedArray):
+  """Tile decoder: unpacks only the words of the tile and its groups' statistics."""
+  scale = w.scale_values()
+  zero = w.zero_values()
+
+  def decode(start, size, dtype):
+    codes = packing.unpack_rows(w.packed, w.bits, start, size)
+    s = tiled.group_rows(scale, start, size, w.group_size)
+    z = None if zero is None else tiled.group_rows(zero, start, size, w.group_size)
+    return dequantize(codes, s, z, bits=w.bits, symmetric=w.symmetric).astype(dtype)
+
+  return decode
+
+
+tiled.register_rows_decoder(QuantizedArray, _prepare_rows, lambda w: packing.BLOCK)
 
 jax.tree_util.register_dataclass(
     QuantizedArray,

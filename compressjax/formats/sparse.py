@@ -32,7 +32,8 @@ from compressjax.formats import base
 from compressjax.formats import dispatch
 from compressjax.formats import packing
 from compressjax.formats import quantized
-from compressjax.formats.composite import DENSE_ROWS, _rows, _shape2
+from compressjax.formats import tiled
+from compressjax.formats.composite import _shape2
 
 __all__ = ["BitmaskSparse", "NMSparse", "pack_mask", "unpack_mask", "index_bits"]
 
@@ -301,31 +302,78 @@ def compact_nm(w: jax.Array, keep: jax.Array, *, n: int, m: int) -> tuple[jax.Ar
   return vals.reshape(-1, cols), idx.reshape(-1, cols)
 
 
-def _dense_product(x, w):
-  out_dtype = jnp.result_type(x.dtype, w.dtype)
-  acc = base.accumulation_dtype(out_dtype)
-  return jnp.matmul(x.astype(out_dtype), w.materialize().astype(out_dtype),
-                    preferred_element_type=acc).astype(out_dtype)
+def _prepare_bitmask_rows(w: BitmaskSparse):
+  """Tile decoder: unpacks the tile's mask words and gathers its kept values.
+
+  The kept values are stored row-major, so the first value of a tile is at the number of mask
+  bits set before it: an exclusive prefix sum of the words' popcounts (``K * N / 32`` ints),
+  computed once per product.
+  """
+  k, n = w.shape
+  acc = base.accumulation_dtype(w.dtype)
+  pc = jax.lax.population_count(w.mask).astype(jnp.int32)
+  before = jnp.cumsum(pc) - pc  # kept entries before each mask word
+  scale = None if w.bits is None else quantized._dense(w.scale)  # pylint: disable=protected-access
+  zero = None if w.zero is None else quantized._dense(w.zero)  # pylint: disable=protected-access
+
+  def decode(start, size, dtype):
+    if w.nnz == 0:
+      return jnp.zeros((size, n), dtype)
+    word0 = (start * n) // packing.BLOCK  # start is a multiple of 32
+    words = jax.lax.dynamic_slice_in_dim(w.mask, word0, packing.packed_length(size * n, 1))
+    keep = packing.unpack(words, 1, size * n).astype(jnp.int32)
+    pos = before[word0] + jnp.cumsum(keep) - keep
+    pos = jnp.minimum(pos, w.nnz - 1)
+    if w.bits is None:
+      v = jnp.take(w.values, pos).astype(acc).reshape(size, n)
+    else:
+      codes = packing.gather(w.values, w.bits, pos).reshape(size, n)
+      sc = tiled.group_rows(scale, start, size, w.group_size)
+      z = None if zero is None else tiled.group_rows(zero, start, size, w.group_size)
+      v = quantized.dequantize(codes, sc, z, bits=w.bits, symmetric=w.symmetric).astype(acc)
+    return jnp.where(keep.reshape(size, n) > 0, v, 0).astype(dtype)
+
+  return decode
+
+
+def _nm_alignment(w: NMSparse) -> int:
+  # Tile starts are multiples of m whose compacted row n * start / m is a multiple of both the
+  # index packing block (32) and the alignment of the values leaf.
+  big = math.lcm(packing.BLOCK, tiled.row_alignment(w.values))
+  return w.m * big // math.gcd(w.n, big)
+
+
+def _prepare_nm_rows(w: NMSparse):
+  """Tile decoder: decodes the tile's compacted rows and places each at its in-group offset."""
+  values = tiled.rows_decoder(w.values)
+  ib = index_bits(w.m)
+  cols = w.shape[1]
+
+  def decode(start, size, dtype):
+    cs, csize = start * w.n // w.m, size * w.n // w.m
+    vals = values(cs, csize, dtype).reshape(size // w.m, w.n, cols)
+    idx = packing.unpack_rows(w.indices, ib, cs, csize).reshape(size // w.m, w.n, cols)
+    rows = [jnp.sum(jnp.where(idx == j, vals, 0), axis=1, dtype=dtype) for j in range(w.m)]
+    return jnp.stack(rows, axis=1).reshape(size, cols)
+
+  return decode
 
 
 def bitmask_matmul_xla(x: jax.Array, w: BitmaskSparse) -> jax.Array:
-  """Decodes once and multiplies (an unstructured gather costs more than decoding on XLA)."""
-  return _dense_product(x, w)
+  """``x @ W`` tiled over ``K`` (:func:`compressjax.formats.tiled.tiled_dot`): per tile, the mask
+  words are unpacked and the kept values gathered into a ``(T, N)`` block; the dense weight and
+  the ``nnz`` positions of the whole matrix are never built."""
+  return tiled.tiled_dot(x, w)
 
 
 def nm_matmul_xla(x: jax.Array, w: NMSparse) -> jax.Array:
-  """Few rows: ``y[:, c] = sum_r x[:, rows[r, c]] * values[r, c]`` (reads only the kept half);
-  many rows: decode once and multiply."""
-  if _rows(x) > DENSE_ROWS:
-    return _dense_product(x, w)
-  out_dtype = jnp.result_type(x.dtype, w.dtype)
-  acc = base.accumulation_dtype(out_dtype)
-  vals = dispatch.materialize(w.values).astype(acc)
-  gathered = x[..., w.row_indices()].astype(acc)  # (..., Kc, N)
-  return jnp.einsum("...rc,rc->...c", gathered, vals,
-                    preferred_element_type=acc).astype(out_dtype)
+  """``x @ W`` tiled over ``K``: per tile, the compacted values (any leaf, decoded by its own
+  tile decoder) are placed at their in-group offsets in a ``(T, N)`` block."""
+  return tiled.tiled_dot(x, w)
 
 
+tiled.register_rows_decoder(BitmaskSparse, _prepare_bitmask_rows, lambda w: packing.BLOCK)
+tiled.register_rows_decoder(NMSparse, _prepare_nm_rows, _nm_alignment)
 jax.tree_util.register_dataclass(
     BitmaskSparse, data_fields=["mask", "values", "scale", "zero"],
     meta_fields=["shape", "dtype", "nnz", "bits", "group_size", "symmetric"])

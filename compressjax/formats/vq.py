@@ -6,7 +6,9 @@ the index of a codeword in the codebook of its block (``group_size`` input rows 
 
 Two ``"xla"`` products (:func:`vq_matmul_xla` picks one per shape, :data:`LUT_MAX_ROWS`):
 
-* decode-then-matmul: gather the dense ``(K, N)`` weight, then ``x @ W``;
+* tiled decode: per ``K``-tile, gather the tile's codewords and multiply
+  (:mod:`compressjax.formats.tiled`); the dense weight is never formed
+  (:func:`vq_matmul_decode`, which forms it, is kept as a reference);
 * lookup table, for few rows: for each input group, the products of the activation vectors
   with every codeword, ``x_v . c_e`` (``(rows, K / d, Gn, E)``), then a gather of those sums by
   the codes and a sum over the vectors. No ``(K, N)`` weight is formed.
@@ -28,9 +30,10 @@ import numpy as np
 from compressjax.formats import base
 from compressjax.formats import dispatch
 from compressjax.formats import packing
+from compressjax.formats import tiled
 
 __all__ = ["LUT_MAX_ROWS", "VQArray", "code_container", "code_storage_bits", "vq_matmul_decode",
-           "vq_matmul_lut", "vq_matmul_xla"]
+           "vq_matmul_lut", "vq_matmul_tiled", "vq_matmul_xla"]
 
 #: Products with at most this many rows of ``x`` use the lookup-table path. Measured on the
 #: shared 2-core CPU host (jitted, min of 5), ``(M, 576) x (576, 1536)``, LUT / decode ms:
@@ -229,13 +232,46 @@ def vq_matmul_lut(x: jax.Array, w: VQArray) -> jax.Array:
   return y.astype(out_dtype)
 
 
+def _prepare_vq_rows(w: VQArray):
+  """Tile decoder: the tile's codes index the flattened scaled codebooks."""
+  k, n = w.shape
+  gk, gn, e, d = w.codebook.shape
+  cent = w.centroids().reshape(gk * gn * e, d)
+
+  def decode(start, size, dtype):
+    v0, nv = start // d, size // d
+    if w.container == "packed":
+      codes = packing.unpack_rows(w.codes, w.code_bits, v0, nv).astype(jnp.int32)
+    else:
+      codes = jax.lax.dynamic_slice_in_dim(w.codes, v0, nv, axis=0).astype(jnp.int32)
+    g = (start + d * jnp.arange(nv, dtype=jnp.int32)) // w.group_size
+    h = jnp.arange(n, dtype=jnp.int32) // w.out_block
+    vals = jnp.take(cent, (g[:, None] * gn + h[None, :]) * e + codes, axis=0)  # (nv, N, d)
+    return jnp.swapaxes(vals, 1, 2).reshape(size, n).astype(dtype)
+
+  return decode
+
+
+def _vq_alignment(w: VQArray) -> int:
+  return w.dim * (packing.BLOCK if w.container == "packed" else 1)
+
+
+def vq_matmul_tiled(x: jax.Array, w: VQArray) -> jax.Array:
+  """``x @ W`` tiled over ``K`` (:func:`compressjax.formats.tiled.tiled_dot`): each tile of codes
+  is decoded through the codebooks and multiplied; no ``(K, N)`` weight is formed."""
+  return tiled.tiled_dot(x, w)
+
+
 def vq_matmul_xla(x: jax.Array, w: VQArray) -> jax.Array:
-  """Pure-jnp ``x @ W``: the lookup-table path for at most :data:`LUT_MAX_ROWS` rows, else
-  decode-then-matmul (the rule follows the measured crossover, see ``tests/test_gptvq.py``)."""
+  """Pure-jnp ``x @ W``: the lookup-table path for at most :data:`LUT_MAX_ROWS` rows, else the
+  tiled decode (:func:`vq_matmul_tiled`). Neither builds the dense weight."""
   rows = int(np.prod(x.shape[:-1], dtype=np.int64))
   if rows <= LUT_MAX_ROWS:
     return vq_matmul_lut(x, w)
-  return vq_matmul_decode(x, w)
+  return vq_matmul_tiled(x, w)
+
+
+tiled.register_rows_decoder(VQArray, _prepare_vq_rows, _vq_alignment)
 
 
 jax.tree_util.register_dataclass(

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from compressjax import calibration, data  # pylint: disable=g-import-not-at-top
+from compressjax.blocks import LlamaBlocks  # pylint: disable=g-import-not-at-top
 from compressjax.io import load_model  # pylint: disable=g-import-not-at-top
-from compressjax.model import Block, rope_cos_sin  # pylint: disable=g-import-not-at-top
 from compressjax.quantize import gptq_quantize, quantize_rtn  # pylint: disable=g-import-not-at-top
 
 
@@ -42,35 +42,34 @@ def main():
   args = ap.parse_args()
   blocks = {int(b) for b in args.blocks.split(",")}
   model, tok = load_model("smollm2-135m-instruct")
+  bm = LlamaBlocks.from_model(model)
   sets = {"cal": data.protocol_calibration_windows(tok, num=16, seq_len=512, seed=0),
           "wiki": data.protocol_eval_windows(tok, "wiki", num_windows=8),
           "austen": data.protocol_eval_windows(tok, "austen", num_windows=8)}
-  pos = jnp.broadcast_to(jnp.arange(512, dtype=jnp.int32), (4, 512))
-  cos, sin = rope_cos_sin(model.cfg, pos, 512)
-  xs = {k: model.embed_tokens(jnp.asarray(w)) for k, w in sets.items()}
+  outside = bm.outside_params()
+  # (batches, 4, T, D) activations of each window set, carried from block to block.
+  xs = {k: bm.embed(outside, jnp.asarray(w)).reshape(-1, 4, *w.shape[1:], model.cfg.hidden_size)
+        for k, w in sets.items()}
   skip = args.skip_first
   for i in range(max(blocks) + 1):
+    block = bm.block_params(i)
     stats, rest = {}, {}
     if i in blocks and skip:
-      from flax import nnx  # pylint: disable=g-import-not-at-top
-      run = calibration._block_fn(nnx.graphdef(model.layers[i]))  # pylint: disable=protected-access
-      state = nnx.state(model.layers[i])
       for k in sets:
         acc = None
-        for a in range(0, xs[k].shape[0], 4):
-          _, cap = run(state, xs[k][a:a + 4], cos, sin, pos)
+        for x in xs[k]:
+          cap = {}
+          bm.apply_block(block, x, cap)
           if acc is None:
             acc = {c: calibration.LayerStats.zeros(v.shape[-1]) for c, v in cap.items()}
           acc = {c: acc[c].add(v[:, skip:]) for c, v in cap.items()}
         rest[k] = acc
     for k in sets:
-      stats[k], xs[k] = calibration.block_stats(model.layers[i], xs[k], cos, sin, pos,
-                                                batch_size=4)
+      stats[k], xs[k] = calibration.block_stats(bm, block, xs[k], keep_outputs=True)
     if i not in blocks:
       continue
-    for lin, src in Block.LINEAR_INPUTS.items():
-      mod, name = lin.split("/")
-      W = getattr(getattr(model.layers[i], mod), name).kernel.get_value()
+    for lin, src in bm.linear_inputs.items():
+      W = block[lin]
       damps = [float(d) for d in args.percdamp.split(",")]
       gs = {d: gptq_quantize(W, stats["cal"][src].gptq_hessian(), bits=args.bits,
                              group_size=args.group_size, percdamp=d)[0].materialize()

@@ -56,8 +56,12 @@ __all__ = ["CheckpointError", "CheckpointExistsError", "check_output_path", "dec
            "encode_pytree", "read_manifest", "register_format", "register_state_class",
            "restore", "save"]
 
-FORMAT_VERSION = 2  # 2: nested compressed leaves ("tree" entries)
-_KNOWN_VERSIONS = (1, 2)  # versions whose directories we recognise as ours (may be replaced)
+# 2: nested compressed leaves ("tree" entries); 3: 3-bit codes packed 10 per uint32
+# (formats.packing layout 2). Version 2 checkpoints are converted on restore.
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+_CODE_LAYOUT = {2: 1, 3: 2}  # format_version -> formats.packing layout of its codes
+_KNOWN_VERSIONS = (1, 2, 3)  # versions whose directories we recognise as ours (may be replaced)
 MANIFEST = "manifest.json"
 _OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json"})
 _PYTREE_ENCODING = "compressjax.pytree/1"
@@ -261,16 +265,23 @@ def _describe(leaf) -> tuple[dict[str, Any], dict[str, Any]]:
   return entry, children
 
 
-def _build_node(spec, children: dict[str, Any], path: str):
+def _build_node(spec, children: dict[str, Any], path: str, version: int = FORMAT_VERSION):
   if spec is None:
     return None
   if "array" in spec:
     return children[spec["array"]]
   if "tuple" in spec:
-    return tuple(_build_node(s, children, path) for s in spec["tuple"])
+    return tuple(_build_node(s, children, path, version) for s in spec["tuple"])
   cls = _resolve_class(spec["class"], path)
   static = {k: _decode_static(v) for k, v in spec["static"].items()}
-  fields = {k: _build_node(v, children, path) for k, v in spec["fields"].items()}
+  fields = {k: _build_node(v, children, path, version) for k, v in spec["fields"].items()}
+  if version != FORMAT_VERSION:
+    from compressjax.formats import legacy  # pylint: disable=g-import-not-at-top
+    try:
+      fields = legacy.upgrade_fields(cls, static, fields, layout=_CODE_LAYOUT[version],
+                                     where=f"checkpoint path {path!r}: {spec['class']}")
+    except ValueError as e:
+      raise CheckpointError(str(e)) from e
   return cls(**fields, **static)
 
 
@@ -667,10 +678,11 @@ def read_manifest(path: str) -> dict[str, Any]:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"checkpoint path {path!r}: {MANIFEST} is corrupted ({e})") from e
-  if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+  if not isinstance(manifest, dict) or manifest.get("format_version") not in _READABLE_VERSIONS:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    raise CheckpointError(f"checkpoint path {path!r}: format_version {version!r}, expected "
-                          f"{FORMAT_VERSION}")
+    raise CheckpointError(f"checkpoint path {path!r}: format_version {version!r} is not "
+                          f"readable (expected one of {_READABLE_VERSIONS}; version 2 stored "
+                          f"3-bit codes as a bitstream and is converted when restored)")
   return manifest
 
 
@@ -790,6 +802,6 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
     if entry["kind"] == "dense":
       leaf = children["value"]
     else:
-      leaf = _build_node(entry["tree"], children, path)
+      leaf = _build_node(entry["tree"], children, path, manifest["format_version"])
     _set(params, p, leaf)
   return params, manifest["metadata"]

@@ -13,13 +13,28 @@ ALL_BITS = packing.SUPPORTED_BITS
 REQUIRED_BITS = (2, 3, 4, 8)
 
 
-def reference_pack_1d(codes, bits):
+def reference_stream_1d(codes, bits):
   """Bit-by-bit reference: one Python integer as the LSB-first bitstream."""
   n_words = -(-len(codes) // 32) * bits
   stream = 0
   for i, c in enumerate(codes):
     stream |= int(c) << (i * bits)
   return [(stream >> (32 * j)) & 0xFFFFFFFF for j in range(n_words)]
+
+
+def reference_words_1d(codes, bits):
+  """Per-word reference: ``32 // bits`` codes per word, LSB first, spare high bits zero."""
+  cpw = 32 // bits
+  words = [0] * -(-len(codes) // cpw)
+  for i, c in enumerate(codes):
+    words[i // cpw] |= int(c) << ((i % cpw) * bits)
+  return words
+
+
+def reference_pack_1d(codes, bits):
+  if bits in packing.PER_WORD_BITS:
+    return reference_words_1d(codes, bits)
+  return reference_stream_1d(codes, bits)
 
 
 @st.composite
@@ -49,7 +64,7 @@ def test_round_trip_and_layout(args):
   packed, out = round_trip(jnp.asarray(codes))
   assert packed.dtype == jnp.uint32
   expected_shape = list(codes.shape)
-  expected_shape[axis] = -(-length // 32) * bits
+  expected_shape[axis] = (-(-length // 10) if bits == 3 else -(-length // 32) * bits)
   assert packed.shape == tuple(expected_shape)
   assert packed.shape[axis] == packing.packed_length(length, bits)
   assert out.dtype == jnp.uint8
@@ -67,7 +82,7 @@ def test_round_trip_required_bits(bits):
   for length in (77,):  # a non-multiple of 32 spanning three blocks
     codes = rng.integers(0, 2**bits, (length, 3), dtype=np.uint8)
     packed = packing.pack(codes, bits)
-    assert packed.shape == (-(-length // 32) * bits, 3)
+    assert packed.shape == ((-(-length // 10) if bits == 3 else -(-length // 32) * bits), 3)
     np.testing.assert_array_equal(np.asarray(packing.unpack(packed, bits, length)), codes)
     packed1 = packing.pack(codes.T, bits, axis=1)
     np.testing.assert_array_equal(
@@ -75,16 +90,52 @@ def test_round_trip_required_bits(bits):
 
 
 def test_three_bit_layout_by_hand():
-  # 3-bit codes straddle words: code 10 covers stream bits 30..32 and code 21
-  # covers bits 63..65. Word j holds stream bits 32*j .. 32*j+31, LSB first.
+  # Layout 2: ten 3-bit codes per word at bits 3*i .. 3*i+2, bits 30..31 unused.
+  codes = np.zeros(32, np.uint8)
+  codes[0] = 0b110   # word 0 bits 1, 2
+  codes[9] = 0b101   # word 0 bits 27, 29
+  codes[10] = 0b111  # word 1 bits 0..2
+  codes[31] = 0b100  # word 3, slot 1: bit 5
+  packed = packing.pack(jnp.asarray(codes), 3)
+  assert [hex(int(v)) for v in packed] == ["0x28000006", "0x7", "0x0", "0x20"]
+  np.testing.assert_array_equal(np.asarray(packing.unpack(packed, 3, 32)), codes)
+
+
+def test_three_bit_stream_layout_by_hand():
+  # Layout 1 (old checkpoints): 3-bit codes straddle words: code 10 covers stream bits 30..32
+  # and code 21 covers bits 63..65. Word j holds stream bits 32*j .. 32*j+31, LSB first.
   codes = np.zeros(32, np.uint8)
   codes[0] = 0b110   # stream bits 0..2            -> word 0 bits 1, 2
   codes[10] = 0b101  # bit 30 = 1, bit 31 = 0, 32 = 1 -> word 0 bit 30, word 1 bit 0
   codes[21] = 0b011  # bit 63 = 1, bit 64 = 1, 65 = 0 -> word 1 bit 31, word 2 bit 0
   codes[31] = 0b100  # stream bits 93..95 = 0, 0, 1  -> word 2 bit 31
-  packed = packing.pack(jnp.asarray(codes), 3)
+  packed = packing.pack_stream(jnp.asarray(codes), 3)
   assert [hex(int(v)) for v in packed] == ["0x40000006", "0x80000001", "0x80000001"]
-  np.testing.assert_array_equal(np.asarray(packing.unpack(packed, 3, 32)), codes)
+  np.testing.assert_array_equal(np.asarray(packing.unpack_stream(packed, 3, 32)), codes)
+  assert packed.tolist() == reference_stream_1d(codes, 3)
+  new = packing.restream(packed, 3, 32)
+  assert new.tolist() == packing.pack(jnp.asarray(codes), 3).tolist()
+  with pytest.raises(ValueError, match="bitstream"):
+    packing.unpack_stream(new, 3, 32)
+  # Widths whose layout did not change are returned as they are.
+  p4 = packing.pack(jnp.asarray(codes % 16), 4)
+  assert packing.restream(p4, 4, 32) is p4
+  assert packing.pack_stream(jnp.asarray(codes % 16), 4).tolist() == p4.tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_unpack_rows_and_gather(bits):
+  rng = np.random.default_rng(bits)
+  codes = rng.integers(0, 2**bits, (500, 3), dtype=np.uint8)
+  packed = packing.pack(jnp.asarray(codes), bits)
+  align = packing.row_alignment(bits)
+  for start, size in ((0, align), (align, 2 * align), (320, 500 - 320)):
+    got = jax.jit(lambda p, s: packing.unpack_rows(p, bits, s, size))(packed, start)
+    np.testing.assert_array_equal(np.asarray(got), codes[start:start + size])
+  flat = codes[:, 0]
+  idx = rng.integers(0, 500, 64)
+  p1 = packing.pack(jnp.asarray(flat), bits)
+  np.testing.assert_array_equal(np.asarray(packing.gather(p1, bits, jnp.asarray(idx))), flat[idx])
 
 
 def test_known_four_bit_pattern():
@@ -94,8 +145,10 @@ def test_known_four_bit_pattern():
 
 def test_padding_codes_are_zero():
   packed = packing.pack(jnp.full((33,), 7, jnp.uint8), 3)
-  # Second block: only code 32 (bits 0..2 of word 3) is set.
-  assert [int(v) for v in packed[3:]] == [7, 0, 0]
+  # Last word: only codes 30..32 (bits 0..8 of word 3) are set, bits 30..31 of all are zero.
+  assert [int(v) for v in packed] == [0x3FFFFFFF] * 3 + [0x1FF]
+  packed = packing.pack(jnp.full((33,), 3, jnp.uint8), 2)
+  assert [int(v) for v in packed[2:]] == [3, 0]
 
 
 def test_out_of_range_codes_keep_low_bits():
@@ -113,7 +166,7 @@ def test_jit_and_eval_shape():
   np.testing.assert_array_equal(round_trip(codes), codes)
   spec = jax.ShapeDtypeStruct((70, 5), jnp.uint8)
   packed = jax.eval_shape(lambda c: packing.pack(c, 3, axis=0), spec)
-  assert packed.shape == (9, 5) and packed.dtype == jnp.uint32
+  assert packed.shape == (7, 5) and packed.dtype == jnp.uint32
   unpacked = jax.eval_shape(lambda p: packing.unpack(p, 3, 70), packed)
   assert unpacked.shape == (70, 5) and unpacked.dtype == jnp.uint8
   packed1 = jax.eval_shape(lambda c: packing.pack(c, 2, axis=1), jax.ShapeDtypeStruct((4, 65), jnp.uint8))
@@ -122,7 +175,9 @@ def test_jit_and_eval_shape():
 
 def test_packed_length():
   assert packing.packed_length(0, 4) == 0
-  assert packing.packed_length(1, 3) == 3
+  assert packing.packed_length(1, 3) == 1
+  assert packing.packed_length(576, 3) == 58 and packing.stream_length(576, 3) == 54
+  assert packing.packed_nbytes((1530, 10), 3) == 1530 * 10 * 32 // 80  # 3.2 bits per code
   assert packing.packed_length(64, 8) == 16
   assert packing.packed_length(65, 2) == 6
   assert packing.packed_nbytes((576, 64), 4) == 576 * 64 // 2

@@ -217,7 +217,8 @@ def _prepare_additive_rows(w: AdditiveCodebookArray):
 
 
 def _additive_alignment(w: AdditiveCodebookArray) -> int:
-  return w.in_group_size * (packing.BLOCK if code_container(w.nbits) == "packed" else 1)
+  packed = code_container(w.nbits) == "packed"
+  return w.in_group_size * (packing.row_alignment(w.nbits) if packed else 1)
 
 
 tiled.register_rows_decoder(AdditiveCodebookArray, _prepare_additive_rows, _additive_alignment)

@@ -91,15 +91,16 @@ class QuantizedArray(base.CompressedArray):
     (``zero`` is a float offset in the weight domain, as llama.cpp ``Q4_1``/HQQ,
     so ``Q4_1`` tensors are represented exactly).
 
-  Invariants (``K, N = shape``, ``G = K // group_size``,
-  ``K_pad = 32 * ceil(K / 32)``):
+  Invariants (``K, N = shape``, ``G = K // group_size``):
 
   * ``bits in (2, 3, 4, 8)``; ``len(shape) == 2``; ``group_size`` divides
     ``K`` (per-channel is ``group_size == K``).
-  * ``packed``: ``uint32``, shape ``(K_pad * bits // 32, N)``: the codes packed
-    along ``K`` by :func:`compressjax.formats.packing.pack` (every 32
-    consecutive codes of a column fill exactly ``bits`` words, LSB first; the
-    ``K_pad - K`` padding codes are 0).
+  * ``packed``: ``uint32``, shape ``(packing.packed_length(K, bits), N)``: the codes packed
+    along ``K`` by :func:`compressjax.formats.packing.pack`, LSB first, ``32 // bits`` codes
+    per word (3-bit codes: 10 per word, bits 30-31 unused, ``ceil(K / 10)`` words, i.e. 3.2
+    bits per code; other widths: ``ceil(K / 32) * bits`` words); padding codes are 0. 3-bit
+    checkpoints of :data:`compressjax.formats.packing.LAYOUT_VERSION` 1 (a straddling
+    bitstream) are converted when restored.
   * ``scale``: floating, shape ``(G, N)``: an array, or itself a compressed leaf of that
     logical shape (SpQR's bilevel statistics: a :class:`~compressjax.formats.Transposed`
     ``QuantizedArray``); :meth:`scale_values` decodes it.
@@ -279,7 +280,8 @@ def _prepare_rows(w: QuantizedArray):
   return decode
 
 
-tiled.register_rows_decoder(QuantizedArray, _prepare_rows, lambda w: packing.BLOCK)
+tiled.register_rows_decoder(QuantizedArray, _prepare_rows,
+                            lambda w: packing.row_alignment(w.bits))
 
 jax.tree_util.register_dataclass(
     QuantizedArray,

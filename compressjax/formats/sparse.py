@@ -339,7 +339,7 @@ def _prepare_bitmask_rows(w: BitmaskSparse):
 def _nm_alignment(w: NMSparse) -> int:
   # Tile starts are multiples of m whose compacted row n * start / m is a multiple of both the
   # index packing block (32) and the alignment of the values leaf.
-  big = math.lcm(packing.BLOCK, tiled.row_alignment(w.values))
+  big = math.lcm(packing.row_alignment(index_bits(w.m)), tiled.row_alignment(w.values))
   return w.m * big // math.gcd(w.n, big)
 
 

@@ -253,7 +253,7 @@ def _prepare_vq_rows(w: VQArray):
 
 
 def _vq_alignment(w: VQArray) -> int:
-  return w.dim * (packing.BLOCK if w.container == "packed" else 1)
+  return w.dim * (packing.row_alignment(w.code_bits) if w.container == "packed" else 1)
 
 
 def vq_matmul_tiled(x: jax.Array, w: VQArray) -> jax.Array:

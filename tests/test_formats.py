@@ -41,7 +41,9 @@ def test_invariants_and_materialize(bits, symmetric):
   assert isinstance(qa, formats.CompressedArray) and formats.is_compressed(qa)
   assert qa.shape == (k, n) and qa.dtype == np.float32 and qa.ndim == 2
   assert qa.packed.dtype == jnp.uint32
-  assert qa.packed.shape == (packing.packed_length(k, bits), n) == (32 * bits * 3 // 32, n)
+  # 3-bit: 10 codes per word (layout 2); other widths: 32 codes in ``bits`` words.
+  words = 10 if bits == 3 else 32 * bits * 3 // 32
+  assert qa.packed.shape == (packing.packed_length(k, bits), n) == (words, n)
   assert qa.scale.shape == (k // gs, n) and qa.scale.dtype == jnp.float16
   assert (qa.zero is None) == symmetric
   if not symmetric:
@@ -57,7 +59,7 @@ def test_invariants_and_materialize(bits, symmetric):
 
 def test_padding_k_not_multiple_of_32():
   qa, codes, scale, _ = make_quantized(48, 3, bits=3, group_size=16)
-  assert qa.packed.shape == (6, 3)  # K_pad = 64 -> 64 * 3 / 32 words
+  assert qa.packed.shape == (5, 3)  # 48 codes, 10 per word -> 5 words (bits 30..31 unused)
   np.testing.assert_array_equal(np.asarray(qa.codes()), codes)
 
 

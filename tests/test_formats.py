@@ -72,9 +72,9 @@ def test_nbytes_is_honest():
   assert qa.bits_per_param == pytest.approx(4 + 2 * 16 / gs)
   sym, *_ = make_quantized(k, n, bits=4, group_size=gs, symmetric=True)
   assert sym.nbytes == k * n // 2 + (k // gs) * n * 2
-  # 3 bits with K not a multiple of 32 counts the padding words too.
+  # 3 bits (10 codes per word) with K not a multiple of 10 counts the padding word too.
   odd, *_ = make_quantized(48, 2, bits=3, group_size=48)
-  assert odd.nbytes == 6 * 2 * 4 + 1 * 2 * 2
+  assert odd.nbytes == 5 * 2 * 4 + 1 * 2 * 2
 
 
 def test_pytree_round_trip_and_static_metadata():
@@ -132,7 +132,7 @@ def test_eval_shape_on_shape_dtype_structs():
       jax.ShapeDtypeStruct((k // gs, n), jnp.float16),
       jax.ShapeDtypeStruct((k // gs, n), jnp.float16),
       bits=bits, group_size=gs, shape=(k, n), symmetric=False, dtype=jnp.bfloat16)
-  assert abstract.nbytes == 9 * 16 * 4 + 2 * 3 * 16 * 2
+  assert abstract.nbytes == 10 * 16 * 4 + 2 * 3 * 16 * 2  # 96 3-bit codes in 10 words
   out = jax.eval_shape(lambda w: w.materialize(), abstract)
   assert out.shape == (k, n) and out.dtype == jnp.bfloat16
   y = jax.eval_shape(lambda x, w: formats.dot(x, w),

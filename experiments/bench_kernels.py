@@ -9,6 +9,14 @@ achieved bytes/s of the weight read (``nbytes / time``) and its fraction of ``--
 ``experiments/results/bench_kernels.jsonl``.
 
 Usage: ``python experiments/bench_kernels.py --shapes 576x1536,1536x576 --rows 1,8``.
+
+``--decode``: end-to-end decode tokens/s at batch 1 through the KV cache
+(:func:`compressjax.generate.generate`, greedy, after compiling) of the reference model in float32
+(``decode_dense_f32``) against its RTN 4-bit g64 (``decode_rtn4_g64``) and 2-bit g64
+(``decode_rtn2_g64``) compressions of every ``*_proj`` kernel, and a random 2x8 AQLM codebook
+leaf of the same shapes (``decode_aqlm2x8_random``, speed only). Tokens/s is ``new_tokens``
+over the median time of ``--reps`` generate calls (a 16-token prompt's prefill included, as the
+issue's baseline), interleaved over the methods. Usage: ``python experiments/bench_kernels.py --decode``.
 """
 
 from __future__ import annotations
@@ -119,6 +127,87 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7):
   return records
 
 
+DECODE_METHODS = ("dense_f32", "rtn4_g64", "rtn2_g64", "aqlm2x8_random")
+
+
+def decode_params(params, method, seed=0):
+  """``params`` with every ``*_proj`` kernel compressed by ``method`` (``DECODE_METHODS``)."""
+  from compressjax import transforms as T  # pylint: disable=g-import-not-at-top
+  if method == "dense_f32":
+    return params
+  if method.startswith("rtn"):
+    bits = int(method[3])
+    return T.apply(T.select((r".*_proj/kernel", T.rtn(bits=bits, group_size=64))), params)[0]
+  if method == "aqlm2x8_random":
+    rng = np.random.default_rng(seed)
+
+    def leaf(w):
+      k, n = w.shape
+      return formats.AdditiveCodebookArray.from_codes(
+          jnp.asarray(rng.integers(0, 256, (k // 8, n, 2)).astype(np.uint8)),
+          jnp.asarray(0.01 * rng.standard_normal((2, 256, 8)).astype(np.float16)),
+          jnp.asarray(np.ones(n, np.float16)), nbits=8, dtype=jnp.float32)
+
+    def walk(tree, path=""):
+      if isinstance(tree, dict):
+        return {k: walk(v, f"{path}/{k}") for k, v in tree.items()}
+      return leaf(tree) if path.endswith("_proj/kernel") else tree
+
+    return walk(params)
+  raise ValueError(f"method must be one of {DECODE_METHODS}, got {method!r}")
+
+
+def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16, reps=3,
+               out_path=None, model_name="smollm2-135m-instruct"):
+  """Decode tokens/s (batch 1, KV cache) of each method; JSON-lines records (see module doc)."""
+  from compressjax import generate as G  # pylint: disable=g-import-not-at-top
+  from compressjax.io import build_model  # pylint: disable=g-import-not-at-top
+  device = str(jax.devices()[0].device_kind)
+  machine = f"{platform.node()}; {platform.processor() or platform.machine()}; jax {jax.__version__}"
+  commit, date = git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat()
+  prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (prompt_len,)).astype(np.int32)
+  models = {}
+  for m in methods:
+    p = decode_params(params, m)
+    models[m] = (build_model(cfg, p), formats.tree_nbytes(p))
+    G.generate(models[m][0], prompt, new_tokens)  # compile prefill and decode step
+  times = {m: [] for m in methods}
+  for _ in range(reps):
+    for m in methods:
+      t = time.perf_counter()
+      G.generate(models[m][0], prompt, new_tokens)
+      times[m].append(time.perf_counter() - t)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  dense_tps = None
+  records = []
+  for m in methods:
+    step = med[m] / new_tokens
+    tps = 1.0 / step
+    if m == "dense_f32":
+      dense_tps = tps
+    rec = dict(method=f"decode_{m}",
+               settings={"model": model_name, "batch": 1, "prompt_len": prompt_len,
+                         "new_tokens": new_tokens, "reps": reps, "kv_cache": True,
+                         "params_nbytes": int(models[m][1]),
+                         "generate_s": med[m],
+                         "load_avg_1m": os.getloadavg()[0]},
+               shape="model", rows=1, time_s=step, tokens_per_s=tps,
+               dense_time_s=None if dense_tps is None else 1.0 / dense_tps,
+               speedup=None if dense_tps is None else tps / dense_tps,
+               bytes_per_s=models[m][1] / step, bw_fraction=None, device=device, date=date,
+               commit=commit, machine=machine)
+    records.append(rec)
+    print(f"decode {m:15s} {tps:8.2f} tok/s  ({models[m][1] / 1e6:.1f} MB params)"
+          + ("" if rec["speedup"] is None else f"  x{rec['speedup']:.2f} vs dense f32"),
+          flush=True)
+  if out_path:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "a") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+  return records
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN list")
@@ -128,7 +217,18 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--out", default=os.path.join(ROOT, "experiments/results/bench_kernels.jsonl"),
                  help="JSON-lines file to append to ('' to not write)")
+  p.add_argument("--decode", action="store_true",
+                 help="end-to-end decode tokens/s of the reference model (see module doc)")
+  p.add_argument("--model", default="smollm2-135m-instruct", help="for --decode")
+  p.add_argument("--methods", default=",".join(DECODE_METHODS), help="for --decode")
+  p.add_argument("--new-tokens", type=int, default=64, help="for --decode")
   a = p.parse_args(argv)
+  if a.decode:
+    from compressjax.io import open_model  # pylint: disable=g-import-not-at-top
+    cfg, params, _ = open_model(a.model, lazy=False)
+    run_decode(cfg, params, a.methods.split(","), new_tokens=a.new_tokens, reps=a.reps,
+               out_path=a.out, model_name=a.model)
+    return
   bw = a.bandwidth or measure_bandwidth()
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({'given' if a.bandwidth else 'measured'})")
   run(a.shapes.split(","), [int(r) for r in a.rows.split(",")], bw, a.out, reps=a.reps)

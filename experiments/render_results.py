@@ -262,9 +262,14 @@ def render_throughput(name, recs):
 
 def render_kernels(name, recs):
   """Section "kernels": every implementation's time against the dense bf16 matmul."""
-  rows = []
+  rows, decode = [], []
   for r in recs:
     s = r.get("settings", {})
+    if r["method"].startswith("decode_"):
+      decode.append([r["method"], str(s.get("model")), fmt(r["tokens_per_s"]), fmt(r["speedup"]),
+                     fmt(s.get("params_nbytes", 0) / 1e6, 1), r["device"], r["commit"],
+                     r["date"][:10]])
+      continue
     rows.append([r["method"], str(s.get("implementation")), r["shape"], str(r["rows"]),
                  fmt(1e3 * r["time_s"], 3), fmt(1e3 * r["dense_time_s"], 3),
                  fmt(1e3 * s["dense_f32_time_s"], 3) if "dense_f32_time_s" in s else "",
@@ -275,6 +280,11 @@ def render_kernels(name, recs):
       "## kernels", "", "Command: `python experiments/bench_kernels.py`", "",
       table(["format", "implementation", "K x N", "rows", "ms", "dense bf16 ms", "dense f32 ms",
              "speedup vs bf16", "% of bandwidth", "device", "commit", "date"], rows), "",
+      *([] if not decode else [
+          "Decode at batch 1 through the KV cache (`--decode`; 64 new tokens after a "
+          "16-token prompt, timed after compiling):", "",
+          table(["method", "model", "tokens/s", "x dense f32", "params MB", "device", "commit",
+                 "date"], decode), ""]),
       "Machine: " + "; ".join(machines), ""])
 
 

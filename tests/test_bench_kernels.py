@@ -22,3 +22,21 @@ def test_bench_kernels_records_every_implementation(tmp_path):
   assert all(fields <= set(r) for r in recs)
   assert len(open(out).read().splitlines()) == len(recs)
   assert "## kernels" in render_results.render_kernels("bench_kernels", recs)
+
+
+def test_bench_kernels_decode_on_a_tiny_model(tmp_path):
+  import bench_kernels  # pylint: disable=g-import-not-at-top
+  import tiny  # pylint: disable=g-import-not-at-top
+  from compressjax.io import model_params  # pylint: disable=g-import-not-at-top
+  cfg = tiny.tiny_config(hidden_size=64, intermediate_size=128)
+  params = model_params(tiny.tiny_model(seed=0))
+  out = str(tmp_path / "d.jsonl")
+  recs = bench_kernels.run_decode(cfg, params, new_tokens=4, prompt_len=3, reps=1, out_path=out,
+                                  model_name="tiny")
+  assert [r["method"] for r in recs] == [f"decode_{m}" for m in bench_kernels.DECODE_METHODS]
+  assert all(r["tokens_per_s"] > 0 and r["rows"] == 1 for r in recs)
+  nbytes = {r["method"]: r["settings"]["params_nbytes"] for r in recs}
+  assert nbytes["decode_rtn2_g64"] < nbytes["decode_rtn4_g64"] < nbytes["decode_dense_f32"]
+  assert recs[0]["speedup"] == 1.0 and len(open(out).read().splitlines()) == 4
+  import render_results  # pylint: disable=g-import-not-at-top
+  assert "decode_rtn4_g64" in render_results.render_kernels("bench_kernels", recs)

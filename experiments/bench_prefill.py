@@ -11,6 +11,12 @@ shared host hits all alike) and reports medians of:
 
 One JSON line per (shape, format, rows) to stdout (``--out`` appends to a file).
 
+``--eval``: perplexity-evaluation time (``compressjax.evaluate.perplexity``, 8 windows of 512
+tokens in one batch, i.e. 4096-row products) of a reference-shaped Llama (576 hidden, 1536 MLP,
+``--layers`` layers, random weights) with RTN 4-bit g64 ``*_proj`` kernels, interleaved medians
+for: ``tiled`` (every row count through the K-tile loop, as before this change), ``now`` (the
+default: one whole-K tile from ``K / 4`` rows on) and ``materialize`` (decode then matmul always).
+
 Usage: ``python experiments/bench_prefill.py --shapes 576x1536 --rows 1,16,512,4096``.
 """
 
@@ -57,6 +63,7 @@ def bench(k, n, bits, rows, tiles, reps):
       fns[f"tile={t}"] = (jax.jit(lambda x, w, t=t: tiled.tiled_dot(x, w, tile=t)), w)
   times = {name: [] for name in fns}
   temps = {}
+  jax.clear_caches()  # traces read tiled's module constants: do not reuse earlier ones
   for name, (f, a) in fns.items():
     jax.block_until_ready(f(x, a))
     temps[name] = f.lower(x, a).compile().memory_analysis().temp_size_in_bytes
@@ -71,6 +78,38 @@ def bench(k, n, bits, rows, tiles, reps):
           "temp_bytes": temps, "dense_bytes": 4 * k * n}
 
 
+def eval_timing(layers=2, reps=3, seq=512, batch=8):
+  from compressjax import evaluate, transforms as T  # pylint: disable=g-import-not-at-top
+  from compressjax.io import build_model, model_params  # pylint: disable=g-import-not-at-top
+  from compressjax.model import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  cfg = LlamaConfig(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_layers=layers,
+                    num_heads=9, num_kv_heads=3, rope_theta=10000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=seq, bos_token_id=1, eos_token_id=2)
+  params = model_params(Llama(cfg, rngs=nnx.Rngs(0)))
+  q = T.apply(T.select((r".*_proj/kernel", T.rtn(bits=4, group_size=64))), params)[0]
+  model = build_model(cfg, q)
+  windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq))
+  settings = {"tiled": float("inf"), "now": tiled.WHOLE_K_ROWS_RATIO, "materialize": 0.0}
+  default = tiled.WHOLE_K_ROWS_RATIO
+  walls = {k: [] for k in settings}
+  ppl = {}
+  try:
+    for _ in range(reps):
+      for name, ratio in settings.items():
+        tiled.WHOLE_K_ROWS_RATIO = ratio
+        jax.clear_caches()  # the ratio is read when tracing: never reuse another setting's trace
+        r = evaluate.perplexity(model, windows, batch_size=batch, progress=False)
+        walls[name].append(r["wall_s"])
+        ppl[name] = r["ppl"]
+  finally:
+    tiled.WHOLE_K_ROWS_RATIO = default
+  rec = {"eval": f"{layers}-layer 576/1536 RTN 4-bit g64, {batch}x{seq} tokens",
+         "wall_s": {k: round(float(np.median(v)), 3) for k, v in walls.items()}, "ppl": ppl,
+         "reps": reps, "load_avg_1m": os.getloadavg()[0]}
+  return rec
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shapes", default="576x1536,1536x576,576x576")
@@ -79,7 +118,12 @@ def main(argv=None):
   p.add_argument("--tiles", default="auto,K/4,K/2", help="candidates: auto, ints, K/2 ...")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--out", default=None)
+  p.add_argument("--eval", action="store_true", help="perplexity-evaluation timing (see doc)")
+  p.add_argument("--layers", type=int, default=2, help="for --eval")
   a = p.parse_args(argv)
+  if a.eval:
+    print(json.dumps(eval_timing(a.layers, a.reps)), flush=True)
+    return
   for shape in a.shapes.split(","):
     k, n = (int(s) for s in shape.split("x"))
     for bits in (int(b) for b in a.bits.split(",")):

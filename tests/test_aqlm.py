@@ -47,9 +47,11 @@ def test_materialize_is_the_direct_sum_and_codes_use_the_narrowest_container(M, 
   for i, n in itertools.product(range(K // g), range(N)):
     want[i * g:(i + 1) * g, n] = s[n] * sum(b[m, c[i, n, m]] for m in range(M))
   np.testing.assert_allclose(w.materialize(), want, rtol=1e-6, atol=1e-6)
-  # Honest bytes: codes (packed: ceil(I/32)*B words per (n, m)) + codebooks + scales.
+  # Honest bytes: codes (packed: ceil(I/32)*B words per (n, m), 3 bits: ceil(I/10)) + codebooks
+  # + scales.
+  words = -(-(K // g) // 10) if B == 3 else -(-(K // g) // 32) * B
   code_bytes = {np.uint8: K // g * N * M, np.uint16: 2 * K // g * N * M,
-                np.uint32: 4 * -(-(K // g) // 32) * B * N * M}[container]
+                np.uint32: 4 * words * N * M}[container]
   assert w.nbytes == code_bytes + 2 * M * 2**B * g + 2 * N
   assert formats.AdditiveCodebookArray.trainable == ("codebooks", "scales")
 

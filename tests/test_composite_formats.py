@@ -73,8 +73,10 @@ def test_bilevel_statistics_format():
   rng = np.random.default_rng(4)
   bilevel = _bilevel(4)
   assert bilevel.scale.shape == (4, 32)
-  # 3-bit codes + 2 statistics of 3 bits per 16 weights + fp16 second level per 16 statistics.
-  assert bilevel.bits_per_param == pytest.approx(3 + 2 * 3 / 16 + 2 * 2 * 16 / 256)
+  # 3-bit codes (10 per uint32: 7 words per column of 64) + 2 statistics, each 3-bit codes of
+  # a (32, 4) leaf (4 words per column of 32) + fp16 second-level scale and zero (2 x 4 each).
+  assert bilevel.bits_per_param == pytest.approx(
+      (32 * 7 * 4 + 2 * (4 * 4 * 4 + 2 * 2 * 4 * 2)) * 8 / (64 * 32))
   x = rng.standard_normal((2, 64)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(formats.dot(jnp.asarray(x), bilevel)),
                              x @ np.asarray(bilevel.materialize()), rtol=1e-4, atol=1e-4)

@@ -120,11 +120,12 @@ def test_sparse_formats_multiply_like_their_materialization_and_count_bytes():
       x = jax.random.normal(jax.random.key(rows), (rows, 64))
       np.testing.assert_allclose(np.asarray(formats.dot(x, leaf)),
                                  np.asarray(x @ leaf.materialize()), rtol=1e-5, atol=1e-5)
-  # 1 mask bit per entry + fp16 values; 2:4: fp16 values + 2-bit indices of the kept half.
+  # 1 mask bit per entry + fp16 values; 2:4: fp16 values + 2-bit indices of the kept half;
+  # 4:8: 3-bit indices packed 10 per uint32 (4 words for the 32 kept rows of a column of 64).
   assert s.nbytes == 64 * 32 // 8 + 2 * 1024
   assert nm.bits_per_param == pytest.approx(9.0)
   assert formats.NMSparse.from_dense(w, prune.nm_mask(jnp.abs(w), 4, 8), n=4, m=8).bits_per_param \
-      == pytest.approx(8 + 1.5)
+      == pytest.approx(8 + 4 * 32 / 64)
 
 
 def test_sparse_quantized_round_trips(tmp_path):

@@ -146,8 +146,9 @@ def test_spqr_outliers_and_bilevel_statistics_round_trip():
   assert sparse.nnz == int(info2["outliers"]) == int(info["outliers"])
   np.testing.assert_allclose(np.asarray(leaf.materialize()), np.asarray(q), rtol=2e-3, atol=2e-3)
   assert abs(float(leaf.materialize()[7, 3]) - 30.0) < 0.5
-  # Honest bytes: codes + 3-bit stats + second-level fp16 + 32 bits per outlier + pointers.
-  expect = (64 * 32 * 3 / 8 + 2 * (4 * 32 * 3 / 8 + 2 * 2 * 4 * 32 / 16)
+  # Honest bytes: codes + 3-bit stats + second-level fp16 + 32 bits per outlier + pointers
+  # (3-bit codes packed 10 per uint32: 7 words per column of 64, 4 per column of 32 stats).
+  expect = (4 * 7 * 32 + 2 * (4 * 4 * 4 + 2 * 2 * 4 * 32 / 16)
             + 4 * sparse.nnz + 4 * 33)
   assert leaf.nbytes == pytest.approx(expect)
 

@@ -67,7 +67,8 @@ def _dense(x):
 
 
 def test_new_layout_bytes():
-  q = _leaves()["q"]
+  q = formats.QuantizedArray.from_codes(jnp.zeros((K, N), jnp.uint8), jnp.ones((5, N)), None,
+                                        bits=3, group_size=16, symmetric=True)
   assert q.packed.shape == (8, N) and packing.packed_length(1536, 3) == 154
   # 3.2 bits per code: 1530 codes in 153 words.
   assert formats.QuantizedArray.from_codes(

@@ -39,12 +39,15 @@ class KernelConfig:
       scale group, so the step is ``block_k`` when it divides the group size, else the group.
     use_dot: tile products with ``jnp.dot`` (tensor cores / MXU); ``False`` uses a broadcast
       multiply and sum, for tiles too small for a dot (Triton needs every dot dim >= 16).
+    num_warps, num_stages: Triton launch parameters (GPU only).
   """
 
   block_m: int
   block_n: int
   block_k: int
   use_dot: bool = True
+  num_warps: int = 4
+  num_stages: int = 2
 
 
 #: One config per target. "interpret" keeps blocks small so CPU tests cover several programs
@@ -79,6 +82,21 @@ def config_for(interpret: bool, config: KernelConfig | None = None) -> KernelCon
         f"Pallas kernels need a GPU or TPU backend (got {jax.default_backend()!r}); pass "
         f"interpret=True to run them in the Pallas interpreter.")
   return CONFIGS[t]
+
+
+def compiler_params(interpret: bool, config: KernelConfig, target_name: str | None = None):
+  """Backend compiler parameters: Triton on GPU (Pallas' Mosaic GPU ``pallas_call`` lowering
+  rejects these tiles, see README), ``parallel`` grid axes on TPU, nothing when interpreting."""
+  if interpret:
+    return None
+  t = target_name or target(False)
+  if t == "gpu":
+    from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
+    return pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+  if t == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+  return None
 
 
 def step_size(group: int, block_k: int) -> int:

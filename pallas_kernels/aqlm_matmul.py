@@ -2,7 +2,8 @@
 
 ``W[i*g + a, n] = scales[n] * sum_m codebooks[m, codes[i, n, m], a]``. Coordinate ``a`` of every
 group is one *plane* ``(K / g, N)``: the kernel loads a tile of codes per codebook, looks up
-coordinate ``a`` of the chosen codewords in the (tiny, ``(M, g, 2**B)``) transposed codebooks,
+coordinate ``a`` of the chosen codewords in the (tiny) transposed codebooks, flattened
+``(M * g * 2**B,)``,
 sums over codebooks, and multiplies with ``x[:, a::g]``; the scales are applied once per column
 at the end. The dense weight is never formed.
 
@@ -39,7 +40,7 @@ def supports(x: jax.Array, w: additive.AdditiveCodebookArray) -> bool:
           and x.shape[-1] == w.shape[0])
 
 
-def _kernel(xp_ref, *refs, num_codebooks, g, ni, steps, use_dot, cdtype):
+def _kernel(xp_ref, *refs, num_codebooks, g, ni, steps, use_dot, cdtype, table):
   code_refs = refs[:num_codebooks]
   cbt_ref, scale_ref, o_ref = refs[num_codebooks:]
   bm, bn = o_ref.shape
@@ -50,7 +51,8 @@ def _kernel(xp_ref, *refs, num_codebooks, g, ni, steps, use_dot, cdtype):
     for a in range(g):
       wa = jnp.zeros((ni, bn), jnp.float32)
       for mi in range(num_codebooks):
-        wa = wa + jnp.take(cbt_ref[mi, a, :], idx[mi], axis=0)
+        # A gather from the on-chip table (a pointer gather in Triton).
+        wa = wa + cbt_ref[idx[mi] + (mi * g + a) * table].astype(jnp.float32)
       xa = xp_ref[a, :, pl.ds(start, ni)]
       acc = acc + _common.mac(xa, wa.astype(cdtype), use_dot)
     return acc
@@ -59,7 +61,7 @@ def _kernel(xp_ref, *refs, num_codebooks, g, ni, steps, use_dot, cdtype):
   o_ref[...] = (acc * scale_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _forward(x, w, *, interpret, config):
+def _forward(x, w, *, interpret, config, target_name=None):
   cfg = _common.config_for(interpret, config)
   if not supports(x, w):
     raise NotImplementedError(f"pallas aqlm_matmul supports uint8/uint16 codes (nbits 8 or 16) "
@@ -75,15 +77,16 @@ def _forward(x, w, *, interpret, config):
   ni = math.gcd(i_total, max(1, cfg.block_k // g))
   bn = min(cfg.block_n, _common.round_up(n, 128)) if n >= 128 else n
   xp = _common.plane_major(x2, g)  # (g, Mp, I)
-  cbt = jnp.swapaxes(w.codebooks.astype(jnp.float32), 1, 2)  # (M, g, 2**B)
+  table = 2**w.nbits
+  cbt = jnp.swapaxes(w.codebooks.astype(jnp.float32), 1, 2).reshape(-1)  # (M * g * 2**B,)
   scales = w.scales.astype(jnp.float32).reshape(1, n)
   in_specs = [pl.BlockSpec((g, bm, i_total), lambda i, j: (0, i, 0))]
   in_specs += [pl.BlockSpec((i_total, bn, None), functools.partial(lambda mi, i, j: (0, j, mi), mi))
                for mi in range(nm)]
-  in_specs += [pl.BlockSpec(cbt.shape, lambda i, j: (0, 0, 0)),
+  in_specs += [pl.BlockSpec(cbt.shape, lambda i, j: (0,)),
                pl.BlockSpec((1, bn), lambda i, j: (0, j))]
   kernel = functools.partial(_kernel, num_codebooks=nm, g=g, ni=ni, steps=i_total // ni,
-                             use_dot=cfg.use_dot, cdtype=cdtype)
+                             use_dot=cfg.use_dot, cdtype=cdtype, table=table)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
@@ -91,19 +94,21 @@ def _forward(x, w, *, interpret, config):
       in_specs=in_specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=interpret,
+      compiler_params=_common.compiler_params(interpret, cfg, target_name),
       name=f"aqlm_matmul_{nm}x{w.nbits}_g{g}",
   )(xp, *([w.codes] * nm), cbt, scales)
   return y[:m].reshape(batch + (n,))
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(interpret: bool, config: _common.KernelConfig | None):
+def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
   return _common.with_reference_vjp(
-      functools.partial(_forward, interpret=interpret, config=config), aqlm_matmul_ref)
+      functools.partial(_forward, interpret=interpret, config=config, target_name=target_name), aqlm_matmul_ref)
 
 
 def aqlm_matmul(x: jax.Array, w: additive.AdditiveCodebookArray, *, interpret: bool = False,
-                config: _common.KernelConfig | None = None) -> jax.Array:
+                config: _common.KernelConfig | None = None,
+                 target: str | None = None) -> jax.Array:
   """``x @ W`` for an :class:`~compressjax.formats.AdditiveCodebookArray`, in one Pallas kernel.
 
   Args:
@@ -111,6 +116,8 @@ def aqlm_matmul(x: jax.Array, w: additive.AdditiveCodebookArray, *, interpret: b
     w: the AQLM weight, ``nbits`` 8 or 16.
     interpret: run in the Pallas interpreter (any backend, CPU included).
     config: block sizes; default: ``CONFIGS[target]`` of the current backend.
+    target: ``"gpu"`` or ``"tpu"`` to pick the compiler parameters when lowering for a
+      platform other than the default backend (lowering checks); default: the backend's.
 
   Returns:
     ``(..., N)`` in ``result_type(x.dtype, w.dtype)``; gradients (``x``, codebooks, scales)
@@ -123,4 +130,4 @@ def aqlm_matmul(x: jax.Array, w: additive.AdditiveCodebookArray, *, interpret: b
     raise NotImplementedError(f"pallas aqlm_matmul supports uint8/uint16 codes (nbits 8 or 16) "
                               f"and floating x; got {w!r}, x.dtype={x.dtype}.")
   _common.config_for(interpret, config)
-  return _differentiable(bool(interpret), config)(x, w)
+  return _differentiable(bool(interpret), config, target)(x, w)

@@ -4,7 +4,7 @@ A code ``c`` of 8 consecutive inputs decodes in registers: table index ``a = c >
 coordinate ``k = 1..7`` is bit ``8 - k``; coordinate 0's sign makes the number of negative
 signs have the parity of ``sum(S[a])`` (xor-folded popcount of bits 1..7 plus a 256-entry
 parity table); shift ``+-1/4`` is bit 0. Coordinate ``k`` of every code is one ``(K / 8, N)``
-plane: ``|S[a]_k|`` is looked up in the ``(8, 256)`` transposed table (8 KiB, on chip), signed,
+plane: ``|S[a]_k|`` is looked up in the transposed table (8 KiB, on chip), signed,
 shifted and multiplied with ``x[:, k::8]``. One scale per layer multiplies the result.
 
 References:
@@ -32,7 +32,9 @@ __all__ = ["e8p_matmul", "supports"]
 
 _D = e8p_core.CODESZ
 _ABS_T = np.ascontiguousarray(e8p_core.ABS_GRID.T)  # (8, 256) float32
-_PARITY = (e8p_core.ABS_GRID.sum(axis=1).astype(np.int64) % 2).astype(np.int32)  # (256,)
+_PARITY = (e8p_core.ABS_GRID.sum(axis=1).astype(np.int64) % 2).astype(np.float32)  # (256,)
+#: Magnitudes ``|S[a]_k|`` at ``k * 256 + a``, then the parities of ``sum(S[a])`` at ``2048 + a``.
+_TABLE = np.concatenate([_ABS_T.ravel(), _PARITY])
 
 
 def supports(x: jax.Array, w: e8p.E8PArray) -> bool:
@@ -41,10 +43,11 @@ def supports(x: jax.Array, w: e8p.E8PArray) -> bool:
           and jnp.issubdtype(x.dtype, jnp.floating) and x.shape[-1] == w.shape[0])
 
 
-def decode_coordinate(c: jax.Array, k: int, abs_k: jax.Array, parity: jax.Array) -> jax.Array:
+def decode_coordinate(c: jax.Array, k: int, lookup) -> jax.Array:
   """Coordinate ``k`` of the codewords of ``int32`` codes ``c`` (any shape), in ``float32``.
 
-  ``abs_k`` is row ``k`` of the transposed table, ``parity`` the ``(256,)`` parity table.
+  ``lookup(i)`` returns entries ``i`` of the flat table ``[ABS_GRID.T.ravel(), parity]``
+  (``8 * 256`` magnitudes, then 256 parities of ``sum(S[a])``).
   """
   a = (c >> 8) & 0xFF
   if k == 0:
@@ -52,24 +55,23 @@ def decode_coordinate(c: jax.Array, k: int, abs_k: jax.Array, parity: jax.Array)
     v = v ^ (v >> 4)
     v = v ^ (v >> 2)
     v = v ^ (v >> 1)
-    neg = (v ^ jnp.take(parity, a, axis=0)) & 1
+    neg = (v ^ lookup(a + _D * 256).astype(jnp.int32)) & 1
   else:
     neg = (c >> (8 - k)) & 1
-  mag = jnp.take(abs_k, a, axis=0)
+  mag = lookup(a + k * 256)
   shift = jnp.where((c & 1) == 1, 0.25, -0.25).astype(jnp.float32)
   return jnp.where(neg == 1, -mag, mag) + shift
 
 
-def _kernel(xp_ref, codes_ref, abs_ref, par_ref, scale_ref, o_ref, *, nb, steps, use_dot,
-            cdtype):
+def _kernel(xp_ref, codes_ref, tab_ref, scale_ref, o_ref, *, nb, steps, use_dot, cdtype):
   bm, bn = o_ref.shape
-  parity = par_ref[0, :]
+  lookup = lambda i: tab_ref[i]  # a gather from the on-chip table (a pointer gather in Triton)
 
   def step(s, acc):
     start = s * nb
     c = codes_ref[pl.ds(start, nb), :].astype(jnp.int32)
     for k in range(_D):
-      wk = decode_coordinate(c, k, abs_ref[k, :], parity)
+      wk = decode_coordinate(c, k, lookup)
       acc = acc + _common.mac(xp_ref[k, :, pl.ds(start, nb)], wk.astype(cdtype), use_dot)
     return acc
 
@@ -77,7 +79,7 @@ def _kernel(xp_ref, codes_ref, abs_ref, par_ref, scale_ref, o_ref, *, nb, steps,
   o_ref[...] = (acc * scale_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _forward(x, w, *, interpret, config):
+def _forward(x, w, *, interpret, config, target_name=None):
   cfg = _common.config_for(interpret, config)
   if not supports(x, w):
     raise NotImplementedError(f"pallas e8p_matmul needs 2-D codes and floating x; got {w!r}, "
@@ -99,25 +101,26 @@ def _forward(x, w, *, interpret, config):
       grid=(mp // bm, pl.cdiv(n, bn)),
       in_specs=[pl.BlockSpec((_D, bm, b), lambda i, j: (0, i, 0)),
                 pl.BlockSpec((b, bn), lambda i, j: (0, j)),
-                pl.BlockSpec((_D, 256), lambda i, j: (0, 0)),
-                pl.BlockSpec((1, 256), lambda i, j: (0, 0)),
+                pl.BlockSpec((_D * 256 + 256,), lambda i, j: (0,)),
                 pl.BlockSpec((1, 1), lambda i, j: (0, 0))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=interpret,
+      compiler_params=_common.compiler_params(interpret, cfg, target_name),
       name="e8p_matmul",
-  )(xp, w.codes, jnp.asarray(_ABS_T), jnp.asarray(_PARITY).reshape(1, 256),
+  )(xp, w.codes, jnp.asarray(_TABLE),
     w.scale.astype(jnp.float32).reshape(1, 1))
   return y[:m].reshape(batch + (n,))
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(interpret: bool, config: _common.KernelConfig | None):
+def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
   return _common.with_reference_vjp(
-      functools.partial(_forward, interpret=interpret, config=config), e8p_matmul_ref)
+      functools.partial(_forward, interpret=interpret, config=config, target_name=target_name), e8p_matmul_ref)
 
 
 def e8p_matmul(x: jax.Array, w: e8p.E8PArray, *, interpret: bool = False,
-               config: _common.KernelConfig | None = None) -> jax.Array:
+               config: _common.KernelConfig | None = None,
+                 target: str | None = None) -> jax.Array:
   """``x @ W`` for an :class:`~compressjax.formats.E8PArray`, in one Pallas kernel.
 
   Args:
@@ -125,6 +128,8 @@ def e8p_matmul(x: jax.Array, w: e8p.E8PArray, *, interpret: bool = False,
     w: the E8P weight.
     interpret: run in the Pallas interpreter (any backend, CPU included).
     config: block sizes; default: ``CONFIGS[target]`` of the current backend.
+    target: ``"gpu"`` or ``"tpu"`` to pick the compiler parameters when lowering for a
+      platform other than the default backend (lowering checks); default: the backend's.
 
   Returns:
     ``(..., N)`` in ``result_type(x.dtype, w.dtype)``; gradients (``x``, ``scale``) from
@@ -137,4 +142,4 @@ def e8p_matmul(x: jax.Array, w: e8p.E8PArray, *, interpret: bool = False,
     raise NotImplementedError(f"pallas e8p_matmul needs 2-D codes and floating x; got {w!r}, "
                               f"x.dtype={x.dtype}.")
   _common.config_for(interpret, config)
-  return _differentiable(bool(interpret), config)(x, w)
+  return _differentiable(bool(interpret), config, target)(x, w)

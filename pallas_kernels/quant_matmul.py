@@ -74,7 +74,7 @@ def _kernel(*refs, bits, nb, steps, bk, group, symmetric, use_dot, cdtype):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _forward(x, w, *, interpret, config):
+def _forward(x, w, *, interpret, config, target_name=None):
   cfg = _common.config_for(interpret, config)
   if not supports(x, w):
     raise NotImplementedError(
@@ -114,19 +114,21 @@ def _forward(x, w, *, interpret, config):
       in_specs=in_specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=interpret,
+      compiler_params=_common.compiler_params(interpret, cfg, target_name),
       name=f"quant_matmul_{bits}b_g{gs}",
   )(*inputs)
   return y[:m].reshape(batch + (n,))
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(interpret: bool, config: _common.KernelConfig | None):
+def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
   return _common.with_reference_vjp(
-      functools.partial(_forward, interpret=interpret, config=config), quant_matmul_ref)
+      functools.partial(_forward, interpret=interpret, config=config, target_name=target_name), quant_matmul_ref)
 
 
 def quant_matmul(x: jax.Array, w: quantized.QuantizedArray, *, interpret: bool = False,
-                 config: _common.KernelConfig | None = None) -> jax.Array:
+                 config: _common.KernelConfig | None = None,
+                 target: str | None = None) -> jax.Array:
   """``x @ W`` for a packed :class:`~compressjax.formats.QuantizedArray`, in one Pallas kernel.
 
   Args:
@@ -134,6 +136,8 @@ def quant_matmul(x: jax.Array, w: quantized.QuantizedArray, *, interpret: bool =
     w: the packed weight (``group_size % 32 == 0``).
     interpret: run in the Pallas interpreter (any backend, CPU included).
     config: block sizes; default: ``CONFIGS[target]`` of the current backend.
+    target: ``"gpu"`` or ``"tpu"`` to pick the compiler parameters when lowering for a
+      platform other than the default backend (lowering checks); default: the backend's.
 
   Returns:
     ``(..., N)`` in ``result_type(x.dtype, w.dtype)``, accumulated in ``float32``. Gradients
@@ -147,4 +151,4 @@ def quant_matmul(x: jax.Array, w: quantized.QuantizedArray, *, interpret: bool =
         f"pallas quant_matmul supports 2-D weights with group_size % 32 == 0 and K % 32 == 0 "
         f"and floating x; got {w!r}, x.dtype={x.dtype}.")
   _common.config_for(interpret, config)  # raises on CPU without interpret
-  return _differentiable(bool(interpret), config)(x, w)
+  return _differentiable(bool(interpret), config, target)(x, w)

@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -147,17 +148,29 @@ def with_reference_vjp(forward: Callable, reference: Callable) -> Callable:
   get ``float0`` cotangents.
   """
 
-  @jax.custom_vjp
+  # The custom_vjp sees the leaves of ``w``, never ``w`` itself: a format whose constructor
+  # checks dtypes could not be rebuilt around the ``float0`` cotangents of its integer codes.
   def f(x, w):
-    return forward(x, w)
+    leaves, treedef = jax.tree_util.tree_flatten(w)
+    return _leafwise(treedef)(x, *leaves)
 
-  def fwd(x, w):
-    return forward(x, w), (x, w)
+  @functools.lru_cache(maxsize=None)
+  def _leafwise(treedef):
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
 
-  def bwd(res, g):
-    x, w = res
-    _, vjp = jax.vjp(reference, x, w)
-    return vjp(g)
+    @jax.custom_vjp
+    def g(x, *leaves):
+      return forward(x, unflatten(leaves))
 
-  f.defvjp(fwd, bwd)
+    def fwd(x, *leaves):
+      return forward(x, unflatten(leaves)), (x, leaves)
+
+    def bwd(res, ct):
+      x, leaves = res
+      _, vjp = jax.vjp(lambda x, *ls: reference(x, unflatten(ls)), x, *leaves)
+      return vjp(ct)
+
+    g.defvjp(fwd, bwd)
+    return g
+
   return f

@@ -115,7 +115,8 @@ def _forward(x, w, *, interpret, config, target_name=None):
 @functools.lru_cache(maxsize=None)
 def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
   return _common.with_reference_vjp(
-      functools.partial(_forward, interpret=interpret, config=config, target_name=target_name), e8p_matmul_ref)
+      jax.jit(functools.partial(_forward, interpret=interpret, config=config,
+                                target_name=target_name)), e8p_matmul_ref)
 
 
 def e8p_matmul(x: jax.Array, w: e8p.E8PArray, *, interpret: bool = False,

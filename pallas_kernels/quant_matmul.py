@@ -1,10 +1,10 @@
 """Pallas kernel: activations times packed 2/3/4/8-bit integer weights with grouped scales.
 
 The weight is read as stored by :class:`compressjax.formats.QuantizedArray`: ``uint32`` words,
-32 codes per ``bits`` words along ``K``. The packed array ``(K * bits / 32, N)`` is viewed (a
-free reshape) as ``(K / 32, bits, N)`` and each of the ``bits`` word positions is its own
-``(K / 32, N)`` input, so that code plane ``c`` is unpacked from at most two word tiles with a
-shift and a mask (:func:`~pallas_kernels.quant_matmul_ref.unpack_plane`) in registers. With
+32 codes per ``bits`` words along ``K``. Each loop step loads word ``w`` of every 32-code block
+with a strided load (rows ``w, w + bits, ...`` of the packed ``(K * bits / 32, N)`` column
+stripe), so that code plane ``c`` is unpacked from at most two word tiles with a shift and a
+mask (:func:`~pallas_kernels.quant_matmul_ref.unpack_plane`) in registers. With
 centred codes ``q - 2**(bits-1)`` (exact in bf16) and per-group sums of the activations:
 
 * symmetric: ``y = sum_g s_g * (x_g @ (q_g - c))``;
@@ -45,12 +45,12 @@ def supports(x: jax.Array, w: quantized.QuantizedArray) -> bool:
 
 def _kernel(*refs, bits, nb, steps, bk, group, symmetric, use_dot, cdtype):
   xp_ref = refs[0]
-  word_refs = refs[1:1 + bits]
-  scale_ref = refs[1 + bits]
+  words_ref = refs[1]
+  scale_ref = refs[2]
   if symmetric:
-    (o_ref,) = refs[2 + bits:]
+    (o_ref,) = refs[3:]
   else:
-    off_ref, xsum_ref, o_ref = refs[2 + bits:]
+    off_ref, xsum_ref, o_ref = refs[3:]
   center = 2**(bits - 1)
   bm, bn = o_ref.shape
 
@@ -58,7 +58,7 @@ def _kernel(*refs, bits, nb, steps, bk, group, symmetric, use_dot, cdtype):
     start = s * nb
     if nb % 8 == 0:
       start = pl.multiple_of(start, 8)
-    words = [r[pl.ds(start, nb), :] for r in word_refs]
+    words = [words_ref[pl.ds(start * bits + wi, nb, stride=bits), :] for wi in range(bits)]
     part = jnp.zeros((bm, bn), jnp.float32)
     for c in range(32):
       q = unpack_plane(words, c, bits).astype(jnp.int32) - center
@@ -91,13 +91,11 @@ def _forward(x, w, *, interpret, config, target_name=None):
   nb, kb = bk // 32, k // 32
   bn = min(cfg.block_n, _common.round_up(n, 128)) if n >= 128 else n
   xp = _common.plane_major(x2, 32)  # (32, Mp, K/32)
-  words = w.packed.reshape(kb, bits, n)
   scale = w.scale_values().astype(jnp.float32)
   g = w.num_groups
-  inputs = [xp] + [words] * bits + [scale]
+  inputs = [xp, w.packed, scale]
   in_specs = [pl.BlockSpec((32, bm, kb), lambda i, j: (0, i, 0))]
-  in_specs += [pl.BlockSpec((kb, None, bn), functools.partial(lambda wi, i, j: (0, wi, j), wi))
-               for wi in range(bits)]
+  in_specs += [pl.BlockSpec((kb * bits, bn), lambda i, j: (0, j))]
   in_specs += [pl.BlockSpec((g, bn), lambda i, j: (0, j))]
   if not w.symmetric:
     offset = w.zero_values().astype(jnp.float32) + 2.0**(bits - 1) * scale

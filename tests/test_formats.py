@@ -258,8 +258,9 @@ def test_registry_priority_fallback_and_forcing():
   # Names known elsewhere but not registered for this format.
   with pytest.raises(ValueError, match="not registered"):
     formats.dot(x, qa, implementation="marked")
-  # The base class registration is untouched.
-  assert [i.name for i in formats.implementations(formats.QuantizedArray)] == ["xla"]
+  # The base class registration is untouched (pallas_kernels registers its two kernels).
+  assert [i.name for i in formats.implementations(formats.QuantizedArray)] == [
+      "pallas", "xla", "pallas_interpret"]
 
 
 def test_no_implementation_applies():

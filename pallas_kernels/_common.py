@@ -39,14 +39,15 @@ class KernelConfig:
     block_k: most inputs (weights along ``K``) decoded per loop step; a step never crosses a
       scale group, so the step is ``block_k`` when it divides the group size, else the group.
     use_dot: tile products with ``jnp.dot`` (tensor cores / MXU); ``False`` uses a broadcast
-      multiply and sum, for tiles too small for a dot (Triton needs every dot dim >= 16).
+      multiply and sum; ``None`` picks per tile: a dot when every dimension is >= 16 (Triton's
+      minimum), else the broadcast (decode rows).
     num_warps, num_stages: Triton launch parameters (GPU only).
   """
 
   block_m: int
   block_n: int
   block_k: int
-  use_dot: bool = True
+  use_dot: bool | None = True
   num_warps: int = 4
   num_stages: int = 2
 
@@ -54,7 +55,7 @@ class KernelConfig:
 #: One config per target. "interpret" keeps blocks small so CPU tests cover several programs
 #: and ragged edges.
 CONFIGS: dict[str, KernelConfig] = {
-    "gpu": KernelConfig(block_m=16, block_n=128, block_k=512, use_dot=False),
+    "gpu": KernelConfig(block_m=64, block_n=128, block_k=512, use_dot=None),
     "tpu": KernelConfig(block_m=8, block_n=256, block_k=1024, use_dot=True),
     "interpret": KernelConfig(block_m=8, block_n=128, block_k=256, use_dot=True),
 }
@@ -127,8 +128,10 @@ def plane_major(x2: jax.Array, p: int) -> jax.Array:
   return jnp.transpose(x2.reshape(m, k // p, p), (2, 0, 1))
 
 
-def mac(xc: jax.Array, wc: jax.Array, use_dot: bool) -> jax.Array:
-  """``xc (bm, t) @ wc (t, bn)`` in ``float32``."""
+def mac(xc: jax.Array, wc: jax.Array, use_dot: bool | None) -> jax.Array:
+  """``xc (bm, t) @ wc (t, bn)`` in ``float32`` (``use_dot``: see :class:`KernelConfig`)."""
+  if use_dot is None:
+    use_dot = min(xc.shape + wc.shape) >= 16
   if use_dot:
     return jnp.dot(xc, wc, preferred_element_type=jnp.float32)
   return jnp.sum(xc.astype(jnp.float32)[:, :, None] * wc.astype(jnp.float32)[None, :, :], axis=1)

@@ -221,8 +221,9 @@ def test_registry_priority_fallback_and_forcing():
   qa, *_ = make_quantized(64, 8)
   w = _toy(qa)
   x = jnp.ones((2, 64))
-  # Unregistered subclass inherits QuantizedArray's "xla".
-  assert [i.name for i in formats.implementations(_ToyFormat)] == ["xla"]
+  # Unregistered subclass inherits QuantizedArray's implementations.
+  assert [i.name for i in formats.implementations(_ToyFormat)] == [
+      "pallas", "xla", "pallas_interpret"]
   calls = []
 
   def fast(x, w):

@@ -37,7 +37,7 @@ class KernelConfig:
     block_m: activation rows per program (rows are zero-padded to a multiple of it).
     block_n: output columns per program; ``N`` need not be a multiple (edge blocks are masked).
     block_k: most inputs (weights along ``K``) decoded per loop step; a step never crosses a
-      scale group, so the step is ``block_k`` when it divides the group size, else the group.
+      scale group: it is the largest power of 2 <= ``block_k`` dividing the group size.
     use_dot: tile products with ``jnp.dot`` (tensor cores / MXU); ``False`` uses a broadcast
       multiply and sum; ``None`` picks per tile: a dot when every dimension is >= 16 (Triton's
       minimum), else the broadcast (decode rows).
@@ -102,12 +102,25 @@ def compiler_params(interpret: bool, config: KernelConfig, target_name: str | No
 
 
 def step_size(group: int, block_k: int) -> int:
-  """Inputs per loop step: ``block_k`` when it divides ``group``, else ``group``."""
-  return block_k if group % block_k == 0 else group
+  """Inputs per loop step: the largest power of 2 that divides ``group`` and is at most
+  ``block_k`` (so a step never crosses a group and its tiles are powers of 2)."""
+  step = 1
+  while step * 2 <= block_k and group % (step * 2) == 0:
+    step *= 2
+  return step
 
 
 def round_up(a: int, b: int) -> int:
   return -(-a // b) * b
+
+
+def pow2_at_least(a: int) -> int:
+  return 1 << max(0, int(a) - 1).bit_length()
+
+
+def block_cols(n: int, block_n: int) -> int:
+  """Columns per program: ``block_n``, or the power of 2 covering a narrower ``N``."""
+  return min(block_n, pow2_at_least(n))
 
 
 def as_rows(x: jax.Array, block_m: int) -> tuple[jax.Array, int, int]:
@@ -115,7 +128,7 @@ def as_rows(x: jax.Array, block_m: int) -> tuple[jax.Array, int, int]:
   k = x.shape[-1]
   m = math.prod(x.shape[:-1])
   x2 = x.reshape(m, k)
-  bm = min(block_m, round_up(m, 8)) if block_m >= 8 else block_m
+  bm = min(block_m, pow2_at_least(max(m, 8)))  # Triton tiles are powers of 2; TPU needs 8 | bm
   mp = round_up(m, bm)
   if mp != m:
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))

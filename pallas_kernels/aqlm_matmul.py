@@ -75,7 +75,7 @@ def _forward(x, w, *, interpret, config, target_name=None):
   x2, m, bm = _common.as_rows(x.astype(cdtype), cfg.block_m)
   mp = x2.shape[0]
   ni = math.gcd(i_total, max(1, cfg.block_k // g))
-  bn = min(cfg.block_n, _common.round_up(n, 128)) if n >= 128 else n
+  bn = _common.block_cols(n, cfg.block_n)
   xp = _common.plane_major(x2, g)  # (g, Mp, I)
   table = 2**w.nbits
   cbt = jnp.swapaxes(w.codebooks.astype(jnp.float32), 1, 2).reshape(-1)  # (M * g * 2**B,)

@@ -92,7 +92,7 @@ def _forward(x, w, *, interpret, config, target_name=None):
   x2, m, bm = _common.as_rows(x.astype(cdtype), cfg.block_m)
   mp = x2.shape[0]
   nb = math.gcd(b, max(1, cfg.block_k // _D))
-  bn = min(cfg.block_n, _common.round_up(n, 128)) if n >= 128 else n
+  bn = _common.block_cols(n, cfg.block_n)
   xp = _common.plane_major(x2, _D)  # (8, Mp, K/8)
   kernel = functools.partial(_kernel, nb=nb, steps=b // nb, use_dot=cfg.use_dot, cdtype=cdtype)
   y = pl.pallas_call(

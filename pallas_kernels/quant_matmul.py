@@ -89,7 +89,7 @@ def _forward(x, w, *, interpret, config, target_name=None):
   mp = x2.shape[0]
   bk = _common.step_size(gs, cfg.block_k)
   nb, kb = bk // 32, k // 32
-  bn = min(cfg.block_n, _common.round_up(n, 128)) if n >= 128 else n
+  bn = _common.block_cols(n, cfg.block_n)
   xp = _common.plane_major(x2, 32)  # (32, Mp, K/32)
   scale = w.scale_values().astype(jnp.float32)
   g = w.num_groups

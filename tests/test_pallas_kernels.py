@@ -203,3 +203,10 @@ def test_model_with_interpret_kernels_matches_xla_model():
   fast = _quantized_tiny_model(matmul_implementation="pallas_interpret")
   tokens = jnp.asarray([[1, 5, 9, 200]], jnp.int32)
   _check(fast(tokens), base(tokens), 1e-5)
+
+
+def test_step_size_is_a_power_of_two_inside_one_group():
+  assert _common.step_size(128, 256) == 128
+  assert _common.step_size(1024, 256) == 256
+  assert _common.step_size(11008, 512) == 256  # per-channel K = 11008 = 2**8 * 43
+  assert _common.step_size(96, 512) == 32

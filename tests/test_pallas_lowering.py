@@ -51,9 +51,10 @@ def _lower(name, platform, target, rows):
 NAMES = ["quant2", "quant3", "quant4", "quant8", "aqlm2x8", "aqlm1x16", "e8p"]
 
 
-@pytest.mark.parametrize("name,rows", [(n, 1) for n in NAMES] + [("quant4", 128), ("e8p", 64)])
+@pytest.mark.parametrize("name,rows", [(n, 1) for n in NAMES] + [("quant4", 17), ("quant4", 128), ("e8p", 64)])
 def test_lowers_for_cuda_through_triton(name, rows):
-  # rows=1: broadcast products (decode); rows >= 64: tensor-core dots (gpu block_m = 64).
+  # rows=1: broadcast products (decode); rows >= 64: tensor-core dots (gpu block_m = 64);
+  # rows=17: padded to a power-of-2 row block (Triton needs power-of-2 tiles).
   text = _lower(name, "cuda", "gpu", rows=rows)
   assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, text[:2000]
 

@@ -1,0 +1,150 @@
+"""Compressed kernels in models that are not compressjax's Llama (compressjax.interop)."""
+
+import functools
+import os
+import re
+import runpy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from compressjax import formats, interop, transforms as T
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = r".*/kernel"
+D_IN, D_HID, D_OUT = 64, 128, 32
+
+
+def _inputs(n, seed):
+  """Correlated, unevenly scaled features (as real activations are): where GPTQ helps."""
+  rng = np.random.default_rng(seed)
+  mix = np.random.default_rng(0).normal(size=(D_IN, D_IN)) * np.geomspace(0.1, 3.0, D_IN)
+  return jnp.asarray(rng.normal(size=(n, D_IN)) @ mix / 4, jnp.float32)
+
+
+class LinenMLP(nn.Module):
+  """Two Dense layers and a residual projection; ``hooks`` plugs in compressjax.interop."""
+  hooks: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dot_general=interop.dot_general, promote_dtype=interop.promote_dtype) if self.hooks else {}
+    h = nn.gelu(nn.Dense(D_HID, name="up", **kw)(x))
+    return nn.Dense(D_OUT, name="down", **kw)(h) + nn.Dense(D_OUT, use_bias=False, name="skip", **kw)(x)
+
+
+def _dense_of(q):
+  return jax.tree.map(formats.materialize, q, is_leaf=formats.is_compressed)
+
+
+def _close(a, b):
+  err = float(jnp.max(jnp.abs(a - b)))
+  assert err <= 1e-5 * float(jnp.max(jnp.abs(b))), err
+
+
+@pytest.fixture(scope="module")
+def linen_setup():
+  model = LinenMLP()
+  cal, held = _inputs(512, 1), _inputs(256, 2)
+  params = model.init(jax.random.key(0), cal[:1])["params"]
+  return model, params, cal, held
+
+
+def test_linen_dense_runs_compressed_kernels_under_jit_exactly(linen_setup):
+  model, params, cal, held = linen_setup
+  stats = interop.linen_stats(model, {"params": params}, [cal[:256], cal[256:]])
+  assert sorted(stats) == ["down/kernel", "skip/kernel", "up/kernel"]
+  assert float(stats["up/kernel"].n) == 512.0
+  np.testing.assert_allclose(stats["up/kernel"].hessian, cal.T @ cal, rtol=1e-4, atol=1e-2)
+  run = jax.jit(lambda p, x: interop.linen_apply(model, {"params": p}, x))
+  stock = jax.jit(lambda p, x: LinenMLP(hooks=False).apply({"params": p}, x))
+  ref = stock(params, held)
+  _close(run(params, held), ref)  # the hooks change nothing for dense kernels
+  err = {}
+  for name, t, st in [("rtn", T.rtn(bits=3, group_size=32, where=KERNELS), None),
+                      ("gptq", T.gptq(bits=3, group_size=32, where=KERNELS), stats)]:
+    q, _ = T.apply(t, params, st)
+    assert all(isinstance(q[m]["kernel"], formats.QuantizedArray) for m in ("up", "down", "skip"))
+    assert formats.tree_nbytes(q) < formats.tree_nbytes(params) / 4
+    y = run(q, held)
+    _close(y, stock(_dense_of(q), held))  # compressed leaves == stock Dense on materialized kernels
+    err[name] = float(jnp.mean((y - ref) ** 2))
+  assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_linen_needs_the_wrapper_and_says_so(linen_setup):
+  model, params, _, held = linen_setup
+  q, _ = T.apply(T.rtn(bits=4, group_size=32, where=KERNELS), params)
+  with pytest.raises(Exception, match="shape"):  # Scope.param's check on the packed codes
+    model.apply({"params": q}, held)
+  with pytest.raises(TypeError):  # a LinenKernel is no jit argument: wrap inside the function
+    jax.jit(lambda v: v)(interop.for_linen(q))
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs, hooks=True):
+    kw = dict(dot_general=interop.dot_general, promote_dtype=interop.nnx_promote_dtype) if hooks else {}
+    self.up = nnx.Linear(D_IN, D_HID, rngs=rngs, **kw)
+    self.down = nnx.Linear(D_HID, D_OUT, rngs=rngs, **kw)
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.up(x)))
+
+
+def test_nnx_linear_runs_compressed_kernels_under_jit_exactly():
+  cal, held = _inputs(512, 3), _inputs(256, 4)
+  model = NnxMLP(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  stats = interop.nnx_stats(model, [cal])
+  assert sorted(stats) == ["down/kernel", "up/kernel"]
+  assert model.up.dot_general is interop.dot_general  # restored
+  ref = nnx.jit(lambda m, x: m(x))(model, held)
+  err = {}
+  for name, t, st in [("rtn", T.rtn(bits=3, group_size=32, where=KERNELS), None),
+                      ("gptq", T.gptq(bits=3, group_size=32, where=KERNELS), stats)]:
+    q, _ = T.apply(t, params, st)
+    qmodel = NnxMLP(nnx.Rngs(0))
+    nnx.update(qmodel, q)
+    assert isinstance(qmodel.up.kernel.get_value(), formats.QuantizedArray)
+    y = nnx.jit(lambda m, x: m(x))(qmodel, held)
+    dense = NnxMLP(nnx.Rngs(0), hooks=False)
+    nnx.update(dense, jax.tree.map(formats.materialize, q, is_leaf=formats.is_compressed))
+    _close(y, dense(held))
+    err[name] = float(jnp.mean((y - ref) ** 2))
+  assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_plain_dot_general():
+  x = _inputs(8, 5)[:, None, :].repeat(3, axis=1)  # (8, 3, K): any leading dims
+  w = jax.random.normal(jax.random.key(1), (D_IN, D_OUT))
+  q, _ = T.apply(T.rtn(bits=4, group_size=32, where=".*"), {"w": w})
+  dims = (((2,), (0,)), ((), ()))
+  y = jax.jit(lambda x, q: interop.dot_general(x, q, dims))(x, q["w"])
+  _close(y, jax.lax.dot_general(x, q["w"].materialize(), dims))
+  assert y.dtype == jnp.float32 and y.shape == (8, 3, D_OUT)
+  yb = interop.dot_general(x.astype(jnp.bfloat16), q["w"], dims, preferred_element_type=jnp.float32)
+  assert yb.dtype == jnp.float32
+  assert interop.dot_general(x.astype(jnp.bfloat16), q["w"], dims).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(interop.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))
+  with pytest.raises(NotImplementedError, match="supports only"):
+    interop.dot_general(x, q["w"], (((2,), (1,)), ((), ())))
+  with pytest.raises(TypeError, match="only w"):
+    q["w"][0]
+
+
+def _readme_snippet():
+  text = open(os.path.join(REPO, "README.md")).read()
+  section = text.split("## Use in your own model", 1)[1]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_snippet_and_example_run(capsys):
+  exec(compile(_readme_snippet(), "README.md", "exec"), {})  # pylint: disable=exec-used
+  runpy.run_path(os.path.join(REPO, "examples", "linen_model.py"), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "gptq" in out and "rtn" in out

@@ -2,7 +2,8 @@
 
 Each notebook is executed in a fresh kernel with ``COMPRESSJAX_NB_SMALL=1`` (few, short windows;
 a tiny random model in the extreme notebook) and ``COMPRESSJAX_NB_OFFLINE=1`` (the shipped corpora,
-no network), this checkout first on the path; a cell that raises fails the test.
+no network), this checkout first on the path; a cell that raises fails the test. Set
+``COMPRESSJAX_NB_OUT=dir`` to keep the executed notebooks.
 """
 
 import os
@@ -35,3 +36,6 @@ def test_notebook_runs_top_to_bottom(name, monkeypatch):
                     for o in c.get("outputs", []))
   assert os.path.join(REPO, "compressjax") in outputs, "the notebook imported another compressjax"
   print(f"{name}: {time.time() - t0:.1f} s")
+  if os.environ.get("COMPRESSJAX_NB_OUT"):  # keep the executed notebook (outputs) for reading
+    os.makedirs(os.environ["COMPRESSJAX_NB_OUT"], exist_ok=True)
+    nbformat.write(nb, os.path.join(os.environ["COMPRESSJAX_NB_OUT"], name))

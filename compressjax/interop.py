@@ -28,9 +28,10 @@ parameter path of its kernel. :func:`linen_stats` gathers them for every ``nn.De
 ``capture_intermediates`` only records outputs), :func:`nnx_stats` for every ``nnx.Linear`` (it
 swaps each layer's ``dot_general`` for a recording one while it runs, eagerly, and restores it).
 Hand the result to :func:`compressjax.transforms.apply` as ``stats``. These statistics are those
-of the *uncompressed* model, all layers at once; compressjax's calibration engine
-(:func:`compressjax.calibration.run_sequential`) instead recomputes each block's inputs from the
-already-compressed blocks before it, which is usually a little better.
+of the *uncompressed* model, all layers at once. For a Linen model made of repeated blocks,
+:class:`LinenBlocks` is the calibration engine's model interface instead
+(:func:`compressjax.calibration.run_sequential`), which feeds each block the outputs of the
+already-compressed blocks before it, as it does for compressjax's own Llama.
 
 Examples:
   A two-layer Linen MLP (not compressjax's Llama), compressed with RTN and then with GPTQ from
@@ -77,11 +78,14 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as linen_dtypes
 
+from compressjax import blocks as blocks_lib
 from compressjax import formats
 from compressjax.calibration import LayerStats
+from compressjax.transforms.selection import leaves_with_paths
 from compressjax.formats.base import CompressedArray
 
 __all__ = [
+    "LinenBlocks",
     "LinenKernel",
     "dot_general",
     "for_linen",
@@ -316,3 +320,72 @@ def nnx_stats(model, batches: Iterable[Any]) -> dict[str, LayerStats]:
     for (_, m), inner in zip(layers, saved):
       m.dot_general = inner
   return stats
+
+
+class LinenBlocks(blocks_lib.BlockModel):
+  """The calibration engine's view of a Linen model built from repeated blocks.
+
+  ``run_sequential(LinenBlocks(...), token_windows, recipe)`` compresses the blocks one after
+  the other, each calibrated on the outputs of the compressed blocks before it, and returns the
+  whole ``params`` tree with compressed leaves (run it with :func:`linen_apply`).
+
+  Args:
+    params: the model's ``params`` collection (a nested dict).
+    block: an unbound Linen module equal to every block (same class and attributes), using
+      ``nn.Dense`` layers with this module's hooks; the engine calls
+      ``block.apply({"params": ...}, x)`` with ``x`` of shape ``(B, T, D)``.
+    block_names: the top-level ``params`` keys of the blocks in order (``["block_0", ...]``).
+    embed: ``embed(outside, tokens) -> x``: the first block's input from the parameters outside
+      the blocks (a flat dict keyed by path, e.g. ``outside["embed/embedding"]``) and int tokens
+      ``(B, T)``.
+
+  Every ``nn.Dense`` kernel of a block is a linear layer of the engine (``linear_inputs`` maps
+  each to its own input, captured by an ``nn.intercept_methods`` interceptor at trace time).
+  """
+
+  def __init__(self, params, block, block_names, embed):
+    missing = [n for n in block_names if n not in params]
+    if missing or not block_names:
+      raise ValueError(f"LinenBlocks: block_names={list(block_names)!r} must be non-empty keys "
+                       f"of params (missing {missing}; params has {sorted(params)})")
+    self.params = params
+    self.block = block
+    self.block_names = list(block_names)
+    self.num_blocks = len(self.block_names)
+    self._embed = embed
+    first = dict(leaves_with_paths(params[self.block_names[0]]))
+    self.linear_inputs = {p: p for p, x in first.items()
+                          if p.rsplit("/", 1)[-1] == "kernel" and len(x.shape) == 2}
+    if not self.linear_inputs:
+      raise ValueError(f"LinenBlocks: block {self.block_names[0]!r} has no 2-D kernel")
+
+  def abstract_params(self):
+    return blocks_lib.to_abstract_tree(self.params)
+
+  def block_prefix(self, i):
+    return f"{self.block_names[i]}/"
+
+  def block_params(self, i):
+    return dict(leaves_with_paths(self.params[self.block_names[i]]))
+
+  def outside_params(self):
+    return dict(leaves_with_paths({k: v for k, v in self.params.items()
+                                   if k not in self.block_names}))
+
+  def embed(self, outside, tokens):
+    return self._embed(outside, tokens)
+
+  def apply_block(self, block, x, capture=None):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    variables = {"params": for_linen(blocks_lib.unflatten(block))}
+    if capture is None:
+      return self.block.apply(variables, x)
+
+    def interceptor(next_fun, args, kwargs, context):
+      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        capture["/".join(context.module.path) + "/kernel"] = args[0]
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      return self.block.apply(variables, x)

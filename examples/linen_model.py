@@ -23,7 +23,7 @@ Dense = functools.partial(nn.Dense, dot_general=interop.dot_general,
 
 
 class MLP(nn.Module):
-  hidden: int = 256
+  hidden: int = 128
   out: int = 64
 
   @nn.compact
@@ -34,7 +34,7 @@ class MLP(nn.Module):
 def main():
   rng = np.random.default_rng(0)
   mix = rng.normal(size=(128, 128)) * np.geomspace(0.1, 3.0, 128)  # correlated features
-  cal = jnp.asarray(rng.normal(size=(1024, 128)) @ mix / 4, jnp.float32)
+  cal = jnp.asarray(rng.normal(size=(512, 128)) @ mix / 4, jnp.float32)
   held = jnp.asarray(rng.normal(size=(256, 128)) @ mix / 4, jnp.float32)
 
   model = MLP()
@@ -43,7 +43,7 @@ def main():
   ref = run(params, held)
 
   # Calibration statistics (X^T X etc.) of every Dense input, keyed "up/kernel", "down/kernel".
-  stats = interop.linen_stats(model, {"params": params}, [cal[:512], cal[512:]])
+  stats = interop.linen_stats(model, {"params": params}, [cal[:256], cal[256:]])
   for name, recipe, st in [("rtn", T.rtn(bits=3, group_size=64, where=r".*/kernel"), None),
                            ("gptq", T.gptq(bits=3, group_size=64, where=r".*/kernel"), stats)]:
     q, _ = T.apply(recipe, params, st)

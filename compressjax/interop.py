@@ -188,13 +188,12 @@ _PRECISION_NAMES = {jax.lax.Precision.DEFAULT: "default", jax.lax.Precision.HIGH
 
 
 def _precision_context(precision):
+  """``jax.default_matmul_precision`` for a ``lax`` precision argument (a pair: the higher)."""
+  if isinstance(precision, (tuple, list)):
+    given = [jax.lax.Precision(p) for p in precision if p is not None]
+    precision = max(given, key=list(_PRECISION_NAMES).index) if given else None
   if precision is None:
     return contextlib.nullcontext()
-  if isinstance(precision, (tuple, list)):
-    precision = max(precision, key=lambda p: list(_PRECISION_NAMES).index(p)
-                    if p in _PRECISION_NAMES else 0)
-  if isinstance(precision, str):
-    return jax.default_matmul_precision(precision)
   return jax.default_matmul_precision(_PRECISION_NAMES[jax.lax.Precision(precision)])
 
 

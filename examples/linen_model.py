@@ -44,12 +44,14 @@ def main():
 
   # Calibration statistics (X^T X etc.) of every Dense input, keyed "up/kernel", "down/kernel".
   stats = interop.linen_stats(model, {"params": params}, [cal[:256], cal[256:]])
+  errors = {}
   for name, recipe, st in [("rtn", T.rtn(bits=3, group_size=64, where=r".*/kernel"), None),
                            ("gptq", T.gptq(bits=3, group_size=64, where=r".*/kernel"), stats)]:
     q, _ = T.apply(recipe, params, st)
-    err = float(jnp.mean((run(q, held) - ref) ** 2) / jnp.mean(ref ** 2))
+    err = errors[name] = float(jnp.mean((run(q, held) - ref) ** 2) / jnp.mean(ref ** 2))
     print(f"{name}: {formats.tree_nbytes(q)} bytes (float: {formats.tree_nbytes(params)}), "
           f"held-out relative output error {err:.4f}")
+  return errors
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ from compressjax.io import qformats_core as core
 from compressjax.io.qformats_core import snap_zero_points
 from compressjax.model import LlamaConfig
 
-__all__ = ["CT_VERSION", "export_compressed_tensors", "export_gptq", "load_compressed_tensors",
-           "load_gptq", "snap_zero_points", "snap_tree"]
+__all__ = ["CT_VERSION", "export_checkpoint", "export_compressed_tensors", "export_gptq",
+           "load_compressed_tensors", "load_gptq", "snap_tree", "snap_zero_points"]
 
 #: The compressed-tensors version written into ``quantization_config.version``.
 CT_VERSION = "0.20.0"
@@ -323,6 +323,42 @@ def export_gptq(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None,
     hf._write_json(os.path.join(tmp, "quantize_config.json"), qcfg)
 
   return _atomic_dir(path, write)
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, *, fmt: str, dtype: str | None = None,
+                      snap: bool = False, overwrite: bool = False) -> str:
+  """Exports a checkpoint written by ``compressjax compress`` (``compressjax export``).
+
+  Args:
+    checkpoint_dir: a :mod:`compressjax.checkpoint` directory with ``model_config`` metadata
+      (and ``tokenizer.json``, copied when present).
+    out: the output directory.
+    fmt: ``"compressed-tensors"`` or ``"gptq"``.
+    dtype: dtype of the dense tensors; ``None``: ``float32`` (compressed-tensors) or
+      ``float16`` (GPTQ).
+    snap: apply :func:`snap_tree` first (lossy for asymmetric ``zero = min`` grids).
+    overwrite: replace a non-empty ``out``.
+  """
+  from compressjax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  if fmt not in ("compressed-tensors", "gptq"):
+    raise ValueError(f"fmt must be 'compressed-tensors' or 'gptq', got {fmt!r}")
+  params, meta = checkpoint.restore(checkpoint_dir)
+  if "model_config" not in meta:
+    raise checkpoint.CheckpointError(f"checkpoint path {checkpoint_dir!r}: metadata has no "
+                                     "'model_config' (not written by compressjax compress)")
+  cfg = LlamaConfig(**meta["model_config"])
+  tok = None
+  tok_path = os.path.join(checkpoint_dir, "tokenizer.json")
+  if os.path.isfile(tok_path):
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    tok = Tokenizer.from_file(tok_path)
+  if snap:
+    params = snap_tree(params)
+  if fmt == "gptq":
+    return export_gptq(out, cfg, params, tok, dtype=dtype or "float16", overwrite=overwrite)
+  return export_compressed_tensors(out, cfg, params, tok, dtype=dtype or "float32",
+                                   overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------

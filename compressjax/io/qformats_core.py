@@ -68,11 +68,39 @@ GPTQ_V1_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 
 def _pack_u32(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
-  return np.asarray(packing.pack(np.asarray(codes, np.uint8), bits, axis=axis), np.uint32)
+  """:func:`compressjax.formats.packing.pack` in plain numpy (no compilation per shape)."""
+  c = np.moveaxis(np.asarray(codes, np.uint64), axis, 0)
+  length = c.shape[0]
+  padded = packing.packed_length(length, bits) * 32 // bits
+  c = np.concatenate([c, np.zeros((padded - length,) + c.shape[1:], np.uint64)])
+  c = c.reshape((padded // 32, 32) + c.shape[1:])
+  words = np.zeros((padded // 32, bits) + c.shape[2:], np.uint64)
+  for i in range(32):
+    start = i * bits
+    w, off = divmod(start, 32)
+    words[:, w] |= (c[:, i] << np.uint64(off)) & np.uint64(0xFFFFFFFF)
+    if off + bits > 32:
+      words[:, w + 1] |= c[:, i] >> np.uint64(32 - off)
+  words = words.reshape((padded // 32 * bits,) + c.shape[2:]).astype(np.uint32)
+  return np.moveaxis(words, 0, axis)
 
 
 def _unpack_u8(words: np.ndarray, bits: int, length: int, axis: int) -> np.ndarray:
-  return np.asarray(packing.unpack(np.asarray(words, np.uint32), bits, length, axis=axis), np.uint8)
+  """:func:`compressjax.formats.packing.unpack` in plain numpy."""
+  w = np.moveaxis(np.asarray(words, np.uint64), axis, 0)
+  blocks = w.shape[0] // bits
+  w = w.reshape((blocks, bits) + w.shape[1:])
+  mask = np.uint64(2**bits - 1)
+  out = np.zeros((blocks, 32) + w.shape[2:], np.uint8)
+  for i in range(32):
+    start = i * bits
+    j, off = divmod(start, 32)
+    v = w[:, j] >> np.uint64(off)
+    if off + bits > 32:
+      v |= w[:, j + 1] << np.uint64(32 - off)
+    out[:, i] = (v & mask).astype(np.uint8)
+  out = out.reshape((blocks * 32,) + w.shape[2:])[:length]
+  return np.moveaxis(out, 0, axis)
 
 
 def _pad_words(words: np.ndarray, want: int, axis: int) -> np.ndarray:
@@ -151,19 +179,24 @@ def snap_zero_points(qa: QuantizedArray) -> QuantizedArray:
                         group_size=qa.group_size, shape=qa.shape, symmetric=False, dtype=qa.dtype)
 
 
-def from_codes_and_zero_points(codes: np.ndarray, scale: np.ndarray, z: np.ndarray | None, *,
-                               bits: int, group_size: int, dtype) -> QuantizedArray:
-  """Builds the :class:`QuantizedArray` decoding ``scale * (codes - z)`` exactly.
+def from_codes_and_zero_points(packed: np.ndarray, scale: np.ndarray, z: np.ndarray | None, *,
+                               bits: int, group_size: int, shape: tuple[int, int],
+                               dtype) -> QuantizedArray:
+  """Builds the :class:`QuantizedArray` decoding ``scale * (q - z)`` exactly.
+
+  ``packed`` holds the codes ``q`` in our layout (``uint32``, packed along ``K``).
 
   ``z is None`` gives the symmetric array (``z = 2**(bits-1)``); otherwise ``zero = -(scale * z)`` in ``float32`` (exact for ``float16``/``bfloat16``
   scales and ``z < 256``).
   """
+  if not np.issubdtype(np.asarray(scale).dtype, np.floating):
+    raise ValueError(f"scale must be floating, got {np.asarray(scale).dtype}")
+  kw = dict(bits=bits, group_size=group_size, shape=shape, dtype=dtype)
+  packed = np.ascontiguousarray(packed, np.uint32)
   if z is None:
-    return QuantizedArray.from_codes(codes, scale, None, bits=bits, group_size=group_size,
-                                     symmetric=True, dtype=dtype)
+    return QuantizedArray(packed, scale, None, symmetric=True, **kw)
   zero = np.float32(-1) * (np.asarray(scale, np.float32) * np.asarray(z, np.float32))
-  return QuantizedArray.from_codes(codes, scale, np.asarray(zero, np.float32), bits=bits,
-                                   group_size=group_size, symmetric=False, dtype=dtype)
+  return QuantizedArray(packed, scale, np.asarray(zero, np.float32), symmetric=False, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +212,8 @@ def ct_pack(qa: QuantizedArray, where: str = "weight") -> dict[str, np.ndarray]:
   """
   k, n = qa.shape
   z = integer_zero_points(qa, where)
-  codes = np.asarray(qa.codes(), np.uint8)  # (K, N)
-  words = _pack_u32(codes.T, qa.bits, axis=1)[:, :math.ceil(k * qa.bits / 32)]
+  # Same bitstream per output column as ours: the words are our packed words, transposed.
+  words = np.asarray(qa.packed, np.uint32).T[:, :math.ceil(k * qa.bits / 32)]
   out = {"weight_packed": np.ascontiguousarray(words).view(np.int32),
          "weight_scale": np.ascontiguousarray(np.asarray(qa.scale).T)}
   if not qa.symmetric:
@@ -222,7 +255,8 @@ def ct_unpack(tensors: dict[str, np.ndarray], *, bits: int, group_size: int | No
   if scale.shape != (n, g):
     raise ValueError(f"{where}: weight_scale has shape {scale.shape}, expected {(n, g)}")
   words = _pad_words(packed.view(np.uint32), packing.packed_length(k, bits), axis=1)
-  codes = _unpack_u8(words, bits, k, axis=1).T  # (K, N)
+  if np.any(_unpack_u8(words[:, -bits:], bits, 32, axis=1)[:, (k - 1) % 32 + 1:]):
+    raise ValueError(f"{where}: weight_packed has nonzero bits past in_features={k}")
   z = None
   if not symmetric:
     zp = np.asarray(tensors["weight_zero_point"])
@@ -232,8 +266,8 @@ def ct_unpack(tensors: dict[str, np.ndarray], *, bits: int, group_size: int | No
                        f"int32{want_z} (packed along the output dim)")
     zw = _pad_words(zp.view(np.uint32), packing.packed_length(n, bits), axis=0)
     z = _unpack_u8(zw, bits, n, axis=0).T  # (G, N)
-  return from_codes_and_zero_points(np.ascontiguousarray(codes), np.ascontiguousarray(scale.T),
-                                    z, bits=bits, group_size=gs, dtype=dtype)
+  return from_codes_and_zero_points(words.T, np.ascontiguousarray(scale.T), z, bits=bits,
+                                    group_size=gs, shape=(k, n), dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,10 +344,10 @@ def gptq_unpack(tensors: dict[str, np.ndarray], *, bits: int, sym: bool, in_feat
     raise ValueError(f"{where}: checkpoint_format must be 'gptq' or 'gptq_v2', got "
                      f"{checkpoint_format!r}")
   z = _unpack_u8(_pad_words(zw, packing.packed_length(n, bits), axis=1), bits, n, axis=1)
-  codes = _unpack_u8(_pad_words(qweight.view(np.uint32), packing.packed_length(k, bits), 0),
-                     bits, k, axis=0)
+  words = _pad_words(qweight.view(np.uint32), packing.packed_length(k, bits), 0)
   if sym:
     if not np.all(z == 2**(bits - 1)):
       raise ValueError(f"{where}: sym=true but zero points are not {2**(bits - 1)}")
     z = None
-  return from_codes_and_zero_points(codes, scales, z, bits=bits, group_size=gs, dtype=dtype)
+  return from_codes_and_zero_points(words, scales, z, bits=bits, group_size=gs, shape=(k, n),
+                                    dtype=dtype)

@@ -301,19 +301,28 @@ def export_gptq(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None,
       for name, t in core.gptq_pack(leaf, checkpoint_format=checkpoint_format,
                                     where=f"{where}: {_path_str(s.path)}").items():
         tensors[f"{mod}.{name}"] = t
-      gs = -1 if leaf.group_size == leaf.shape[0] else leaf.group_size  # -1: per-channel
-      schemes.setdefault((leaf.bits, gs, leaf.symmetric), []).append(_path_str(s.path))
+      schemes.setdefault((leaf.bits, leaf.symmetric), []).append((_path_str(s.path), leaf))
     else:
       if s.transpose and s.path[0] == "layers":
         raise ValueError(f"{where}: decoder linear {_path_str(s.path)!r} is dense; GPTQ "
                          "checkpoints quantize every decoder linear (compressed-tensors can "
                          "leave some dense via 'ignore')")
       tensors[s.hf_name] = _dense_tensor(s, leaf, np_dtype)
-  if len(schemes) != 1:
+  # One global group_size: leaves grouped below K share it; per-channel leaves (group_size ==
+  # K) fit it when K equals it or when every leaf is per-channel (group_size -1).
+  grouped = {leaf.group_size for v in schemes.values() for _, leaf in v
+             if leaf.group_size < leaf.shape[0]}
+  group_size = grouped.pop() if len(grouped) == 1 else -1
+  misfit = [p for v in schemes.values() for p, leaf in v
+            if leaf.group_size != group_size and not (group_size == -1 and
+                                                       leaf.group_size == leaf.shape[0])]
+  if len(schemes) != 1 or grouped or misfit:
     raise ValueError(f"{where}: GPTQ needs one (bits, group_size, sym) for all linears, got "
-                     f"{ {k: v[:2] for k, v in schemes.items()} }; use compressed-tensors, "
-                     "which allows one scheme per module")
-  (bits, group_size, sym), = schemes
+                     f"(bits, sym) {sorted(schemes)}, group sizes "
+                     f"{sorted({leaf.group_size for v in schemes.values() for _, leaf in v})} "
+                     f"(first misfits {misfit[:2]}); use compressed-tensors, which allows one "
+                     "scheme per module")
+  (bits, sym), = schemes
   qcfg = _gptq_config(bits, group_size, sym, checkpoint_format)
   hf_config = hf.config_to_hf(cfg, dtype)
   hf_config["quantization_config"] = qcfg

@@ -444,3 +444,17 @@ def test_numpy_bitstream_matches_formats_packing(bits):
     np.testing.assert_array_equal(words, np.asarray(packing.pack(c, bits, axis=0)))
     np.testing.assert_array_equal(core._unpack_u8(words, bits, length, 0), c)
     np.testing.assert_array_equal(core._pack_u32(c.T, bits, 1), words.T)
+
+
+def test_import_refuses_what_quantized_array_cannot_hold(tmp_path):
+  cfg, params = _model()
+  path = ex.export_compressed_tensors(tmp_path / "ct", cfg,
+                                      _quantize(params, lambda k: (4, 32, True), rtn=False))
+  conf = json.load(open(os.path.join(path, "config.json")))
+  for key, value, match in (("num_bits", 5, "num_bits=5"), ("type", "float", "type 'float'"),
+                            ("strategy", "tensor", "strategy 'tensor'")):
+    bad = json.loads(json.dumps(conf))
+    bad["quantization_config"]["config_groups"]["group_0"]["weights"][key] = value
+    json.dump(bad, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match=f"q_proj.*{match}"):
+      ex.load_compressed_tensors(path)

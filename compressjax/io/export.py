@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from compressjax.formats.base import CompressedArray
-from compressjax.formats.quantized import QuantizedArray
+from compressjax.formats.quantized import QUANTIZED_BITS, QuantizedArray
 from compressjax.io import hf
 from compressjax.io import qformats_core as core
 from compressjax.io.qformats_core import snap_zero_points
@@ -508,14 +508,16 @@ def load_compressed_tensors(path: str, *, dtype: Any = "float32"):
     strategy = w.get("strategy")
     if strategy not in ("group", "channel"):
       raise ValueError(f"{where}: strategy {strategy!r} not supported (group or channel)")
-    if f"{mod}.weight_g_idx" in tensors or w.get("actorder") not in (None, "static", "weight"):
-      g_idx = tensors.get(f"{mod}.weight_g_idx")
-      if g_idx is not None:
-        gs = int(w["group_size"])
-        if not np.array_equal(g_idx, np.arange(g_idx.shape[0]) // gs):
-          raise ValueError(f"{where}: act-order weight_g_idx with non-contiguous groups is not "
-                           "supported (QuantizedArray groups are contiguous)")
-        used.add(f"{mod}.weight_g_idx")
+    if int(w.get("num_bits", 0)) not in QUANTIZED_BITS:
+      raise ValueError(f"{where}: num_bits={w.get('num_bits')!r}; QuantizedArray holds "
+                       f"{QUANTIZED_BITS} bits")
+    g_idx = tensors.get(f"{mod}.weight_g_idx")
+    if g_idx is not None:  # act-order: accepted only when it is the identity grouping
+      gs = int(w.get("group_size") or g_idx.shape[0])
+      if not np.array_equal(g_idx, np.arange(g_idx.shape[0]) // gs):
+        raise ValueError(f"{where}: act-order weight_g_idx with non-contiguous groups is not "
+                         "supported (QuantizedArray groups are contiguous)")
+      used.add(f"{mod}.weight_g_idx")
     names = ["weight_packed", "weight_scale", "weight_shape"] + (
         [] if w.get("symmetric", True) else ["weight_zero_point"])
     got = {n: tensors[f"{mod}.{n}"] for n in names if f"{mod}.{n}" in tensors}

@@ -458,3 +458,25 @@ def test_import_refuses_what_quantized_array_cannot_hold(tmp_path):
     json.dump(bad, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match=f"q_proj.*{match}"):
       ex.load_compressed_tensors(path)
+
+
+class _ExplodingTokenizer:
+  def save(self, path):
+    raise RuntimeError("disk full")
+
+  def id_to_token(self, i):
+    return str(i)
+
+
+def test_writes_are_atomic(tmp_path):
+  cfg, params = _model()
+  qp = _quantize(params, lambda k: (4, 32, True), rtn=False)
+  old = ex.export_gptq(tmp_path / "g", cfg, qp)
+  before = {n: open(os.path.join(old, n), "rb").read() for n in os.listdir(old)}
+  for fn in (ex.export_gptq, ex.export_compressed_tensors):
+    with pytest.raises(RuntimeError, match="disk full"):
+      fn(tmp_path / "g", cfg, qp, _ExplodingTokenizer(), overwrite=True)
+    assert {n: open(os.path.join(old, n), "rb").read() for n in os.listdir(old)} == before
+    with pytest.raises(FileExistsError, match="non-empty"):
+      fn(tmp_path / "g", cfg, qp)
+  assert sorted(os.listdir(tmp_path)) == ["g"]  # no temporary directories left behind

@@ -23,4 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.lr_v = 5e-3
   # Pull of the buffer towards the new decoded weight after each V-step (1: reset).
   c.finetune.delta_decay = 0.0
+  # Beam of the AQLM codes' L2 re-encoding (1: coordinate descent over the codebooks).
+  c.finetune.beam_size = 1
   return c

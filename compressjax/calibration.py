@@ -27,11 +27,14 @@ mesh): each layer's :class:`LayerStats` carries ``columns``, a
 axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT) solve with
 ``W``'s columns split over the devices (``jax.shard_map``, the Hessian replicated) and return
 leaves whose codes, scales, values and masks stay split ``P(None, axes)``; the other transforms
-ignore it (one process only for now). Tested on one process with 8 simulated CPU devices
-(``tests/test_engine_sharded.py``). With several processes (``jax.distributed``; on CPU with
+ignore it. Tested on one process with 8 simulated CPU devices (``tests/test_engine_sharded.py``,
+``tests/test_mesh_solvers.py``). With several processes (``jax.distributed``; on CPU with
 ``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
 over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
-the same compressed model (``tests/test_engine_distributed.py``: two processes on localhost).
+the same compressed model, whose split leaves then hold only this process's columns (gather
+with ``jax.experimental.multihost_utils.process_allgather``, or save them from every process
+with :func:`compressjax.checkpoint.save`, which writes each process's shards without
+gathering; ``tests/test_engine_distributed.py``: two processes on localhost).
 On a TPU pod or a multi-GPU host: call ``jax.distributed.initialize()`` in every process, build
 the mesh from ``jax.devices()`` and call :func:`run_sequential` with the same arguments everywhere.
 
@@ -267,9 +270,7 @@ class _Placement:
 
   def columns(self, n: int, enabled: bool):
     """The split of ``n`` output columns over all mesh axes for the solvers, or ``None``."""
-    if self.mesh is None or not enabled or jax.process_count() > 1:
-      # Several processes: not yet (the compressed leaves would be split over processes, and
-      # checkpoint.save refuses such arrays), so every device solves every layer whole.
+    if self.mesh is None or not enabled:
       return None
     split = obs_core.ColumnSplit(self.mesh, tuple(self.mesh.axis_names))
     return split if split.size > 1 and n % split.size == 0 else None
@@ -321,8 +322,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
     shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT) split each layer's
       output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
-      stay split ``P(None, axes)``. ``False``: every device solves every layer whole. One
-      process only for now: with several processes the layers are solved whole.
+      stay split ``P(None, axes)`` (with several processes: split over the processes too).
+      ``False``: every device solves every layer whole.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.

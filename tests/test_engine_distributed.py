@@ -1,6 +1,7 @@
 """Two processes on localhost (``jax.distributed``, gloo CPU collectives, 2 devices each) run the
-calibration engine data-parallel over a 4-device mesh spanning both, and give the same
-compressed model as one process."""
+calibration engine data-parallel over a 4-device mesh spanning both, with GPTQ's output columns
+split over the 4 devices (so over both processes), and give the same compressed model as one
+process; both save it together (each process its own columns) and one process restores it."""
 
 import os
 import socket
@@ -11,7 +12,7 @@ import textwrap
 import numpy as np
 
 import tiny
-from compressjax import calibration, formats, transforms as T
+from compressjax import calibration, checkpoint, formats, transforms as T
 from compressjax.transforms.selection import leaves_with_paths
 from conftest import REPO
 
@@ -32,9 +33,17 @@ WORKER = textwrap.dedent("""
     w = np.random.default_rng(0).integers(0, 300, (20, 24)).astype(np.int32)
     q, _ = calibration.run_sequential(tiny.tiny_model(seed=2), w, T.gptq(bits=4, group_size=32),
                                       batch_size=8, progress=False, mesh=mesh)
-    arrs = {p.replace("/", "."): np.asarray(v.materialize()) for p, v in leaves_with_paths(q)
-            if isinstance(v, formats.CompressedArray)}
+    from jax.experimental import multihost_utils
+    from compressjax import checkpoint
+    leaves = {p: v for p, v in leaves_with_paths(q) if isinstance(v, formats.CompressedArray)}
+    # The solvers split the output columns over all 4 devices, so over both processes too.
+    assert all(not v.packed.is_fully_addressable and len(v.packed.addressable_shards) == 2
+               for v in leaves.values()), {p: v.packed.sharding for p, v in leaves.items()}
+    arrs = {p.replace("/", "."): np.asarray(multihost_utils.process_allgather(
+        v.materialize(), tiled=True)) for p, v in leaves.items()}
     np.savez(out, **arrs)
+    # Saved by both processes, each writing its own columns (no gathering).
+    checkpoint.save(out + ".ckpt", {"layers": q["layers"]})
     print("WORKER_OK", pid, len(arrs))
 """)
 
@@ -60,6 +69,9 @@ def test_two_processes_compress_like_one(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0 and "WORKER_OK" in out, out[-2000:] + err[-4000:]
   got = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
+  saved, _ = checkpoint.restore(str(tmp_path / "out0.npz.ckpt"))  # one process reads it all
+  saved = {p.replace("/", "."): np.asarray(v.materialize()) for p, v in leaves_with_paths(saved)
+           if isinstance(v, formats.CompressedArray)}
 
   w = np.random.default_rng(0).integers(0, 300, (20, 24)).astype(np.int32)
   q, _ = calibration.run_sequential(tiny.tiny_model(seed=2), w, T.gptq(bits=4, group_size=32),
@@ -69,5 +81,6 @@ def test_two_processes_compress_like_one(tmp_path):
   assert len(ref) == 14 and set(got[0].files) == set(got[1].files) == set(ref)
   for k, r in ref.items():
     np.testing.assert_array_equal(got[0][k], got[1][k])  # every process holds the same model
+    np.testing.assert_array_equal(saved[k], got[0][k])  # the checkpoint holds it exactly
     # Statistics summed across 4 devices in another order: decisions may flip on ties only.
     assert np.mean(got[0][k] == r) >= 0.995, k

@@ -461,6 +461,10 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
          tokenizer=None, overwrite: bool = False) -> str:
   """Saves ``params`` (nested dict; dense and compressed leaves) atomically to ``path``.
 
+  With several processes (``jax.distributed``) every process calls it with the same ``path``
+  and tree; arrays split over the processes are written by the processes holding them, never
+  gathered (module docstring).
+
   Args:
     path: target directory (made absolute; orbax needs absolute paths).
     params: the parameter tree.

@@ -483,6 +483,35 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     TypeError: ``metadata`` is not JSON-serializable, or a compressed format is not registered.
   """
   path = os.path.abspath(os.fspath(path))
+  if jax.process_count() > 1:
+    try:
+      manifest, _, arrays = _prepare(path, params, metadata, overwrite)
+    except Exception:
+      _all_ok(False)  # the other processes raise too instead of waiting for this one
+      raise
+    oks = _all_ok(True)
+    if not oks.all():
+      raise CheckpointError(f"checkpoint.save({path!r}) failed in process(es) "
+                            f"{[int(i) for i in np.flatnonzero(oks == 0)]} before writing (see "
+                            "their errors); the path is unchanged")
+    return _save_processes(path, manifest, arrays, tokenizer, overwrite)
+  _, manifest_text, arrays = _prepare(path, params, metadata, overwrite)
+  swap = _Swap(path)
+  try:
+    swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=swap.parent)
+    _write_arrays(os.path.join(swap.tmp, "arrays"), arrays)
+    _write_rest(swap.tmp, manifest_text, tokenizer)
+    swap.install(overwrite)
+  except BaseException as e:
+    swap.undo()
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+      raise
+    raise CheckpointError(_failure_message(path, swap.parent, e)) from e
+  return path
+
+
+def _prepare(path: str, params: Any, metadata, overwrite: bool):
+  """``(manifest, manifest_text, arrays)`` of a save, after checking ``path`` and the room."""
   leaves: dict[str, Any] = {}
   arrays: dict[str, Any] = {}
   for i, (p, leaf) in enumerate(leaves_with_paths(params)):
@@ -508,20 +537,7 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     raise TypeError(f"checkpoint.save({path!r}): metadata is not JSON-serializable ({e})") from e
   check_output_path(path, overwrite=overwrite,
                     min_free_bytes=sum(a.nbytes for a in arrays.values()))
-  if jax.process_count() > 1:
-    return _save_processes(path, manifest, arrays, tokenizer, overwrite)
-  swap = _Swap(path)
-  try:
-    swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=swap.parent)
-    _write_arrays(os.path.join(swap.tmp, "arrays"), arrays)
-    _write_rest(swap.tmp, manifest_text, tokenizer)
-    swap.install(overwrite)
-  except BaseException as e:
-    swap.undo()
-    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
-      raise
-    raise CheckpointError(_failure_message(path, swap.parent, e)) from e
-  return path
+  return manifest, manifest_text, arrays
 
 
 class _Swap:

@@ -3,7 +3,8 @@
 the 4 devices of both processes, a dense kernel split by rows and replicated arrays. Every
 process writes its own shards; process 0 writes the manifest (with every shard's CRC32) and
 renames the directory into place. The checkpoint restores in one process equal to the
-original (exactly), and in both processes straight into the saved layout."""
+original (exactly), and in both processes straight into the saved layout. A path that may not
+be replaced, or a failure in one process only, makes every process raise and writes nothing."""
 
 import json
 import os
@@ -58,6 +59,14 @@ WORKER = BUILD + textwrap.dedent("""
       raise AssertionError("no error")
     except checkpoint.CheckpointExistsError as e:
       assert "not a compressjax checkpoint" in str(e), e
+    # A failure in one process only (its metadata is no JSON): every process raises, at once.
+    try:
+      checkpoint.save(os.path.join(out, "half"), tree, metadata={"x": object()} if pid else {})
+      raise AssertionError("no error")
+    except TypeError as e:
+      assert pid == 1 and "JSON" in str(e), e
+    except checkpoint.CheckpointError as e:
+      assert pid == 0 and "process(es) [1]" in str(e), e
     path = os.path.join(out, "ckpt")
     assert checkpoint.save(path, tree, metadata={"who": "both"}) == path
     # Again over it (overwrite=True): the swap of the previous checkpoint runs on process 0.

@@ -49,9 +49,11 @@ as targets: one more copy of ``X`` in memory.
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
 inputs and the transform state, atomically. A killed run restarted with the same arguments
 continues from the last written block and gives the same result as an uninterrupted run.
-The resume point holds *host* arrays (the next block's inputs gathered into this process, the
-transform state), which is fine for one process, also on a mesh; with several processes the
-inputs are split over processes and ``resume_dir`` is refused (:meth:`_Placement.host`).
+The resume point holds the next block's inputs as a host array in one process (also on a
+mesh); with several processes every process calls :func:`compressjax.checkpoint.save`, which
+writes each process's windows and each process's columns of the split compressed leaves
+without gathering them. On resume every process reads the inputs and the finished blocks in
+full (the finished blocks then come back whole in every process, not split over the mesh).
 
 References:
   Frantar et al. 2022, GPTQ (sequential block-by-block calibration);
@@ -275,10 +277,11 @@ class _Placement:
     split = obs_core.ColumnSplit(self.mesh, tuple(self.mesh.axis_names))
     return split if split.size > 1 and n % split.size == 0 else None
 
-  def host(self, x) -> np.ndarray:
+  def resume_inputs(self, x):
+    """The next block's inputs as the resume point stores them: a host array, or with several
+    processes the global array itself (each process saves its own windows, never gathered)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      raise ValueError("resume_dir with several processes is not supported: the inputs of the "
-                       "next block are split over processes (run without resume_dir)")
+      return x
     return np.asarray(x)
 
 
@@ -417,7 +420,7 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     x = jax.block_until_ready(x)
     done.update({prefix + p: v for p, v in block.items()})
     if resume_dir:
-      _save_resume(resume_dir, fp, i, place.host(x), block, state)
+      _save_resume(resume_dir, fp, i, place.resume_inputs(x), block, state)
     del block
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
   outside = bm.outside_params()
@@ -437,7 +440,7 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
   return {prefix + p: v for p, v in leaves_with_paths(tree)}
 
 
-def _save_resume(resume_dir: str, fp: str, i: int, x: np.ndarray, block: dict[str, Any],
+def _save_resume(resume_dir: str, fp: str, i: int, x, block: dict[str, Any],
                  state) -> None:
   """Writes finished block ``i`` (``blocks/<i>``, once) and then the resume point ``latest``
   (next block's inputs, transform state, ``next_block = i + 1``), each atomically, as data only

@@ -484,16 +484,21 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
   """
   path = os.path.abspath(os.fspath(path))
   if jax.process_count() > 1:
+    token = (zlib.crc32(path.encode()) & 0x3FFFFFFF) + 1  # the same path everywhere?
     try:
       manifest, _, arrays = _prepare(path, params, metadata, overwrite)
     except Exception:
-      _all_ok(False)  # the other processes raise too instead of waiting for this one
+      _all_ok(False, token)  # the other processes raise too instead of waiting for this one
       raise
-    oks = _all_ok(True)
-    if not oks.all():
+    got = _all_ok(True, token)
+    if not got[:, 0].all():
       raise CheckpointError(f"checkpoint.save({path!r}) failed in process(es) "
-                            f"{[int(i) for i in np.flatnonzero(oks == 0)]} before writing (see "
-                            "their errors); the path is unchanged")
+                            f"{[int(i) for i in np.flatnonzero(got[:, 0] == 0)]} before writing "
+                            "(see their errors); the path is unchanged")
+    if (got[:, 1] != token).any():
+      raise CheckpointError(f"checkpoint.save({path!r}): the processes passed different paths "
+                            f"(process {jax.process_index()}: {path!r}); every process must save "
+                            "to the same path, on a file system they share")
     return _save_processes(path, manifest, arrays, tokenizer, overwrite)
   _, manifest_text, arrays = _prepare(path, params, metadata, overwrite)
   swap = _Swap(path)
@@ -613,10 +618,13 @@ def _write_rest(tmp: str, manifest_text: str, tokenizer) -> None:
 _CRC_FILE = ".crc32-process-{}.json"
 
 
-def _all_ok(ok: bool) -> np.ndarray:
-  """Every process's ``ok``, gathered (also a barrier: no process passes before all reach it)."""
+def _all_ok(ok: bool, token: int = 0) -> np.ndarray:
+  """Every process's ``ok`` (and ``token``, ``(processes, 2)`` with it), gathered; also a
+  barrier: no process passes before all reach it."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))).ravel()
+  got = np.asarray(multihost_utils.process_allgather(np.asarray([int(ok), token], np.int32)))
+  got = got.reshape(-1, 2)
+  return got if token else got[:, 0]
 
 
 def _broadcast_name(name: str | None) -> str | None:

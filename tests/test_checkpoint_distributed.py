@@ -67,6 +67,12 @@ WORKER = BUILD + textwrap.dedent("""
       assert pid == 1 and "JSON" in str(e), e
     except checkpoint.CheckpointError as e:
       assert pid == 0 and "process(es) [1]" in str(e), e
+    # Different paths in the two processes: refused in both before anything is written.
+    try:
+      checkpoint.save(os.path.join(out, f"mine{pid}"), tree)
+      raise AssertionError("no error")
+    except checkpoint.CheckpointError as e:
+      assert "different paths" in str(e), e
     path = os.path.join(out, "ckpt")
     assert checkpoint.save(path, tree, metadata={"who": "both"}) == path
     # Again over it (overwrite=True): the swap of the previous checkpoint runs on process 0.

@@ -22,7 +22,9 @@ CRC32s of its shards to a file of its own; after an all-gather of every process'
 (a barrier) process 0 merges them into ``manifest.json``, checks that every shard of every
 split array was checksummed, removes the per-process files and renames the directory into
 place; a last all-gather tells every process whether that worked. A failure in any process
-makes every process raise and leaves ``path`` unchanged. The path must be on a file system all
+(a refused path, bad metadata, different paths in different processes, a write error) makes
+every process raise and leaves ``path`` unchanged; a process that dies leaves the others
+waiting until the distributed runtime's timeout. The path must be on a file system all
 processes share (as orbax requires). :func:`restore` works in one process (every array read in
 full, checksums per saved shard) or in every process with global ``shardings`` (each reads and
 checks its own shards).
@@ -649,8 +651,10 @@ def _save_processes(path: str, manifest: dict[str, Any], arrays: dict[str, Any],
   process holds in full) into one temporary directory that process 0 created; each process
   writes the checksums of its shards beside; after all are done process 0 merges them into the
   manifest, checks that every shard was checksummed, and renames the directory into place. The
-  steps are separated by all-gathers of every process's success, so a failure anywhere makes
-  every process remove what was written and raise."""
+  steps are separated by all-gathers of every process's success, so a failure that a process
+  catches (ours, or an exception orbax raises) makes every process remove what was written and
+  raise; a process that dies, or hangs inside orbax's own barriers, leaves the others waiting
+  until orbax's or the distributed runtime's timeout."""
   pid = jax.process_index()
   where = f"checkpoint.save({path!r})"
   swap = name = error = None

@@ -10,8 +10,24 @@ import pytest
 import tiny
 from compressjax import formats
 from compressjax.io import build_model, gguf, gguf_core, model_params
-from compressjax.quantize.rtn_core import quantize_rtn
-from conftest import require
+
+_RNG = np.random.default_rng(0)
+
+
+def _qa(k, n, *, bits, group_size, symmetric=True, scale_dtype=np.float16):
+  """A random QuantizedArray (codes, float16 scales and zeros as RTN stores them)."""
+  g = k // group_size
+  codes = _RNG.integers(0, 2**bits, (k, n)).astype(np.uint8)
+  scale = _RNG.uniform(0.001, 0.02, (g, n)).astype(scale_dtype)
+  zero = None if symmetric else _RNG.uniform(-0.2, 0.0, (g, n)).astype(scale_dtype)
+  return formats.QuantizedArray.from_codes(
+      jnp.asarray(codes), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
+      bits=bits, group_size=group_size, symmetric=symmetric)
+
+
+def quantize_rtn(w, *, bits, group_size, symmetric=True, scale_dtype=np.float16):
+  return _qa(*w.shape, bits=bits, group_size=group_size, symmetric=symmetric,
+             scale_dtype=scale_dtype)
 
 
 def _deq(t):
@@ -28,7 +44,7 @@ def _ours(kernel, heads=None):
 
 
 def _quantized_tiny(model):
-  """Tiny model whose linears are RTN-quantized in every exportable grid (mixed per layer)."""
+  """Tiny model whose linears are quantized in every exportable grid (mixed per layer)."""
   p = jax.tree.map(np.asarray, model_params(model))
   for i, L in p["layers"].items():
     for grp, name, kw in (("attn", "q_proj", dict(bits=4, group_size=32, symmetric=False)),
@@ -98,6 +114,8 @@ def _write_foreign_gguf(path, model, hidden):
       w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[1])
     else:
       w.add_key_value(key, f.contents(), f.types[0])
+  w.add_file_type(gg.LlamaFileType.MOSTLY_Q4_1)  # as llama.cpp's quantizer writes
+  w.add_quantization_version(gg.GGML_QUANT_VERSION)
   rng = np.random.default_rng(3)
   choice = {"attn_q": T.Q4_1, "attn_k": T.Q4_0, "attn_v": T.Q8_0, "attn_output": "Q4_K",
             "ffn_gate": T.Q4_1, "ffn_up": "Q4_K", "ffn_down": T.Q4_1}
@@ -127,7 +145,7 @@ def _write_foreign_gguf(path, model, hidden):
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
-  model = tiny.tiny_model(seed=2, hidden_size=256, intermediate_size=256, vocab_size=300)
+  model = tiny.tiny_model(seed=2, hidden_size=256, intermediate_size=256, num_layers=1)
   return _write_foreign_gguf(str(tmp_path_factory.mktemp("g") / "foreign.gguf"), model, 256)
 
 
@@ -155,6 +173,9 @@ def test_import_exact_and_export_byte_identical(tmp_path, foreign):
     assert ta.tensor_type == tb.tensor_type, ta.name
     assert np.asarray(ta.data).tobytes() == np.asarray(tb.data).tobytes(), ta.name
   assert written["blk.0.attn_output.weight"] == "Q4_K" and written["token_embd.weight"] == "Q8_0"
+  # Metadata is copied in the source's order and the tensors laid out in its order: the whole
+  # file comes back byte for byte.
+  assert open(out, "rb").read() == open(foreign, "rb").read()
   fa = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")}
   fb = {k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.")}
   for k, v in fa.items():
@@ -187,7 +208,7 @@ def test_export_errors_name_the_leaf(tmp_path, tiny_gguf):
   # float32 scales that float16 cannot hold
   p["layers"][1]["mlp"]["up_proj"]["kernel"] = quantize_rtn(
       jnp.asarray(p["layers"][0]["mlp"]["up_proj"]["kernel"]), bits=4, group_size=32,
-      scale_dtype=jnp.float32)
+      scale_dtype=np.float32)
   with pytest.raises(ValueError, match=r"up_proj/kernel.*not float16 values, which Q4_0 stores"):
     gguf.export_gguf(p, cfg, src, out)
   # An asked-for K-quant whose 6-bit sub-block scales cannot hold RTN's float16 scales.
@@ -209,7 +230,7 @@ def test_export_errors_name_the_leaf(tmp_path, tiny_gguf):
 def test_q4k_export_needs_exact_sub_block_scales(tmp_path, foreign):
   cfg, pq, _ = gguf.load_gguf(foreign, keep_quantized=True)
   o = pq["layers"][0]["attn"]["o_proj"]["kernel"]
-  # RTN asym 4-bit g32 of a 256-wide weight: float16 scales, generally not d * (6-bit ints).
+  # Asym 4-bit g32 of a 256-wide weight, float16 scales as RTN stores them: not d * (6-bit ints).
   pq["layers"][0]["attn"]["o_proj"]["kernel"] = quantize_rtn(o.materialize(), bits=4,
                                                              group_size=32, symmetric=False)
   with pytest.raises(ValueError, match=r"layers/0/attn/o_proj/kernel.*Q4_K: .*super-blocks"):

@@ -630,6 +630,9 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
       qt = getattr(gg.GGMLQuantizationType, ttype)
       plan.append((tname, ttype, quants.quantize(w, qt), qt))
 
+  if reader is not None:  # the source's tensor order (so an import -> export lays out the same)
+    order = {t.name: i for i, t in enumerate(reader.tensors)}
+    plan.sort(key=lambda e: order.get(e[0], len(order)))
   big = [t for _, t, d, _ in plan if d.ndim == 2]
   main = max(set(big), key=big.count) if big else "F32"
 
@@ -638,13 +641,19 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"export_gguf: output directory {directory!r} does not exist")
   tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  import logging  # pylint: disable=g-import-not-at-top
+  wlog = logging.getLogger("gguf.gguf_writer")  # overwriting copied keys is intended: no warnings
+  level = wlog.level
+  wlog.setLevel(logging.ERROR)
   try:
     writer = gg.GGUFWriter(tmp, arch=arch)
     if reader is not None:
       src_arch = _field(reader, "general.architecture")
-      _copy_metadata(writer, reader, skip_prefixes=(src_arch + ".", arch + "."),
-                     skip_keys={"general.architecture", "general.file_type",
-                                "general.quantization_version"} | ({"general.name"} if name else set()))
+      # Copied in the source's order; the architecture keys are then overwritten in place from
+      # cfg (dict order), so an unchanged model round-trips to the same file.
+      _copy_metadata(writer, reader,
+                     skip_prefixes=() if src_arch == arch else (src_arch + ".", arch + "."),
+                     skip_keys={"general.architecture"})
     if name is not None:
       writer.add_name(name)
     _arch_metadata(writer, cfg, arch)
@@ -665,4 +674,6 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  finally:
+    wlog.setLevel(level)
   return {t: ty for t, ty, _, _ in plan}

@@ -50,12 +50,42 @@ def _llama_side(job: str) -> None:
   json.dump(res, open(spec["result"], "w"))
 
 
+def _compare(a, grid, out, prompts, ours, ours_first, kinds, tok, t0) -> bool:
+  """Runs llama.cpp on ``out`` in the other interpreter and compares with our results."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  job = os.path.join(a.out_dir, f"job-{grid}.json")
+  res_path = os.path.join(a.out_dir, f"llama-{grid}.json")
+  json.dump({"gguf": out, "prompts": prompts, "new_tokens": a.new_tokens, "result": res_path},
+            open(job, "w"))
+  r = subprocess.run(["nice", "-n", "10", a.llama_python, os.path.abspath(__file__),
+                      "--llama-job", job], capture_output=True, text=True)
+  if r.returncode:
+    print(f"[{grid}] llama.cpp FAILED to run:\n{r.stderr[-3000:]}")
+    return False
+  ok = True
+  theirs = json.load(open(res_path))
+  for i, (o, th, of) in enumerate(zip(ours, theirs, ours_first)):
+    lf = np.asarray(th["first_logits"], np.float32)
+    agree = next((j for j, (x, y) in enumerate(zip(o, th["tokens"])) if x != y), len(o))
+    print(f"[{grid}] types {kinds} prompt {i}: greedy tokens identical for {agree}/{len(o)}; "
+          f"first-step logits max|diff| {np.abs(lf - of).max():.3g}; "
+          f"ours {tok.decode(o)[:60]!r}" + ("" if agree == len(o) else
+                                            f" | llama.cpp {tok.decode(th['tokens'])[:60]!r}"))
+    ok &= agree == len(o)
+  print(f"[{grid}] {time.time() - t0:.0f}s")
+  return ok
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--llama-python", default="/work/venv-llamacpp/bin/python")
   ap.add_argument("--grids", default="keep,q4_1,q4_0,q8_0")
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--out-dir", default="/tmp/gguf_check")
+  ap.add_argument("--ours-only", action="store_true",
+                  help="export and generate with compressjax only; results are cached in --out-dir "
+                       "and reused by a later run (llama.cpp side only)")
   ap.add_argument("--llama-job", help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.llama_job:
@@ -76,8 +106,21 @@ def main(argv=None) -> int:
   ok_all = True
   for grid in a.grids.split(","):
     t0 = time.time()
-    cfg, params = quantized_params(src, grid)
     out = os.path.join(a.out_dir, f"smollm2-{grid}.gguf")
+    cache = os.path.join(a.out_dir, f"ours-{grid}.json")
+    if os.path.exists(cache) and os.path.exists(out):
+      c = json.load(open(cache))
+      if c["prompts"] == prompts and c["new_tokens"] == a.new_tokens:
+        print(f"[{grid}] reusing compressjax results from {cache}")
+        for line in c["log"]:
+          print(line)
+        ok_all &= c["ok"]
+        ours, ours_first, kinds = c["tokens"], [np.asarray(x, np.float32) for x in c["first"]], c["kinds"]
+        if not a.ours_only:
+          ok_all &= _compare(a, grid, out, prompts, ours, ours_first, kinds, tok, t0)
+        continue
+    log = []
+    cfg, params = quantized_params(src, grid)
     written = gguf.export_gguf(params, cfg, src, out, types="source" if grid == "keep" else "auto")
     kinds = sorted(set(written.values()))
     model = build_model(cfg, params)
@@ -87,38 +130,31 @@ def main(argv=None) -> int:
       same = all(x.name == y.name and x.tensor_type == y.tensor_type and
                  np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes()
                  for x, y in zip(ra.tensors, rb.tensors)) and len(ra.tensors) == len(rb.tensors)
-      print(f"[keep] import -> export tensor data byte-identical to the source: {same}")
+      whole = open(src, "rb").read() == open(out, "rb").read()
+      log.append(f"[keep] import -> export: tensor data byte-identical {same}, whole file "
+                 f"byte-identical {whole}")
       ok_all &= same
+      ok_same = same
       text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "README.md")).read()[:2000]
       ids = jnp.asarray([tok.encode(text, add_special_tokens=False).ids[:128]], jnp.int32)
       lq = np.asarray(model(ids))
       ld = np.asarray(build_model(cfg, dense)(ids))
-      print(f"[keep] logits of the imported 4-bit model vs the dequantized load on 128 tokens: "
-            f"max|diff| {np.abs(lq - ld).max():.3g} (logit scale {np.abs(ld).max():.3g}), argmax "
-            f"agreement {np.mean(lq.argmax(-1) == ld.argmax(-1)):.4f}")
+      log.append(f"[keep] logits of the imported 4-bit model vs the dequantized load on 128 "
+                 f"tokens: max|diff| {np.abs(lq - ld).max():.3g} (logit scale "
+                 f"{np.abs(ld).max():.3g}), argmax agreement "
+                 f"{np.mean(lq.argmax(-1) == ld.argmax(-1)):.4f}")
     ours = [np.asarray(generate(model, np.asarray(p), a.new_tokens)).tolist() for p in prompts]
     ours_first = [np.asarray(model(jnp.asarray([p], jnp.int32))[0, -1]) for p in prompts]
-    job = os.path.join(a.out_dir, f"job-{grid}.json")
-    res_path = os.path.join(a.out_dir, f"llama-{grid}.json")
-    json.dump({"gguf": out, "prompts": prompts, "new_tokens": a.new_tokens, "result": res_path},
-              open(job, "w"))
-    r = subprocess.run(["nice", "-n", "10", a.llama_python, os.path.abspath(__file__),
-                        "--llama-job", job], capture_output=True, text=True)
-    if r.returncode:
-      print(f"[{grid}] llama.cpp FAILED to run:\n{r.stderr[-3000:]}")
-      ok_all = False
-      continue
-    theirs = json.load(open(res_path))
-    for i, (o, th, of) in enumerate(zip(ours, theirs, ours_first)):
-      lf = np.asarray(th["first_logits"], np.float32)
-      agree = next((j for j, (x, y) in enumerate(zip(o, th["tokens"])) if x != y), len(o))
-      print(f"[{grid}] types {kinds} prompt {i}: greedy tokens identical for {agree}/{len(o)}; "
-            f"first-step logits max|diff| {np.abs(lf - of).max():.3g}; "
-            f"ours {tok.decode(o)[:60]!r}" + ("" if agree == len(o) else
-                                              f" | llama.cpp {tok.decode(th['tokens'])[:60]!r}"))
-      ok_all &= agree == len(o)
-    print(f"[{grid}] {time.time() - t0:.0f}s")
+    for line in log:
+      print(line)
+    json.dump({"prompts": prompts, "new_tokens": a.new_tokens, "tokens": ours, "log": log,
+               "first": [x.tolist() for x in ours_first], "kinds": kinds,
+               "ok": bool(ok_same) if grid == "keep" else True}, open(cache, "w"))
+    if not a.ours_only:
+      ok_all &= _compare(a, grid, out, prompts, ours, ours_first, kinds, tok, t0)
+    else:
+      print(f"[{grid}] compressjax side done, {time.time() - t0:.0f}s")
   print("ALL IDENTICAL" if ok_all else "SOME DIFFER")
   return 0 if ok_all else 1
 

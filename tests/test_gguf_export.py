@@ -1,4 +1,4 @@
-"""GGUF export/import: ours -> GGUF -> gguf reader exact, import -> export byte-identical, errors."""
+"""GGUF export/import: ours -> GGUF -> gguf reader exact; import -> export byte-identical."""
 
 import os
 
@@ -83,10 +83,12 @@ def test_ours_to_gguf_reader_exact(tmp_path, tiny_gguf):
                                     _ours(L["mlp"][ours]["kernel"]))
   np.testing.assert_array_equal(_deq(ts["token_embd.weight"]), p["embed"]["embedding"])
   # Metadata: our loader reads the file back to the same config, and the source tokenizer.
-  cfg2, p2, tok = gguf.load_gguf(out)
-  assert cfg2 == gguf.load_gguf(src)[0]
-  assert tok.encode("the 2024 heat", add_special_tokens=False).ids == gguf.load_gguf(src)[2].encode(
-      "the 2024 heat", add_special_tokens=False).ids
+  cfg2, _, tok = gguf.load_gguf(out)
+  cfg_src, _, tok_src = gguf.load_gguf(src)
+  assert cfg2 == cfg_src
+  text = "the 2024 heat"
+  assert (tok.encode(text, add_special_tokens=False).ids ==
+          tok_src.encode(text, add_special_tokens=False).ids)
   # ... and import keeps them quantized, equal to our leaves exactly (codes, scales, weights).
   _, pq, _ = gguf.load_gguf(out, keep_quantized=True)
   q_in = pq["layers"][0]["attn"]["q_proj"]["kernel"]
@@ -100,7 +102,7 @@ def test_ours_to_gguf_reader_exact(tmp_path, tiny_gguf):
 
 def _write_foreign_gguf(path, model, hidden):
   """A GGUF made by the gguf package's own quantizers (Q8_0 embedding, Q4_1/Q4_0/Q8_0 linears)
-  plus Q4_K blocks laid out as llama.cpp does (largest 6-bit scale 63)."""
+  plus Q4_K / Q2_K blocks laid out as llama.cpp does (largest sub-block scale 63 / 15)."""
   import gguf as gg
   from gguf import quants
   T = gg.GGMLQuantizationType
@@ -118,22 +120,23 @@ def _write_foreign_gguf(path, model, hidden):
   w.add_quantization_version(gg.GGML_QUANT_VERSION)
   rng = np.random.default_rng(3)
   choice = {"attn_q": T.Q4_1, "attn_k": T.Q4_0, "attn_v": T.Q8_0, "attn_output": "Q4_K",
-            "ffn_gate": T.Q4_1, "ffn_up": "Q4_K", "ffn_down": T.Q4_1}
+            "ffn_gate": "Q2_K", "ffn_up": "Q4_K", "ffn_down": T.Q4_1}
   for t in r.tensors:
     a = np.asarray(t.data, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
     kind = t.name.split(".")[-2]
     if t.name == "token_embd.weight":
       w.add_tensor(t.name, quants.quantize(a, T.Q8_0), raw_dtype=T.Q8_0)
-    elif kind in choice and choice[kind] == "Q4_K":
+    elif kind in choice and choice[kind] in ("Q4_K", "Q2_K"):
       n, k = a.shape
+      top, sub, bits = (63, 8, 4) if choice[kind] == "Q4_K" else (15, 16, 2)
       d = rng.uniform(1e-3, 3e-3, (n, k // 256)).astype(np.float16).astype(np.float32)
-      sc = rng.integers(0, 64, (n, k // 256, 8)); sc[..., 0] = 63
+      sc = rng.integers(0, top + 1, (n, k // 256, sub)); sc[..., 0] = top
       dm = rng.uniform(1e-3, 3e-3, (n, k // 256)).astype(np.float16).astype(np.float32)
-      mn = rng.integers(0, 64, (n, k // 256, 8)); mn[..., 1] = 63
-      data = gguf_core.encode("Q4_K", rng.integers(0, 16, (n, k)).astype(np.uint8),
+      mn = rng.integers(0, top + 1, (n, k // 256, sub)); mn[..., 1] = top
+      data = gguf_core.encode(choice[kind], rng.integers(0, 2**bits, (n, k)).astype(np.uint8),
                               (d[..., None] * sc).reshape(n, -1).astype(np.float32),
                               -(dm[..., None] * mn).reshape(n, -1).astype(np.float32))
-      w.add_tensor(t.name, data, raw_dtype=T.Q4_K)
+      w.add_tensor(t.name, data, raw_dtype=getattr(T, choice[kind]))
     elif kind in choice:
       w.add_tensor(t.name, quants.quantize(a, choice[kind]), raw_dtype=choice[kind])
     else:
@@ -165,6 +168,7 @@ def test_import_exact_and_export_byte_identical(tmp_path, foreign):
         np.testing.assert_array_equal(np.asarray(k.materialize()), dense["layers"][i][grp][name]["kernel"])
   assert kinds["q_proj"] == (4, False, 32) and kinds["k_proj"] == (4, True, 32)
   assert kinds["v_proj"] == (8, True, 32) and kinds["o_proj"] == (4, False, 32)
+  assert kinds["gate_proj"] == (2, False, 16) and kinds["up_proj"] == (4, False, 32)
   out = str(tmp_path / "again.gguf")
   written = gguf.export_gguf(pq, cfg_q, foreign, out, types="source")
   a, b = gg.GGUFReader(foreign), gg.GGUFReader(out)
@@ -173,6 +177,7 @@ def test_import_exact_and_export_byte_identical(tmp_path, foreign):
     assert ta.tensor_type == tb.tensor_type, ta.name
     assert np.asarray(ta.data).tobytes() == np.asarray(tb.data).tobytes(), ta.name
   assert written["blk.0.attn_output.weight"] == "Q4_K" and written["token_embd.weight"] == "Q8_0"
+  assert written["blk.0.ffn_gate.weight"] == "Q2_K"
   # Metadata is copied in the source's order and the tensors laid out in its order: the whole
   # file comes back byte for byte.
   assert open(out, "rb").read() == open(foreign, "rb").read()

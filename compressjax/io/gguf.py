@@ -189,7 +189,7 @@ def gguf_tokenizer(reader):
 
 
 #: GGUF tensor types that hold a :class:`~compressjax.formats.QuantizedArray` exactly (both ways).
-EXACT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+EXACT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q2_K")
 
 
 def _tensor_names(cfg: LlamaConfig) -> list[tuple[tuple, str, str | None, bool]]:
@@ -214,7 +214,7 @@ def _tensor_names(cfg: LlamaConfig) -> list[tuple[tuple, str, str | None, bool]]
 
 
 def _quantized_leaf(t, n_head_perm: int | None):
-  """A GGUF ``Q8_0``/``Q4_0``/``Q4_1``/``Q4_K`` matrix as a ``(K, N)`` QuantizedArray, exactly."""
+  """A GGUF ``Q8_0``/``Q4_0``/``Q4_1``/``Q4_K``/``Q2_K`` matrix as a ``(K, N)`` QuantizedArray, exactly."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from compressjax.formats import QuantizedArray  # pylint: disable=g-import-not-at-top
   from compressjax.io import gguf_core  # pylint: disable=g-import-not-at-top
@@ -252,7 +252,8 @@ def load_gguf(path: str, *, lazy: bool = False,
   (no re-quantization; ``materialize()`` equals the ``gguf`` package's dequantization bit for
   bit): ``Q8_0`` -> symmetric 8-bit, ``Q4_0`` -> symmetric 4-bit, ``Q4_1`` -> asymmetric 4-bit
   (float16 scale and zero), ``Q4_K`` -> asymmetric 4-bit with float32 ``scale = d * sc`` and
-  ``zero = -(dmin * m)``; all with ``group_size=32``. The embedding table stays dense
+  ``zero = -(dmin * m)`` (all with ``group_size=32``), ``Q2_K`` -> the same with 2-bit codes and
+  ``group_size=16``. The embedding table stays dense
   (dequantized) because the model gathers its rows; other types are dequantized as usual.
   :func:`export_gguf` with ``types="source"`` writes these leaves back byte for byte.
   """
@@ -304,11 +305,12 @@ def load_gguf(path: str, *, lazy: bool = False,
 
 _DENSE_TYPES = ("F32", "F16", "BF16")
 _FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-               "Q4_K": "MOSTLY_Q4_K_M", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
+               "Q4_K": "MOSTLY_Q4_K_M", "Q2_K": "MOSTLY_Q2_K", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 _TYPE_NEEDS = ("Q8_0 (8-bit symmetric), Q4_0 (4-bit symmetric), Q4_1 (4-bit asymmetric): "
                "QuantizedArray with group_size a multiple of 32, K a multiple of 32 and float16-exact "
                "scales/zeros; Q4_K: 4-bit asymmetric, K a multiple of 256, each 8 groups' scales a "
-               "float16 d times integers 0..63 and zeros -(dmin times integers 0..63)")
+               "float16 d times integers 0..63 and zeros -(dmin times integers 0..63); Q2_K: the same for "
+               "2-bit asymmetric codes in groups of 16 with 4-bit integers 0..15")
 
 
 def _path_str(where: tuple) -> str:
@@ -329,6 +331,8 @@ def _get(params, where):
 def _exact_candidates(qa) -> list[str]:
   """The GGUF types that can hold QuantizedArray ``qa`` exactly by its static metadata."""
   k = qa.shape[0]
+  if qa.bits == 2 and not qa.symmetric and k % 256 == 0 and qa.group_size % 16 == 0:
+    return ["Q2_K"]
   if k % 32 or qa.group_size % 32:
     return []
   if qa.bits == 8 and qa.symmetric:
@@ -345,7 +349,7 @@ def _encode_quantized(qa, qtype: str, heads: int | None) -> np.ndarray:
   from compressjax.io import gguf_core  # pylint: disable=g-import-not-at-top
 
   k, n = qa.shape
-  rep = qa.group_size // 32
+  rep = qa.group_size // gguf_core.TYPE_FORMATS[qtype][2]
   codes = np.asarray(qa.codes()).T
   scale = np.repeat(np.asarray(qa.scale_values(), np.float32), rep, axis=0).T
   zero = qa.zero_values()
@@ -600,8 +604,8 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
     elif isinstance(v, CompressedArray):
       if not materialize_other:
         raise ValueError(
-            f"export_gguf: leaf {_path_str(where)!r} is a {type(v).__name__} of shape {v.shape}, which no GGUF "
-            f"type stores exactly. Types that would work: {_TYPE_NEEDS}. Pass "
+            f"export_gguf: leaf {_path_str(where)!r} is a {type(v).__name__} of shape {v.shape}, "
+            f"which no GGUF type stores exactly. Types that would work: {_TYPE_NEEDS}. Pass "
             f"materialize_other=True to write it dense as {dense_type}.")
       v = np.asarray(v.materialize(), np.float32)
     elif want in EXACT_TYPES and transpose and isinstance(types, dict):
@@ -634,7 +638,10 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
     order = {t.name: i for i, t in enumerate(reader.tensors)}
     plan.sort(key=lambda e: order.get(e[0], len(order)))
   big = [t for _, t, d, _ in plan if d.ndim == 2]
-  main = max(set(big), key=big.count) if big else "F32"
+  main = max(dict.fromkeys(big), key=big.count) if big else "F32"  # ties: first seen
+  # A file whose every tensor keeps its source type keeps the source's general.file_type.
+  keep_ftype = (reader is not None and "general.file_type" in reader.fields and
+                all(source_types.get(n) == t for n, t, _, _ in plan))
 
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
@@ -659,7 +666,8 @@ def export_gguf(params_or_model: Any, cfg: LlamaConfig | None, tokenizer_or_sour
     _arch_metadata(writer, cfg, arch)
     if tok is not None:
       _tokenizer_metadata(writer, tok, cfg, tokenizer_pre)
-    writer.add_file_type(int(getattr(gg.LlamaFileType, _FILE_TYPES.get(main, "ALL_F32"))))
+    if not keep_ftype:
+      writer.add_file_type(int(getattr(gg.LlamaFileType, _FILE_TYPES.get(main, "ALL_F32"))))
     writer.add_quantization_version(gg.GGML_QUANT_VERSION)
     for tname, _, data, raw in plan:
       writer.add_tensor(tname, data, raw_dtype=raw)

@@ -35,7 +35,8 @@ def _llama_side(job: str) -> None:
   from llama_cpp import Llama  # pylint: disable=g-import-not-at-top
 
   spec = json.load(open(job))
-  llm = Llama(model_path=spec["gguf"], n_ctx=512, n_threads=2, n_batch=512, verbose=False)
+  llm = Llama(model_path=spec["gguf"], n_ctx=512, n_threads=2, n_batch=512, verbose=False,
+              logits_all=True)  # scores are only kept with logits_all
   res = []
   for ids in spec["prompts"]:
     llm.reset()
@@ -58,8 +59,9 @@ def _compare(a, grid, out, prompts, ours, ours_first, kinds, tok, t0) -> bool:
   res_path = os.path.join(a.out_dir, f"llama-{grid}.json")
   json.dump({"gguf": out, "prompts": prompts, "new_tokens": a.new_tokens, "result": res_path},
             open(job, "w"))
+  env = dict(os.environ, PYTHONPATH=a.llama_pythonpath) if a.llama_pythonpath else None
   r = subprocess.run(["nice", "-n", "10", a.llama_python, os.path.abspath(__file__),
-                      "--llama-job", job], capture_output=True, text=True)
+                      "--llama-job", job], capture_output=True, text=True, env=env)
   if r.returncode:
     print(f"[{grid}] llama.cpp FAILED to run:\n{r.stderr[-3000:]}")
     return False
@@ -79,7 +81,10 @@ def _compare(a, grid, out, prompts, ours, ours_first, kinds, tok, t0) -> bool:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--llama-python", default="/work/venv-llamacpp/bin/python")
+  ap.add_argument("--llama-python", default="/work/venv-llamacpp/bin/python",
+                  help="an interpreter that can import llama_cpp")
+  ap.add_argument("--llama-pythonpath", default="",
+                  help="PYTHONPATH for it (e.g. a llama_cpp package dir with its built lib/)")
   ap.add_argument("--grids", default="keep,q4_1,q4_0,q8_0")
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--out-dir", default="/tmp/gguf_check")

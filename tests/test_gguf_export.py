@@ -273,3 +273,33 @@ def test_export_is_atomic(tmp_path, tiny_gguf, monkeypatch):
   with pytest.raises(RuntimeError, match="disk full"):
     gguf.export_gguf(model, None, src, str(out))
   assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q2_K"])
+def test_core_layouts_match_gguf_package(qtype):
+  """gguf_core.decode's grid == gguf's own dequantize, bit for bit; encode(decode(x)) == x."""
+  import gguf as gg
+  from gguf import quants
+  T = getattr(gg.GGMLQuantizationType, qtype)
+  rng = np.random.default_rng(1)
+  n, k = 6, 512
+  if qtype in ("Q4_K", "Q2_K"):  # gguf has no NumPy quantizer for these: blocks as llama.cpp lays them
+    top, sub, bits = (63, 8, 4) if qtype == "Q4_K" else (15, 16, 2)
+    d = rng.uniform(1e-3, 1e-2, (n, 2)).astype(np.float16).astype(np.float32)
+    sc = rng.integers(0, top + 1, (n, 2, sub)); sc[..., 3] = top
+    dm = rng.uniform(1e-3, 1e-2, (n, 2)).astype(np.float16).astype(np.float32)
+    mn = rng.integers(0, top + 1, (n, 2, sub)); mn[..., 5] = top
+    data = gguf_core.encode(qtype, rng.integers(0, 2**bits, (n, k)).astype(np.uint8),
+                            (d[..., None] * sc).reshape(n, -1).astype(np.float32),
+                            -(dm[..., None] * mn).reshape(n, -1).astype(np.float32))
+  else:
+    data = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), T)
+  codes, scale, zero = gguf_core.decode(qtype, data, k)
+  bits, symmetric, g = gguf_core.TYPE_FORMATS[qtype]
+  s = np.repeat(scale.astype(np.float32), g, axis=1)
+  w = (s * (codes.astype(np.float32) - 2.0**(bits - 1)) if symmetric else
+       s * codes.astype(np.float32) + np.repeat(zero.astype(np.float32), g, axis=1))
+  np.testing.assert_array_equal(w, quants.dequantize(data, T))
+  again = gguf_core.encode(qtype, codes, scale.astype(np.float32),
+                           None if zero is None else zero.astype(np.float32))
+  assert again.tobytes() == data.tobytes()

@@ -7,7 +7,7 @@
   compressjax finetune --config configs/finetune_kd.py --config.checkpoint=runs/gptq_w2g64 \
       --config.output_dir=runs/gptq_w2g64_kd
   compressjax eval --checkpoint runs/rtn_w4g64
-  compressjax export --checkpoint runs/rtn_w4g64 --format compressed-tensors|gptq --out DIR
+  compressjax export --checkpoint runs/rtn_w4g64 --format compressed-tensors|gptq|gguf --out DIR
 
 Method arguments (``compression.kwargs.NAME``, ``compression.steps.I.NAME``,
 ``compression.rules.I.NAME``) may be set whether or not the config already holds them; values are
@@ -200,12 +200,13 @@ def export_main(argv=None):
 
   p = argparse.ArgumentParser(prog="compressjax export",
                               description="Write a compressed checkpoint as a Hugging Face "
-                              "compressed-tensors or GPTQ checkpoint directory.")
+                              "compressed-tensors or GPTQ checkpoint directory, or a llama.cpp GGUF file.")
   p.add_argument("--checkpoint", required=True, help="directory written by `compressjax compress`")
-  p.add_argument("--format", required=True, choices=("compressed-tensors", "gptq"))
-  p.add_argument("--out", required=True, help="output directory (written atomically)")
+  p.add_argument("--format", required=True, choices=("compressed-tensors", "gptq", "gguf"))
+  p.add_argument("--out", required=True, help="output directory, or the .gguf file for gguf "
+                 "(written atomically)")
   p.add_argument("--dtype", default=None, help="dtype of the dense tensors (default: float32 "
-                 "for compressed-tensors, float16 for gptq)")
+                 "for compressed-tensors and gguf, float16 for gptq)")
   p.add_argument("--snap-zero-points", action="store_true",
                  help="move asymmetric float zeros onto the integer grid (lossy, <= scale/2)")
   p.add_argument("--overwrite", action="store_true")

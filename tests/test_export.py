@@ -431,6 +431,15 @@ def test_cli_export(tmp_path):
                                   qp["layers"][1]["mlp"]["down_proj"]["kernel"].materialize())
   assert cli.main(["compressjax", "export", "--checkpoint", ck, "--format", "gptq",
                    "--out", str(tmp_path / "gptq")]) == 1  # exists: one-line error
+  from compressjax.io import gguf  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "model.gguf")
+  assert cli.main(["compressjax", "export", "--checkpoint", ck, "--format", "gguf",
+                   "--out", out]) == 0
+  cfg3, p3, _ = gguf.load_gguf(out, keep_quantized=True)
+  assert cfg3.num_layers == cfg.num_layers
+  np.testing.assert_array_equal(
+      p3["layers"][1]["mlp"]["down_proj"]["kernel"].materialize(),
+      qp["layers"][1]["mlp"]["down_proj"]["kernel"].materialize())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

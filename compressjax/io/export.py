@@ -342,16 +342,18 @@ def export_checkpoint(checkpoint_dir: str, out: str, *, fmt: str, dtype: str | N
     checkpoint_dir: a :mod:`compressjax.checkpoint` directory with ``model_config`` metadata
       (and ``tokenizer.json``, copied when present).
     out: the output directory.
-    fmt: ``"compressed-tensors"`` or ``"gptq"``.
-    dtype: dtype of the dense tensors; ``None``: ``float32`` (compressed-tensors) or
+    fmt: ``"compressed-tensors"``, ``"gptq"`` or ``"gguf"`` (then ``out`` is the ``.gguf`` file;
+      :func:`compressjax.io.gguf.export_gguf` with the exact llama.cpp type of each leaf and
+      the tokenizer metadata built from the checkpoint's ``tokenizer.json``).
+    dtype: dtype of the dense tensors; ``None``: ``float32`` (compressed-tensors, GGUF) or
       ``float16`` (GPTQ).
     snap: apply :func:`snap_tree` first (lossy for asymmetric ``zero = min`` grids).
     overwrite: replace a non-empty ``out``.
   """
   from compressjax import checkpoint  # pylint: disable=g-import-not-at-top
 
-  if fmt not in ("compressed-tensors", "gptq"):
-    raise ValueError(f"fmt must be 'compressed-tensors' or 'gptq', got {fmt!r}")
+  if fmt not in ("compressed-tensors", "gptq", "gguf"):
+    raise ValueError(f"fmt must be 'compressed-tensors', 'gptq' or 'gguf', got {fmt!r}")
   params, meta = checkpoint.restore(checkpoint_dir)
   if "model_config" not in meta:
     raise checkpoint.CheckpointError(f"checkpoint path {checkpoint_dir!r}: metadata has no "
@@ -364,6 +366,19 @@ def export_checkpoint(checkpoint_dir: str, out: str, *, fmt: str, dtype: str | N
     tok = Tokenizer.from_file(tok_path)
   if snap:
     params = snap_tree(params)
+  if fmt == "gguf":
+    from compressjax.io import gguf  # pylint: disable=g-import-not-at-top
+
+    dense = {None: "F32", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    if dtype not in dense:
+      raise ValueError(f"dtype {dtype!r}: expected one of float32, float16, bfloat16 for GGUF")
+    if tok is None:
+      raise ValueError(f"checkpoint path {checkpoint_dir!r}: no tokenizer.json, which a GGUF "
+                       "export needs for its tokenizer metadata")
+    if os.path.exists(out) and not overwrite:
+      raise FileExistsError(f"out {out!r} exists (pass overwrite=True / --overwrite to replace it)")
+    gguf.export_gguf(params, cfg, tok, out, dense_type=dense[dtype])
+    return out
   if fmt == "gptq":
     return export_gptq(out, cfg, params, tok, dtype=dtype or "float16", overwrite=overwrite)
   return export_compressed_tensors(out, cfg, params, tok, dtype=dtype or "float32",

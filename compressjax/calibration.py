@@ -27,11 +27,14 @@ mesh): each layer's :class:`LayerStats` carries ``columns``, a
 axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT) solve with
 ``W``'s columns split over the devices (``jax.shard_map``, the Hessian replicated) and return
 leaves whose codes, scales, values and masks stay split ``P(None, axes)``; the other transforms
-ignore it (one process only for now). Tested on one process with 8 simulated CPU devices
-(``tests/test_engine_sharded.py``). With several processes (``jax.distributed``; on CPU with
+ignore it. Tested on one process with 8 simulated CPU devices (``tests/test_engine_sharded.py``,
+``tests/test_mesh_solvers.py``). With several processes (``jax.distributed``; on CPU with
 ``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
 over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
-the same compressed model (``tests/test_engine_distributed.py``: two processes on localhost).
+the same compressed model, whose split leaves then hold only this process's columns (gather
+with ``jax.experimental.multihost_utils.process_allgather``, or save them from every process
+with :func:`compressjax.checkpoint.save`, which writes each process's shards without
+gathering; ``tests/test_engine_distributed.py``: two processes on localhost).
 On a TPU pod or a multi-GPU host: call ``jax.distributed.initialize()`` in every process, build
 the mesh from ``jax.devices()`` and call :func:`run_sequential` with the same arguments everywhere.
 
@@ -46,9 +49,11 @@ as targets: one more copy of ``X`` in memory.
 checkpoint (``blocks/<i>``: the compressed block), and ``latest`` records the next block's
 inputs and the transform state, atomically. A killed run restarted with the same arguments
 continues from the last written block and gives the same result as an uninterrupted run.
-The resume point holds *host* arrays (the next block's inputs gathered into this process, the
-transform state), which is fine for one process, also on a mesh; with several processes the
-inputs are split over processes and ``resume_dir`` is refused (:meth:`_Placement.host`).
+The resume point holds the next block's inputs as a host array in one process (also on a
+mesh); with several processes every process calls :func:`compressjax.checkpoint.save`, which
+writes each process's windows and each process's columns of the split compressed leaves
+without gathering them. On resume every process reads the inputs and the finished blocks in
+full (the finished blocks then come back whole in every process, not split over the mesh).
 
 References:
   Frantar et al. 2022, GPTQ (sequential block-by-block calibration);
@@ -267,17 +272,16 @@ class _Placement:
 
   def columns(self, n: int, enabled: bool):
     """The split of ``n`` output columns over all mesh axes for the solvers, or ``None``."""
-    if self.mesh is None or not enabled or jax.process_count() > 1:
-      # Several processes: not yet (the compressed leaves would be split over processes, and
-      # checkpoint.save refuses such arrays), so every device solves every layer whole.
+    if self.mesh is None or not enabled:
       return None
     split = obs_core.ColumnSplit(self.mesh, tuple(self.mesh.axis_names))
     return split if split.size > 1 and n % split.size == 0 else None
 
-  def host(self, x) -> np.ndarray:
+  def resume_inputs(self, x):
+    """The next block's inputs as the resume point stores them: a host array, or with several
+    processes the global array itself (each process saves its own windows, never gathered)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      raise ValueError("resume_dir with several processes is not supported: the inputs of the "
-                       "next block are split over processes (run without resume_dir)")
+      return x
     return np.asarray(x)
 
 
@@ -321,8 +325,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
     shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT) split each layer's
       output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
-      stay split ``P(None, axes)``. ``False``: every device solves every layer whole. One
-      process only for now: with several processes the layers are solved whole.
+      stay split ``P(None, axes)`` (with several processes: split over the processes too).
+      ``False``: every device solves every layer whole.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
@@ -416,7 +420,7 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     x = jax.block_until_ready(x)
     done.update({prefix + p: v for p, v in block.items()})
     if resume_dir:
-      _save_resume(resume_dir, fp, i, place.host(x), block, state)
+      _save_resume(resume_dir, fp, i, place.resume_inputs(x), block, state)
     del block
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
   outside = bm.outside_params()
@@ -436,7 +440,7 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
   return {prefix + p: v for p, v in leaves_with_paths(tree)}
 
 
-def _save_resume(resume_dir: str, fp: str, i: int, x: np.ndarray, block: dict[str, Any],
+def _save_resume(resume_dir: str, fp: str, i: int, x, block: dict[str, Any],
                  state) -> None:
   """Writes finished block ``i`` (``blocks/<i>``, once) and then the resume point ``latest``
   (next block's inputs, transform state, ``next_block = i + 1``), each atomically, as data only

@@ -11,7 +11,23 @@ Layout of a checkpoint directory::
 Arrays split over several devices (a sharded model, :func:`compressjax.formats.tree_shardings`)
 are written shard by shard by orbax and checksummed per shard, never gathered into one host
 array; :func:`restore` with ``shardings`` reads each device's shard straight into the requested
-layout. Saving from several processes is not supported yet (refused with a clear error).
+layout.
+
+**Several processes** (``jax.distributed``: a TPU pod, several GPU hosts, or processes on one
+machine with CPU collectives): every process calls :func:`save` with the same path and tree
+(arrays split over all processes' devices, arrays every process holds in full). Process 0
+creates the temporary directory (its name is broadcast); orbax writes each process's
+addressable shards and process 0 the metadata and replicated arrays; each process writes the
+CRC32s of its shards to a file of its own; after an all-gather of every process's success
+(a barrier) process 0 merges them into ``manifest.json``, checks that every shard of every
+split array was checksummed, removes the per-process files and renames the directory into
+place; a last all-gather tells every process whether that worked. A failure in any process
+(a refused path, bad metadata, different paths in different processes, a write error) makes
+every process raise and leaves ``path`` unchanged; a process that dies leaves the others
+waiting until the distributed runtime's timeout. The path must be on a file system all
+processes share (as orbax requires). :func:`restore` works in one process (every array read in
+full, checksums per saved shard) or in every process with global ``shardings`` (each reads and
+checks its own shards).
 
 Saving never deletes anything it did not write. The directory is written under a temporary
 sibling name and renamed into place only once everything (orbax included) is finished, so an
@@ -81,14 +97,19 @@ def _crc(x) -> int:
   return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).ravel().tobytes())
 
 
-def _is_sharded(v, where: str) -> bool:
-  """Whether ``v`` is a jax.Array split over several devices (saved without gathering)."""
+def _is_sharded(v) -> bool:
+  """Whether ``v`` is a jax.Array split over several devices (saved shard by shard, never
+  gathered; with several processes each process checksums the shards it holds)."""
   if not isinstance(v, jax.Array) or v.sharding.is_fully_replicated:
     return False
-  if not v.is_fully_addressable:
-    raise CheckpointError(f"{where} is split over several processes; saving from several "
-                          "processes is not supported (gather it, or save per process)")
   return len(v.sharding.device_set) > 1
+
+
+def _host(v) -> np.ndarray:
+  """``v`` as a host array; a replicated array of several processes from this process's copy."""
+  if isinstance(v, jax.Array) and not v.is_fully_addressable:
+    return np.asarray(v.addressable_data(0))
+  return np.asarray(v)
 
 
 def _index_key(index, shape) -> str:
@@ -103,7 +124,12 @@ def _shard_crcs(v) -> dict[str, int]:
 
 
 def _check_shards(a, shards: dict[str, int], where: str) -> None:
-  """Checks a restored array against per-shard checksums (per shard when the layout matches)."""
+  """Checks a restored array against per-shard checksums (per shard when the layout matches).
+
+  An array split over several processes checks the shards this process holds; the saved
+  shards that other processes hold in the same layout are theirs to check; a saved shard that
+  is no shard of the restored layout is checked on the gathered array.
+  """
   left = dict(shards)
   if isinstance(a, jax.Array):
     for s in a.addressable_shards:
@@ -111,8 +137,15 @@ def _check_shards(a, shards: dict[str, int], where: str) -> None:
       if k in left and s.replica_id == 0:
         if _crc(s.data) != left.pop(k):
           raise CheckpointError(f"{where} fails its checksum (shard {k}; corrupted checkpoint)")
+    if not a.is_fully_addressable:
+      theirs = {_index_key(i, a.shape) for i in a.sharding.devices_indices_map(a.shape).values()}
+      left = {k: c for k, c in left.items() if k not in theirs}
   if left:  # restored in another layout: check the saved shards' regions of the whole array
-    full = np.asarray(a)
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      full = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    else:
+      full = np.asarray(a)
     for k, crc in left.items():
       idx = tuple(slice(*map(int, r.split(":"))) for r in k.split(","))
       if _crc(full[idx]) != crc:
@@ -441,6 +474,10 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
          tokenizer=None, overwrite: bool = False) -> str:
   """Saves ``params`` (nested dict; dense and compressed leaves) atomically to ``path``.
 
+  With several processes (``jax.distributed``) every process calls it with the same ``path``
+  and tree; arrays split over the processes are written by the processes holding them, never
+  gathered (module docstring).
+
   Args:
     path: target directory (made absolute; orbax needs absolute paths).
     params: the parameter tree.
@@ -458,9 +495,41 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
       failed; the message states the cause (a full disk says so) and no temporary is left.
     TypeError: ``metadata`` is not JSON-serializable, or a compressed format is not registered.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   path = os.path.abspath(os.fspath(path))
+  if jax.process_count() > 1:
+    token = (zlib.crc32(path.encode()) & 0x3FFFFFFF) + 1  # the same path everywhere?
+    try:
+      manifest, _, arrays = _prepare(path, params, metadata, overwrite)
+    except Exception:
+      _all_ok(False, token)  # the other processes raise too instead of waiting for this one
+      raise
+    got = _all_ok(True, token)
+    if not got[:, 0].all():
+      raise CheckpointError(f"checkpoint.save({path!r}) failed in process(es) "
+                            f"{[int(i) for i in np.flatnonzero(got[:, 0] == 0)]} before writing "
+                            "(see their errors); the path is unchanged")
+    if (got[:, 1] != token).any():
+      raise CheckpointError(f"checkpoint.save({path!r}): the processes passed different paths "
+                            f"(process {jax.process_index()}: {path!r}); every process must save "
+                            "to the same path, on a file system they share")
+    return _save_processes(path, manifest, arrays, tokenizer, overwrite)
+  _, manifest_text, arrays = _prepare(path, params, metadata, overwrite)
+  swap = _Swap(path)
+  try:
+    swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=swap.parent)
+    _write_arrays(os.path.join(swap.tmp, "arrays"), arrays)
+    _write_rest(swap.tmp, manifest_text, tokenizer)
+    swap.install(overwrite)
+  except BaseException as e:
+    swap.undo()
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+      raise
+    raise CheckpointError(_failure_message(path, swap.parent, e)) from e
+  return path
+
+
+def _prepare(path: str, params: Any, metadata, overwrite: bool):
+  """``(manifest, manifest_text, arrays)`` of a save, after checking ``path`` and the room."""
   leaves: dict[str, Any] = {}
   arrays: dict[str, Any] = {}
   for i, (p, leaf) in enumerate(leaves_with_paths(params)):
@@ -469,12 +538,12 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     entry["crc32"] = {}
     for name, v in children.items():
       key = f"a{i}_{name}"
-      if _is_sharded(v, f"checkpoint.save({path!r}): array {p}/{name}"):
+      if _is_sharded(v):
         # Written shard by shard by orbax; checksummed per shard, never gathered.
         entry["crc32"][name] = {"shards": _shard_crcs(v)}
         arrays[key] = v
         continue
-      a = np.asarray(v)
+      a = _host(v)
       entry["crc32"][name] = _crc(a)
       if a.size:  # orbax cannot store empty arrays; restore rebuilds them from the manifest
         arrays[key] = a
@@ -486,56 +555,186 @@ def save(path: str, params: Any, *, metadata: dict[str, Any] | None = None,
     raise TypeError(f"checkpoint.save({path!r}): metadata is not JSON-serializable ({e})") from e
   check_output_path(path, overwrite=overwrite,
                     min_free_bytes=sum(a.nbytes for a in arrays.values()))
-  parent = os.path.dirname(path)
-  created = _makedirs(parent)
-  tmp = old = None
-  moved = False
-  try:
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    if arrays:
-      ckptr = ocp.StandardCheckpointer()
-      try:
-        ckptr.save(os.path.join(tmp, "arrays"), arrays)
-        ckptr.wait_until_finished()
-      finally:
-        ckptr.close()
-    else:
-      os.mkdir(os.path.join(tmp, "arrays"))
-    if tokenizer is not None:
-      tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-      f.write(manifest_text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-    kind = _existing(path, overwrite)  # again: something may have appeared meanwhile
+  return manifest, manifest_text, arrays
+
+
+class _Swap:
+  """A save in progress: its temporary directory, the parents it created, a checkpoint moved
+  aside; :meth:`install` puts the finished temporary at ``path``, :meth:`undo` removes what
+  the save wrote and puts a moved-aside checkpoint back."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.parent = os.path.dirname(path)
+    self.created = _makedirs(self.parent)
+    self.tmp: str | None = None
+    self.old: str | None = None
+    self.moved = False
+
+  def install(self, overwrite: bool) -> None:
+    os.chmod(self.tmp, 0o755)  # mkdtemp creates 0700
+    kind = _existing(self.path, overwrite)  # again: something may have appeared meanwhile
     if kind == "empty":
-      os.rmdir(path)  # fails, deleting nothing, if a file appeared in it
+      os.rmdir(self.path)  # fails, deleting nothing, if a file appeared in it
     elif kind == "checkpoint":
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.rename(path, os.path.join(old, "checkpoint"))
-      moved = True
-    os.rename(tmp, path)
-    tmp = None
-  except BaseException as e:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-      if moved and not os.path.lexists(path):
-        os.rename(os.path.join(old, "checkpoint"), path)  # the previous checkpoint stays
-      if not os.path.lexists(os.path.join(old, "checkpoint")):
-        shutil.rmtree(old, ignore_errors=True)
-    for d in created:
+      self.old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.old-", dir=self.parent)
+      os.rename(self.path, os.path.join(self.old, "checkpoint"))
+      self.moved = True
+    os.rename(self.tmp, self.path)
+    self.tmp = None
+    if self.old is not None:
+      shutil.rmtree(self.old, ignore_errors=True)  # our own previous checkpoint (overwrite=True)
+
+  def undo(self) -> None:
+    if self.tmp is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+    if self.old is not None:
+      if self.moved and not os.path.lexists(self.path):
+        os.rename(os.path.join(self.old, "checkpoint"), self.path)  # the previous one stays
+      if not os.path.lexists(os.path.join(self.old, "checkpoint")):
+        shutil.rmtree(self.old, ignore_errors=True)
+    for d in self.created:
       try:
         os.rmdir(d)
       except OSError:
         break
-    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
-      raise
-    raise CheckpointError(_failure_message(path, parent, e)) from e
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)  # our own previous checkpoint (overwrite=True)
-  return path
+
+
+def _write_arrays(arrays_dir: str, arrays: dict[str, Any]) -> None:
+  """orbax save of ``arrays`` (every process calls it with the same directory and keys)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not arrays:
+    if jax.process_index() == 0:
+      os.mkdir(arrays_dir)
+    return
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    ckptr.save(arrays_dir, arrays)
+    ckptr.wait_until_finished()
+  finally:
+    ckptr.close()
+
+
+def _write_rest(tmp: str, manifest_text: str, tokenizer) -> None:
+  if tokenizer is not None:
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+  with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+    f.write(manifest_text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (jax.distributed): every process calls save with the same tree.
+# --------------------------------------------------------------------------------------------
+
+_CRC_FILE = ".crc32-process-{}.json"
+
+
+def _all_ok(ok: bool, token: int = 0) -> np.ndarray:
+  """Every process's ``ok`` (and ``token``, ``(processes, 2)`` with it), gathered; also a
+  barrier: no process passes before all reach it."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  got = np.asarray(multihost_utils.process_allgather(np.asarray([int(ok), token], np.int32)))
+  got = got.reshape(-1, 2)
+  return got if token else got[:, 0]
+
+
+def _broadcast_name(name: str | None) -> str | None:
+  """Process 0's temporary directory name (``None``: it could not create one), on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  buf = np.zeros(256, np.int32)
+  if name is not None:
+    raw = np.frombuffer(name.encode(), np.uint8)
+    buf[0], buf[1:1 + raw.size] = raw.size, raw
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return None if got[0] == 0 else bytes(got[1:1 + got[0]].astype(np.uint8)).decode()
+
+
+def _expected_shards(v) -> set[str]:
+  return {_index_key(idx, v.shape) for idx in v.sharding.devices_indices_map(v.shape).values()}
+
+
+def _save_processes(path: str, manifest: dict[str, Any], arrays: dict[str, Any], tokenizer,
+                    overwrite: bool) -> str:
+  """:func:`save` with ``jax.process_count() > 1``: every process writes the shards it holds
+  (orbax: each process its addressable shards, process 0 the metadata and the arrays every
+  process holds in full) into one temporary directory that process 0 created; each process
+  writes the checksums of its shards beside; after all are done process 0 merges them into the
+  manifest, checks that every shard was checksummed, and renames the directory into place. The
+  steps are separated by all-gathers of every process's success, so a failure that a process
+  catches (ours, or an exception orbax raises) makes every process remove what was written and
+  raise; a process that dies, or hangs inside orbax's own barriers, leaves the others waiting
+  until orbax's or the distributed runtime's timeout."""
+  pid = jax.process_index()
+  where = f"checkpoint.save({path!r})"
+  swap = name = error = None
+  if pid == 0:
+    try:
+      swap = _Swap(path)
+      swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=swap.parent)
+      name = os.path.basename(swap.tmp)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      error = e
+  name = _broadcast_name(name)
+  if name is None:
+    if error is not None:
+      if swap is not None:
+        swap.undo()
+      raise CheckpointError(_failure_message(path, os.path.dirname(path), error)) from error
+    raise CheckpointError(f"{where} failed: process 0 could not create the temporary directory "
+                          "(see its error); the path is unchanged")
+  tmp = os.path.join(os.path.dirname(path), name)
+
+  ok = True
+  try:  # every process: its shards, then its checksums
+    _write_arrays(os.path.join(tmp, "arrays"), arrays)
+    mine = [[p, n, c["shards"]] for p, entry in manifest["leaves"].items()
+            for n, c in entry["crc32"].items() if isinstance(c, dict)]
+    with open(os.path.join(tmp, _CRC_FILE.format(pid)), "w", encoding="utf-8") as f:
+      json.dump(mine, f)
+      f.flush()
+      os.fsync(f.fileno())
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    ok, error = False, e
+  oks = _all_ok(ok)
+  if not oks.all():  # every process sees the same flags: all clean up and raise
+    if swap is not None:
+      swap.undo()
+    if error is not None:
+      raise CheckpointError(_failure_message(path, os.path.dirname(path), error)) from error
+    raise CheckpointError(f"{where} failed in process(es) "
+                          f"{[int(i) for i in np.flatnonzero(oks == 0)]} (see their errors); "
+                          "the path is unchanged")
+  if pid == 0:
+    try:  # process 0: merge the checksums, write the manifest, rename into place
+      for q in range(jax.process_count()):
+        crc_path = os.path.join(tmp, _CRC_FILE.format(q))
+        with open(crc_path, encoding="utf-8") as f:
+          for p, n, shards in json.load(f):
+            manifest["leaves"][p]["crc32"][n]["shards"].update(shards)
+        os.remove(crc_path)
+      for p, entry in manifest["leaves"].items():
+        for n, c in entry["crc32"].items():
+          v = arrays.get(f"a{entry['index']}_{n}")
+          if isinstance(c, dict) and set(c["shards"]) != _expected_shards(v):
+            raise CheckpointError(f"{where}: array {p}/{n}: the processes checksummed shards "
+                                  f"{sorted(c['shards'])}, expected "
+                                  f"{sorted(_expected_shards(v))}")
+      _write_rest(tmp, json.dumps(manifest, indent=1), tokenizer)
+      swap.install(overwrite)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      ok, error = False, e
+    if not ok:
+      swap.undo()
+  if _all_ok(ok).all():
+    return path
+  if error is None:
+    raise CheckpointError(f"{where} failed: process 0 could not finish the checkpoint (see its "
+                          "error); the path is unchanged")
+  if isinstance(error, CheckpointError):
+    raise error
+  raise CheckpointError(_failure_message(path, os.path.dirname(path), error)) from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,7 +958,7 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
       raise CheckpointError(f"checkpoint path {path!r}: shardings for {p} name arrays {extra} "
                             f"the stored leaf does not have "
                             f"({sorted(manifest['leaves'][p]['children'])}: another format?)")
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {}
   for p, entry in manifest["leaves"].items():
     for name, spec in entry["children"].items():

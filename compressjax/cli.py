@@ -7,6 +7,7 @@
   compressjax finetune --config configs/finetune_kd.py --config.checkpoint=runs/gptq_w2g64 \
       --config.output_dir=runs/gptq_w2g64_kd
   compressjax eval --checkpoint runs/rtn_w4g64
+  compressjax export --checkpoint runs/rtn_w4g64 --format compressed-tensors|gptq|gguf --out DIR
 
 Method arguments (``compression.kwargs.NAME``, ``compression.steps.I.NAME``,
 ``compression.rules.I.NAME``) may be set whether or not the config already holds them; values are
@@ -194,6 +195,35 @@ def eval_main(argv=None):
   return 0 if all(r["matches_saved"] for r in res.values()) else 1
 
 
+def export_main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(prog="compressjax export",
+                              description="Write a compressed checkpoint as a Hugging Face "
+                              "compressed-tensors or GPTQ checkpoint directory, or a llama.cpp GGUF file.")
+  p.add_argument("--checkpoint", required=True, help="directory written by `compressjax compress`")
+  p.add_argument("--format", required=True, choices=("compressed-tensors", "gptq", "gguf"))
+  p.add_argument("--out", required=True, help="output directory, or the .gguf file for gguf "
+                 "(written atomically)")
+  p.add_argument("--dtype", default=None, help="dtype of the dense tensors (default: float32 "
+                 "for compressed-tensors and gguf, float16 for gptq)")
+  p.add_argument("--snap-zero-points", action="store_true",
+                 help="move asymmetric float zeros onto the integer grid (lossy, <= scale/2)")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+  args = p.parse_args(argv)
+  from compressjax.io import export  # pylint: disable=g-import-not-at-top
+  try:
+    export.export_checkpoint(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype,
+                             snap=args.snap_zero_points, overwrite=args.overwrite)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or _debug([]):
+      raise
+    return _fail("compressjax export", e)
+  print(f"compressjax export: wrote {args.format} checkpoint {os.path.abspath(args.out)}")
+  return 0
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -206,6 +236,8 @@ def main(argv=None):
     return finetune_main([f"{argv[0]} finetune", *rest])
   if cmd == "eval":
     return eval_main(rest)
+  if cmd == "export":
+    return export_main(rest)
   print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
   return 2
 

@@ -67,6 +67,11 @@ class LlamaConfig:
     attention_bias: whether q/k/v projections carry a bias (Qwen2).
     sliding_window: ``None`` or the attention window (Mistral).
     bos_token_id, eos_token_id: special token ids (metadata only).
+    matmul_implementation: ``None`` (automatic) or the name of the
+      :func:`compressjax.formats.dot` implementation every linear layer prefers (``prefer=``),
+      e.g. ``"xla"``, ``"pallas"`` or ``"pallas_interpret"``; layers whose format lacks it, or
+      whose shapes it does not support, use the automatic choice. A run-time choice, not
+      architecture: :meth:`to_dict` leaves it out.
   """
 
   vocab_size: int
@@ -85,6 +90,7 @@ class LlamaConfig:
   sliding_window: int | None = None
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  matmul_implementation: str | None = None
 
   def __post_init__(self):
     hd = self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
@@ -114,7 +120,9 @@ class LlamaConfig:
     return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d.pop("matmul_implementation")
+    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,13 +316,15 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 class Linear(nnx.Module):
   """``y = x @ kernel (+ bias)``; ``kernel`` may be dense or any compressed leaf."""
 
-  def __init__(self, din: int, dout: int, *, use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, din: int, dout: int, *, use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32,
+               implementation: str | None = None):
     init = nnx.initializers.lecun_normal()
+    self.implementation = implementation  # static: formats.dot(..., prefer=)
     self.kernel = nnx.Param(init(rngs.params(), (din, dout), dtype))
     self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = formats.dot(x, self.kernel.get_value())
+    y = formats.dot(x, self.kernel.get_value(), prefer=self.implementation)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(y.dtype)
     return y
@@ -339,10 +349,14 @@ class Attention(nnx.Module):
     self.cfg = cfg
     h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     b = cfg.attention_bias
-    self.q_proj = Linear(d, h * hd, use_bias=b, rngs=rngs, dtype=dtype)
-    self.k_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype)
-    self.v_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype)
-    self.o_proj = Linear(h * hd, d, use_bias=False, rngs=rngs, dtype=dtype)
+    self.q_proj = Linear(d, h * hd, use_bias=b, rngs=rngs, dtype=dtype,
+                         implementation=cfg.matmul_implementation)
+    self.k_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype,
+                         implementation=cfg.matmul_implementation)
+    self.v_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype,
+                         implementation=cfg.matmul_implementation)
+    self.o_proj = Linear(h * hd, d, use_bias=False, rngs=rngs, dtype=dtype,
+                         implementation=cfg.matmul_implementation)
 
   def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None, capture=None):
     """x: (B, T, D). q_pos: (B, T). k_pos: (B, S). kv_cache: None or (k, v, start).
@@ -380,9 +394,12 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d, f = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype)
-    self.up_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype)
-    self.down_proj = Linear(f, d, use_bias=False, rngs=rngs, dtype=dtype)
+    self.gate_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype,
+                            implementation=cfg.matmul_implementation)
+    self.up_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype,
+                          implementation=cfg.matmul_implementation)
+    self.down_proj = Linear(f, d, use_bias=False, rngs=rngs, dtype=dtype,
+                            implementation=cfg.matmul_implementation)
 
   def __call__(self, x, capture=None):
     act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -432,7 +449,8 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.lm_head = (None if cfg.tie_word_embeddings else
-                    Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, dtype=dtype))
+                    Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, dtype=dtype,
+                           implementation=cfg.matmul_implementation))
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     return _gather_rows(self.embed.embedding.get_value(), tokens)

@@ -14,4 +14,6 @@ def get_config() -> ml_collections.ConfigDict:
   c = finetune_kd.get_config()
   c.name = "ste"
   c.finetune.mode = "ste"
+  # Beam of the AQLM codes' L2 re-encoding (1: coordinate descent over the codebooks).
+  c.finetune.beam_size = 1
   return c

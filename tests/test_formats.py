@@ -223,8 +223,9 @@ def test_registry_priority_fallback_and_forcing():
   qa, *_ = make_quantized(64, 8)
   w = _toy(qa)
   x = jnp.ones((2, 64))
-  # Unregistered subclass inherits QuantizedArray's "xla".
-  assert [i.name for i in formats.implementations(_ToyFormat)] == ["xla"]
+  # Unregistered subclass inherits QuantizedArray's implementations.
+  assert [i.name for i in formats.implementations(_ToyFormat)] == [
+      "pallas", "xla", "pallas_interpret"]
   calls = []
 
   def fast(x, w):
@@ -260,8 +261,9 @@ def test_registry_priority_fallback_and_forcing():
   # Names known elsewhere but not registered for this format.
   with pytest.raises(ValueError, match="not registered"):
     formats.dot(x, qa, implementation="marked")
-  # The base class registration is untouched.
-  assert [i.name for i in formats.implementations(formats.QuantizedArray)] == ["xla"]
+  # The base class registration is untouched (pallas_kernels registers its two kernels).
+  assert [i.name for i in formats.implementations(formats.QuantizedArray)] == [
+      "pallas", "xla", "pallas_interpret"]
 
 
 def test_no_implementation_applies():

@@ -64,7 +64,9 @@ def _mode_setup(mode: str, student, mask, fcfg, dcfg):
     return student, mask, {}
   if mode not in ("ste", "pv"):
     raise ValueError(f"finetune.mode must be 'kd', 'ste' or 'pv', got {mode!r}")
-  tree = (ste.to_ste if mode == "ste" else pv.to_pv)(student, fcfg.train)
+  beam = fcfg.get("beam_size", 1)  # the AQLM re-encoding's beam (other formats ignore it)
+  tree = (ste.to_ste(student, fcfg.train, beam_size=beam) if mode == "ste" else
+          pv.to_pv(student, fcfg.train, beam_size=beam))
   tmask = trainable_mask(tree, where=fcfg.train, train_dense=fcfg.train_dense or None)
   if mode == "ste":
     return tree, tmask, {}

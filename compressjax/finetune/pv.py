@@ -31,9 +31,17 @@ The paper's choices and ours:
   "StraightThroughAdam" of ``src/pv_optimizer.py``) and then projects (re-encodes) in plain
   L2; so do we, with the V learning rate ``lr_v`` (constant) and Adam moments kept across
   steps. The re-encoding is the L2-nearest code, not the ``P``-weighted one.
-* Codebooks: AQLM's V-step is a beam search over the selected groups; this module does scalar
-  grids (rounding) and VQ (nearest codeword) only; AQLM/E8P are refused by
-  :func:`~compressjax.finetune.ste.to_ste`.
+* Codebooks (AQLM, paper Sec. 4 / the reference's ``beam_search_l2.py``): the candidate codes
+  of each group vector are the L2 beam search of
+  :func:`codes_core.additive_encode` towards ``latent / s`` in the group's ``g``-dim space
+  (beam ``beam_size``, given to :func:`to_pv`; 1 = coordinate descent over the ``M``
+  codebooks), warm-started from the current codes; the unit is the group (its ``M`` codes),
+  ranked by the gain of its new codes, and at most ``floor(tau * groups)`` groups change. The
+  reference searches only the selected groups (those farthest from the buffer); we search all
+  and select by gain (the search is the V-step's main cost: ``M * 2**B * g`` multiply-adds
+  per group). E8P (and E8P inside an :class:`~compressjax.formats.Incoherent` leaf, in its
+  rotated space): the candidate is the exact nearest lattice codeword of ``latent / scale``.
+  VQ: the nearest codeword; scalar grids: rounding.
 
 References:
   Malinovskii, Mazur, Ilin, Kuznedelev, Burlachenko, Yi, Alistarh, Richtárik, "PV-Tuning:
@@ -80,9 +88,10 @@ class PVConfig:
       raise ValueError(f"PVConfig.delta_decay must be in [0, 1], got {self.delta_decay!r}")
 
 
-def to_pv(params: Any, where=None) -> Any:
-  """``params`` with the selected compressed leaves as PV leaves (stored-code forward)."""
-  return ste.to_ste(params, where, forward_codes="stored")
+def to_pv(params: Any, where=None, beam_size: int = 1) -> Any:
+  """``params`` with the selected compressed leaves as PV leaves (stored-code forward);
+  ``beam_size``: the beam of the AQLM V-step's re-encoding (1: coordinate descent)."""
+  return ste.to_ste(params, where, forward_codes="stored", beam_size=beam_size)
 
 
 def _latent_flags(params) -> list[bool]:
@@ -109,15 +118,23 @@ def v_budget(leaf: ste.STEWeight, tau: float) -> int:
 
 
 def v_update(leaf: ste.STEWeight, tau: float, delta_decay: float):
-  """One V-step on one PV leaf: ``(new_leaf, changed_codes)``."""
+  """One V-step on one PV leaf: ``(new_leaf, changed_units)``.
+
+  A unit is one code (scalar grid, VQ vector, E8P 8-vector) or, for AQLM, the ``M`` codes of
+  one group vector (the reference's "code group": changing any of them counts as changing
+  the group); at most :func:`v_budget` units change.
+  """
   old = leaf.prev_codes()
-  cand = leaf.codes(latent=leaf.latent)
+  cand = leaf.codes(latent=leaf.latent)  # re-encoding warm-started from ``old``
   w_old, w_new = leaf.decode(old), leaf.decode(cand)
   prio = codes_core.unit_priority(leaf.latent, w_old, w_new, leaf.unit_rows)
-  sel = codes_core.select_top(prio, v_budget(leaf, tau)) & (cand != old)
-  new = jnp.where(sel, cand, old)
+  differs = cand != old
+  if differs.ndim == 3:  # AQLM (I, N, M): a unit is a group's M codes
+    differs = jnp.any(differs, axis=-1)
+  sel = codes_core.select_top(prio, v_budget(leaf, tau)) & differs
+  new = jnp.where(sel[..., None] if old.ndim == 3 else sel, cand, old)
   stored = ste._wrap(leaf.kind, leaf.meta, None, leaf.scale, leaf.zero, leaf.codebook, new)  # pylint: disable=protected-access
-  codes0 = stored.packed if leaf.kind == "scalar" else stored.codes
+  codes0 = ste._stored(stored)  # pylint: disable=protected-access
   latent = leaf.latent + delta_decay * (leaf.decode(new) - leaf.latent)
   return dataclasses.replace(leaf, latent=latent.astype(leaf.latent.dtype),
                              codes0=codes0.astype(leaf.codes0.dtype)), jnp.sum(sel)

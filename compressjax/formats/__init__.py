@@ -88,3 +88,5 @@ __all__ = [
     "valid_group_sizes",
     "VQArray",
 ]
+
+import pallas_kernels  # noqa: E402,F401  registers the "pallas" / "pallas_interpret" matmuls

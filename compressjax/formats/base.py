@@ -116,6 +116,17 @@ class CompressedArray(abc.ABC):
     """Number of logical dimensions."""
     return len(self.shape)
 
+  def __getitem__(self, index):
+    """``w[...]`` is ``w`` itself (how Flax NNX's ``Linear`` reads its kernel); nothing else.
+
+    Raises:
+      TypeError: for any other index (materialize first to slice).
+    """
+    if index is Ellipsis:
+      return self
+    raise TypeError(f"{type(self).__name__} supports only w[...] (the whole leaf); call "
+                    f"materialize() to index it, got index={index!r}")
+
   @property
   def nbytes(self) -> int:
     """Bytes really stored: the sum of the bytes of all array children."""

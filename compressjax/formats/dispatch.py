@@ -130,7 +130,8 @@ def materialize(w: Any) -> jax.Array:
   return w
 
 
-def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array:
+def dot(x: jax.Array, w: Any, *, implementation: str | None = None,
+        prefer: str | None = None) -> jax.Array:
   """Computes ``x @ W`` for a dense or compressed ``(K, N)`` weight ``W``.
 
   Args:
@@ -139,6 +140,10 @@ def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array
     implementation: ``None`` to pick automatically, or the name of one
       registered implementation to force it. Dense weights always use
       ``jnp.matmul`` (any known name is accepted for them).
+    prefer: ``None``, or an implementation name tried first where it is registered for the
+      format and its ``can_use`` accepts the input, the automatic order otherwise (a model-wide
+      choice, e.g. ``LlamaConfig.matmul_implementation``, that formats without that
+      implementation do not refuse). Ignored when ``implementation`` is given.
 
   Returns:
     ``(..., N)`` array in ``jnp.result_type(x.dtype, w.dtype)``.
@@ -159,9 +164,10 @@ def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array
     >>> dot(jnp.ones((2, 32)), w, implementation="xla").shape
     (2, 4)
   """
-  if implementation is not None and implementation not in _known_names():
-    raise ValueError(f"unknown implementation={implementation!r}; known implementations are "
-                     f"{_known_names()}.")
+  for name, value in (("implementation", implementation), ("prefer", prefer)):
+    if value is not None and value not in _known_names():
+      raise ValueError(f"unknown {name}={value!r}; known implementations are "
+                       f"{_known_names()}.")
   if not isinstance(w, base.CompressedArray):
     if x.shape[-1] != w.shape[0]:
       raise ValueError(f"x.shape[-1]={x.shape[-1]} does not match w.shape[0]={w.shape[0]}.")
@@ -182,6 +188,9 @@ def dot(x: jax.Array, w: Any, *, implementation: str | None = None) -> jax.Array
         return impl.fn(x, w)
     raise ValueError(f"implementation={implementation!r} is not registered for {fmt}; "
                      f"registered: {[i.name for i in impls]}.")
+  if prefer is not None:
+    first = [i for i in impls if i.name == prefer]
+    impls = first + [i for i in impls if i.name != prefer]
   reasons = []
   for impl in impls:
     if impl.can_use is not None and not impl.can_use(x, w):

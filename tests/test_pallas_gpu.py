@@ -1,0 +1,75 @@
+"""Pallas kernels compiled for the real device (GPU or TPU): skipped on CPU, with the reason.
+
+Run on the GPU machine by ``experiments/gpu_kernels.sh``. Same cases as the interpret tests,
+at bf16 and float32, against the pure-jnp references.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compressjax import formats
+import pallas_kernels as pk
+
+_BACKEND = jax.default_backend()
+pytestmark = pytest.mark.skipif(
+    _BACKEND not in ("gpu", "cuda", "rocm", "tpu"),
+    reason=f"needs a GPU or TPU (default backend is {_BACKEND!r}); the same kernels run in "
+           f"interpret mode in tests/test_pallas_kernels.py")
+
+
+def _rel_err(y, want):
+  y, want = np.asarray(y, np.float32), np.asarray(want, np.float32)
+  return float(np.max(np.abs(y - want)) / (np.max(np.abs(want)) + 1e-6))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bits,gs,symmetric", [(2, 64, True), (3, 128, False), (4, 128, False),
+                                               (4, 32, True), (8, 128, True)])
+@pytest.mark.parametrize("rows", [1, 17, 128])
+def test_quant_matmul_on_device(bits, gs, symmetric, rows, dtype, tol):
+  rng = np.random.default_rng(bits + rows)
+  k, n = 1024, 1000
+  codes = jnp.asarray(rng.integers(0, 2**bits, (k, n)))
+  scale = jnp.asarray(rng.uniform(0.01, 0.1, (k // gs, n)), jnp.float16)
+  zero = None if symmetric else jnp.asarray(rng.normal(size=(k // gs, n)) * 0.1, jnp.float16)
+  w = formats.QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
+                                        symmetric=symmetric, dtype=dtype)
+  x = jnp.asarray(rng.normal(size=(rows, k)), dtype)
+  y = jax.jit(lambda x, w: formats.dot(x, w, implementation="pallas"))(x, w)
+  assert _rel_err(y, pk.quant_matmul_ref(x, w)) < tol
+
+
+@pytest.mark.parametrize("m,nbits", [(2, 8), (1, 16)])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_aqlm_matmul_on_device(m, nbits, rows):
+  rng = np.random.default_rng(m + rows)
+  k, n = 1024, 1000
+  w = formats.AdditiveCodebookArray.from_codes(
+      jnp.asarray(rng.integers(0, 2**nbits, (k // 8, n, m))),
+      jnp.asarray(rng.normal(size=(m, 2**nbits, 8)), jnp.float16),
+      jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float16), nbits=nbits)
+  x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+  y = jax.jit(lambda x, w: formats.dot(x, w, implementation="pallas"))(x, w)
+  assert _rel_err(y, pk.aqlm_matmul_ref(x, w)) < 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_e8p_matmul_on_device(rows):
+  rng = np.random.default_rng(rows)
+  w = formats.E8PArray(jnp.asarray(rng.integers(0, 2**16, (128, 1000)), jnp.uint16),
+                       jnp.asarray(0.5, jnp.float32), dtype=jnp.float32)
+  x = jnp.asarray(rng.normal(size=(rows, 1024)), jnp.float32)
+  y = jax.jit(lambda x, w: formats.dot(x, w, implementation="pallas"))(x, w)
+  assert _rel_err(y, pk.e8p_matmul_ref(x, w)) < 1e-4
+
+
+def test_gradient_on_device():
+  rng = np.random.default_rng(0)
+  w = formats.QuantizedArray.from_codes(
+      jnp.asarray(rng.integers(0, 16, (256, 128))), jnp.ones((2, 128), jnp.float32), None,
+      bits=4, group_size=128, symmetric=True)
+  x = jnp.asarray(rng.normal(size=(4, 256)), jnp.float32)
+  g = lambda impl: jax.grad(lambda x: jnp.sum(formats.dot(x, w, implementation=impl) ** 2))(x)
+  np.testing.assert_allclose(g("pallas"), g("xla"), rtol=1e-3, atol=1e-3)

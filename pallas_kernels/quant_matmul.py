@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from compressjax.formats import base
+from compressjax.formats import packing
 from compressjax.formats import quantized
 from pallas_kernels import _common
 from pallas_kernels.quant_matmul_ref import quant_matmul_ref, unpack_plane
@@ -38,8 +39,11 @@ __all__ = ["quant_matmul", "supports"]
 
 def supports(x: jax.Array, w: quantized.QuantizedArray) -> bool:
   """Cheap static check that the kernel handles ``x @ w``."""
+  # 3-bit codes are packed 10 per uint32 since formats.packing layout 2; this kernel still
+  # unpacks the old straddling bitstream, so 3-bit weights fall back to the XLA path
+  # (pallas_kernels/NOTE_3bit_layout.md says what to change).
   return (isinstance(w, quantized.QuantizedArray) and len(w.packed.shape) == 2
-          and w.group_size % 32 == 0 and w.shape[0] % 32 == 0
+          and w.bits not in packing.PER_WORD_BITS and w.group_size % 32 == 0 and w.shape[0] % 32 == 0
           and jnp.issubdtype(x.dtype, jnp.floating) and x.shape[-1] == w.shape[0])
 
 

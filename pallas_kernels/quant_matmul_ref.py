@@ -42,6 +42,8 @@ def unpack_plane(words: list[jax.Array], c: int, bits: int) -> jax.Array:
 def decode_planes(w: quantized.QuantizedArray) -> jax.Array:
   """The ``(K, N)`` codes rebuilt plane by plane with :func:`unpack_plane` (``int32``)."""
   k, n = w.shape
+  if w.bits in packing.PER_WORD_BITS:  # layout 2: 10 codes per word, no planes to rebuild
+    return w.codes().astype(jnp.int32)
   blocks = w.packed.reshape(-1, w.bits, n)
   planes = [unpack_plane([blocks[:, i] for i in range(w.bits)], c, w.bits) for c in range(32)]
   codes = jnp.stack(planes, axis=1).reshape(-1, n)[:k]  # row 32 b + c

@@ -48,7 +48,8 @@ def _lower(name, platform, target, rows):
   return f.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
 
 
-NAMES = ["quant2", "quant3", "quant4", "quant8", "aqlm2x8", "aqlm1x16", "e8p"]
+# No quant3: 3-bit codes are packed 10 per word (packing layout 2) and the kernel refuses them.
+NAMES = ["quant2", "quant4", "quant8", "aqlm2x8", "aqlm1x16", "e8p"]
 
 
 @pytest.mark.parametrize("name,rows", [(n, 1) for n in NAMES] + [("quant4", 17), ("quant4", 128), ("e8p", 64)])

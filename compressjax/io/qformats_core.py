@@ -14,16 +14,15 @@ Both public layouts decode a weight as ``w = scale * (q - z)`` with an **integer
   :func:`snap_zero_points` moves it there (lossy, by at most ``scale / 2`` per weight).
 
 compressed-tensors ``pack-quantized`` (``PackedQuantizationCompressor``): ``weight_packed``
-``int32 (N, ceil(K * bits / 32))``: signed codes ``q - 2**(bits-1)`` offset back to unsigned
-and packed as a dense little-endian bitstream along the input dim (32 codes fill exactly
-``bits`` words) -- the same bitstream as :mod:`compressjax.formats.packing`, along the other
-axis; ``weight_scale`` ``(N, G)``; asymmetric ``weight_zero_point`` ``int32
-(ceil(N * bits / 32), G)``: signed zero points offset to unsigned (which is our ``z``) packed
+``int32 (N, ceil(K / (32 // bits)))``: signed codes ``q - 2**(bits-1)`` offset back to unsigned
+and packed little-endian, ``32 // bits`` consecutive codes per word, along the input dim -- the
+same words as :mod:`compressjax.formats.packing` (whose 3-bit layout is also 10 codes per
+word), along the other axis; ``weight_scale`` ``(N, G)``; asymmetric ``weight_zero_point``
+``int32 (ceil(N / (32 // bits)), G)``: signed zero points offset to unsigned (which is our ``z``) packed
 along the output dim; ``weight_shape`` ``int64 [N, K]``.
 
 GPTQ (AutoGPTQ / GPTQModel ``qweight``/``qzeros``/``scales``/``g_idx``): ``qweight`` ``int32
-(K * bits / 32, N)`` = our packed words (same bitstream, same axis, including the 3-bit
-word-straddling layout); ``qzeros`` ``int32 (G, N * bits / 32)``: ``z`` packed along ``N``;
+(K * bits / 32, N)`` = our packed words (same bitstream, same axis; 2, 4 and 8 bits only); ``qzeros`` ``int32 (G, N * bits / 32)``: ``z`` packed along ``N``;
 ``scales`` ``(G, N)``; ``g_idx`` ``int32 (K,)`` = ``k // group_size``. On disk the
 ``checkpoint_format`` ``"gptq"`` (v1, what transformers/optimum/GPTQModel read by default)
 stores ``qzeros`` minus one in every field, computed -- as GPTQModel's
@@ -45,7 +44,6 @@ References:
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -68,9 +66,22 @@ GPTQ_V1_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 
 def _pack_u32(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
-  """:func:`compressjax.formats.packing.pack` in plain numpy (no compilation per shape)."""
+  """:func:`compressjax.formats.packing.pack` in plain numpy (no compilation per shape).
+
+  Widths in :data:`~compressjax.formats.packing.PER_WORD_BITS` (3) hold ``32 // bits`` codes
+  per word (the layout of compressed-tensors' ``pack_to_int32``); the others a bitstream.
+  """
   c = np.moveaxis(np.asarray(codes, np.uint64), axis, 0)
   length = c.shape[0]
+  if bits in packing.PER_WORD_BITS:
+    per = packing.codes_per_word(bits)
+    n = -(-length // per)
+    c = np.concatenate([c, np.zeros((n * per - length,) + c.shape[1:], np.uint64)])
+    c = c.reshape((n, per) + c.shape[1:])
+    words = np.zeros((n,) + c.shape[2:], np.uint64)
+    for i in range(per):
+      words |= c[:, i] << np.uint64(i * bits)
+    return np.moveaxis(words.astype(np.uint32), 0, axis)
   padded = packing.packed_length(length, bits) * 32 // bits
   c = np.concatenate([c, np.zeros((padded - length,) + c.shape[1:], np.uint64)])
   c = c.reshape((padded // 32, 32) + c.shape[1:])
@@ -88,6 +99,12 @@ def _pack_u32(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
 def _unpack_u8(words: np.ndarray, bits: int, length: int, axis: int) -> np.ndarray:
   """:func:`compressjax.formats.packing.unpack` in plain numpy."""
   w = np.moveaxis(np.asarray(words, np.uint64), axis, 0)
+  if bits in packing.PER_WORD_BITS:
+    per = packing.codes_per_word(bits)
+    mask = np.uint64(2**bits - 1)
+    out = np.stack([(w >> np.uint64(i * bits)) & mask for i in range(per)], axis=1)
+    out = out.reshape((w.shape[0] * per,) + w.shape[1:])[:length].astype(np.uint8)
+    return np.moveaxis(out, 0, axis)
   blocks = w.shape[0] // bits
   w = w.reshape((blocks, bits) + w.shape[1:])
   mask = np.uint64(2**bits - 1)
@@ -101,6 +118,12 @@ def _unpack_u8(words: np.ndarray, bits: int, length: int, axis: int) -> np.ndarr
     out[:, i] = (v & mask).astype(np.uint8)
   out = out.reshape((blocks * 32,) + w.shape[2:])[:length]
   return np.moveaxis(out, 0, axis)
+
+
+def _ct_words(length: int, bits: int) -> int:
+  """int32 words of ``length`` codes in compressed-tensors' ``pack_to_int32``: ``32 // bits``
+  codes per word (``ceil(length * bits / 32)`` for 2, 4 and 8 bits; ``ceil(length / 10)`` for 3)."""
+  return -(-int(length) // (32 // int(bits)))
 
 
 def _pad_words(words: np.ndarray, want: int, axis: int) -> np.ndarray:
@@ -213,11 +236,11 @@ def ct_pack(qa: QuantizedArray, where: str = "weight") -> dict[str, np.ndarray]:
   k, n = qa.shape
   z = integer_zero_points(qa, where)
   # Same bitstream per output column as ours: the words are our packed words, transposed.
-  words = np.asarray(qa.packed, np.uint32).T[:, :math.ceil(k * qa.bits / 32)]
+  words = np.asarray(qa.packed, np.uint32).T[:, :_ct_words(k, qa.bits)]
   out = {"weight_packed": np.ascontiguousarray(words).view(np.int32),
          "weight_scale": np.ascontiguousarray(np.asarray(qa.scale).T)}
   if not qa.symmetric:
-    zw = _pack_u32(np.ascontiguousarray(z.T), qa.bits, axis=0)[:math.ceil(n * qa.bits / 32)]
+    zw = _pack_u32(np.ascontiguousarray(z.T), qa.bits, axis=0)[:_ct_words(n, qa.bits)]
     out["weight_zero_point"] = np.ascontiguousarray(zw).view(np.int32)
   out["weight_shape"] = np.asarray([n, k], np.int64)
   return out
@@ -247,7 +270,7 @@ def ct_unpack(tensors: dict[str, np.ndarray], *, bits: int, group_size: int | No
     raise ValueError(f"{where}: group_size {gs} does not divide in_features {k}")
   g = k // gs
   packed = np.asarray(tensors["weight_packed"])
-  want_p = (n, math.ceil(k * bits / 32))
+  want_p = (n, _ct_words(k, bits))
   scale = np.asarray(tensors["weight_scale"])
   if packed.dtype != np.int32 or packed.shape != want_p:
     raise ValueError(f"{where}: weight_packed is {packed.dtype}{packed.shape}, expected "
@@ -260,7 +283,7 @@ def ct_unpack(tensors: dict[str, np.ndarray], *, bits: int, group_size: int | No
   z = None
   if not symmetric:
     zp = np.asarray(tensors["weight_zero_point"])
-    want_z = (math.ceil(n * bits / 32), g)
+    want_z = (_ct_words(n, bits), g)
     if zp.dtype != np.int32 or zp.shape != want_z:
       raise ValueError(f"{where}: weight_zero_point is {zp.dtype}{zp.shape}, expected "
                        f"int32{want_z} (packed along the output dim)")

@@ -85,7 +85,7 @@ def git_commit():
     return "unknown"
 
 
-def run(shapes, rows_list, bandwidth, out_path, reps=7):
+def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
   device = str(jax.devices()[0].device_kind)
   machine = f"{platform.node()}; {platform.processor() or platform.machine()}; jax {jax.__version__}"
   commit, date = git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -102,6 +102,8 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7):
       dense_f32 = _median_time(mm, x.astype(jnp.float32), wd, reps=reps)
       for name, w in leaves.items():
         for impl in formats.implementations(type(w)):
+          if impl.name.endswith("_interpret") and not with_interpret:
+            continue  # the Pallas interpreter: a correctness tool, not a speed path
           fn = jax.jit(lambda x, w, _n=impl.name: formats.dot(x, w, implementation=_n))
           try:
             t = _median_time(fn, x, w, reps=reps)
@@ -222,6 +224,8 @@ def main(argv=None):
   p.add_argument("--model", default="smollm2-135m-instruct", help="for --decode")
   p.add_argument("--methods", default=",".join(DECODE_METHODS), help="for --decode")
   p.add_argument("--new-tokens", type=int, default=64, help="for --decode")
+  p.add_argument("--with-interpret", action="store_true",
+                 help="also time the Pallas interpreter implementations (slow; off by default)")
   a = p.parse_args(argv)
   if a.decode:
     from compressjax.io import open_model  # pylint: disable=g-import-not-at-top
@@ -231,7 +235,8 @@ def main(argv=None):
     return
   bw = a.bandwidth or measure_bandwidth()
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({'given' if a.bandwidth else 'measured'})")
-  run(a.shapes.split(","), [int(r) for r in a.rows.split(",")], bw, a.out, reps=a.reps)
+  run(a.shapes.split(","), [int(r) for r in a.rows.split(",")], bw, a.out, reps=a.reps,
+      with_interpret=a.with_interpret)
 
 
 if __name__ == "__main__":

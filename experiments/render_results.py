@@ -24,7 +24,7 @@ COMMANDS = {
     "bench_structured_speed": "python experiments/bench_structured_speed.py",
     "bench_lowrank": "python experiments/bench_quality.py --bench bench_lowrank",
     "bench_extreme": "python experiments/bench_quality.py --bench bench_extreme",
-    "bench_finetune": ("compressjax finetune --config configs/finetune_kd.py "
+    "bench_finetune": ("compressjax finetune --config configs/finetune_{kd,ste,pv}.py "
                        "--config.checkpoint=runs/<config> --config.finetune.steps=16 "
                        "--config.finetune.lr=3e-4 "
                        "--config.results_file=experiments/results/bench_finetune.jsonl"),

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,30 +103,7 @@ def _check_dir(path: str, overwrite: bool, fn: str) -> str:
 
 def _atomic_dir(path: str, write) -> str:
   """Runs ``write(tmp)`` into a temporary sibling of ``path``, then renames it to ``path``."""
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  backup = None
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o755)
-    if os.path.isdir(path):
-      if os.listdir(path):
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rmdir(backup)
-        os.rename(path, backup)
-      else:
-        os.rmdir(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if backup is not None and not os.path.exists(path):
-      os.rename(backup, path)
-      backup = None
-    raise
-  if backup is not None:
-    shutil.rmtree(backup, ignore_errors=True)
-  return path
+  return hf.atomic_dir(path, write)
 
 
 def _collect(cfg: LlamaConfig, params: Any, fmt: str, where: str):

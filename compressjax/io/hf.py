@@ -656,11 +656,8 @@ def save_hf(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None, *,
                        f"expected {want}")
 
   np_dtype = _np_dtype(dtype)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  backup = None
-  try:
+
+  def write(tmp):
     shards = _plan_shards(specs, np_dtype.itemsize, max_shard_bytes)
     n = len(shards)
     weight_map, total = {}, 0
@@ -686,6 +683,22 @@ def save_hf(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None, *,
     _write_json(os.path.join(tmp, "generation_config.json"), gen)
     if tokenizer is not None:
       _write_tokenizer(tmp, cfg, tokenizer)
+
+  return atomic_dir(path, write)
+
+
+def atomic_dir(path: str, write) -> str:
+  """Runs ``write(tmp)`` into a temporary sibling of ``path``, then renames it to ``path``.
+
+  An existing directory at ``path`` is moved aside first and deleted only after the rename; on
+  any failure the temporary directory is removed and the old one put back.
+  """
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  backup = None
+  try:
+    write(tmp)
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     if os.path.isdir(path):
       if os.listdir(path):

@@ -355,8 +355,12 @@ def render_finetune(all_recs):
                  "-", "-", "-", "-", "-"])
     bw = compressed.get(base + "-ft")
     if bw is not None:
+      bf = (bw.get("settings") or {}).get("block_finetune") or {}
+      steps, batch = bf.get("steps"), bf.get("batch_size")
       rows.append([base, "block-wise (in the compression run)", fmt(bw["bits_per_param"]),
-                   fmt(bw["ppl_wiki"]), fmt(bw["ppl_austen"]), "-", "-",
+                   fmt(bw["ppl_wiki"]), fmt(bw["ppl_austen"]),
+                   f"{steps} per block" if steps else "-",
+                   f"{steps * batch * 512} per block" if steps and batch else "-",
                    fmt(bw["wall_s"], 0) + " (whole run)", "-", fmt(bw["peak_rss_mb"], 0)])
     for key, label in FT_STAGES:
       r = stages.get(key)

@@ -28,9 +28,11 @@ sys.path.insert(0, ROOT)
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from compressjax import calibration, data, pipeline, transforms as T  # pylint: disable=g-import-not-at-top
-from compressjax.io import load_model  # pylint: disable=g-import-not-at-top
+from compressjax import pipeline  # pylint: disable=g-import-not-at-top
 from compressjax.quantize import aqlm_core, obs_core  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import diag_extreme_layers  # pylint: disable=g-import-not-at-top
 
 # (M, B, g, beam, rounds, kmeans_iters, cg_iters); the bench_extreme config is 2x8 beam 2, 8 rounds.
 SETTINGS = (
@@ -92,22 +94,9 @@ def main():
   blocks = [int(b) for b in args.blocks.split(",")]
   settings = ([SETTINGS[int(i)] for i in args.settings.split(",")] if args.settings
               else list(SETTINGS))
-  model, tok = load_model("smollm2-135m-instruct")
-  windows = data.protocol_calibration_windows(tok, num=args.windows, seq_len=512, seed=0)
-  seen, held = {}, {}
-
-  def spy_into(store):
-    def spy(path, leaf, stats):
-      if int(path.split("/")[1]) in blocks:
-        store[path] = (jnp.asarray(leaf), stats.hessian / stats.n)
-      return leaf
-    return T.leafwise(spy, with_stats=True, name="spy")
-
-  calibration.run_sequential(model, windows, spy_into(seen), batch_size=4, progress=False)
-  if args.heldout:
-    calibration.run_sequential(
-        model, data.protocol_eval_windows(tok, "wiki", num_windows=args.heldout), spy_into(held),
-        batch_size=4, progress=False)
+  seen, held = diag_extreme_layers.layer_stats(blocks, args.windows, args.heldout)
+  seen = {p: (jnp.asarray(w), st.hessian / st.n) for p, (w, st) in seen.items()}
+  held = {p: (jnp.asarray(w), st.hessian / st.n) for p, (w, st) in held.items()}
   paths = sorted(seen, key=lambda p: (int(p.split("/")[1]), p))
   n_weights = sum(seen[p][0].size for p in paths)
   for setting in settings:

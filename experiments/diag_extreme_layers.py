@@ -39,6 +39,30 @@ def _recipe(config_name, incoherent):
   return T.chain(T.incoherence(0), t) if incoherent else t
 
 
+def layer_stats(blocks, windows: int, heldout: int):
+  """``(seen, held)``: ``{path: (kernel, LayerStats)}`` of every linear of ``blocks`` of the
+  uncompressed reference model, on ``windows`` protocol calibration windows and (``heldout`` >
+  0) on the first ``heldout`` wiki evaluation windows (a spy step records each layer's
+  statistics through the calibration engine and changes nothing)."""
+  model, tok = load_model("smollm2-135m-instruct")
+  seen, held = {}, {}
+
+  def spy_into(store):
+    def spy(path, leaf, stats):
+      if int(path.split("/")[1]) in blocks:
+        store[path] = (leaf, stats)
+      return leaf
+    return T.leafwise(spy, with_stats=True, name="spy")
+
+  cal = data.protocol_calibration_windows(tok, num=windows, seq_len=512, seed=0)
+  calibration.run_sequential(model, cal, spy_into(seen), batch_size=4, progress=False)
+  if heldout:
+    calibration.run_sequential(
+        model, data.protocol_eval_windows(tok, "wiki", num_windows=heldout), spy_into(held),
+        batch_size=4, progress=False)
+  return seen, held
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--blocks", default="5,20")
@@ -49,22 +73,7 @@ def main():
   ap.add_argument("--heldout", type=int, default=0, help="wiki evaluation windows (0: none)")
   args = ap.parse_args()
   blocks = [int(b) for b in args.blocks.split(",")]
-  model, tok = load_model("smollm2-135m-instruct")
-  windows = data.protocol_calibration_windows(tok, num=args.windows, seq_len=512, seed=0)
-  seen, held = {}, {}
-
-  def spy_into(store):
-    def spy(path, leaf, stats):
-      if int(path.split("/")[1]) in blocks:
-        store[path] = (leaf, stats)
-      return leaf
-    return T.leafwise(spy, with_stats=True, name="spy")
-
-  calibration.run_sequential(model, windows, spy_into(seen), batch_size=4, progress=False)
-  if args.heldout:
-    calibration.run_sequential(
-        model, data.protocol_eval_windows(tok, "wiki", num_windows=args.heldout), spy_into(held),
-        batch_size=4, progress=False)
+  seen, held = layer_stats(blocks, args.windows, args.heldout)
   runs = ([(m, False) for m in args.methods.split(",") if m]
           + [(m, True) for m in args.incoherent.split(",") if m])
   print("layer".ljust(30) + "".join(f"{m + ('+inc' if inc else ''):>26s}" for m, inc in runs))

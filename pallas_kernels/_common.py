@@ -26,7 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["CONFIGS", "KernelConfig", "config_for", "plane_major", "with_reference_vjp"]
+__all__ = ["CONFIGS", "KernelConfig", "config_for", "differentiable_factory", "plane_major",
+           "with_reference_vjp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,20 @@ def compute_dtype(x_dtype: Any, out_dtype: Any) -> Any:
   """Dtype the tiles are multiplied in: the output dtype when it is a float of >= 16 bits."""
   d = jnp.dtype(out_dtype)
   return d if jnp.issubdtype(d, jnp.floating) and d.itemsize >= 2 else jnp.dtype(jnp.float32)
+
+
+def differentiable_factory(forward: Callable, reference: Callable) -> Callable:
+  """A cached ``(interpret, config, target_name) -> f(x, w)``: the jitted ``forward`` kernel
+  (called with those keyword arguments) whose gradient is ``reference``'s
+  (:func:`with_reference_vjp`); one compiled function per setting."""
+
+  @functools.lru_cache(maxsize=None)
+  def make(interpret: bool, config: KernelConfig | None, target_name: str | None):
+    return with_reference_vjp(
+        jax.jit(functools.partial(forward, interpret=interpret, config=config,
+                                  target_name=target_name)), reference)
+
+  return make
 
 
 def with_reference_vjp(forward: Callable, reference: Callable) -> Callable:

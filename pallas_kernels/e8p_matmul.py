@@ -112,11 +112,7 @@ def _forward(x, w, *, interpret, config, target_name=None):
   return y[:m].reshape(batch + (n,))
 
 
-@functools.lru_cache(maxsize=None)
-def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
-  return _common.with_reference_vjp(
-      jax.jit(functools.partial(_forward, interpret=interpret, config=config,
-                                target_name=target_name)), e8p_matmul_ref)
+_differentiable = _common.differentiable_factory(_forward, e8p_matmul_ref)
 
 
 def e8p_matmul(x: jax.Array, w: e8p.E8PArray, *, interpret: bool = False,

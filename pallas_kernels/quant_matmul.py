@@ -122,11 +122,7 @@ def _forward(x, w, *, interpret, config, target_name=None):
   return y[:m].reshape(batch + (n,))
 
 
-@functools.lru_cache(maxsize=None)
-def _differentiable(interpret: bool, config: _common.KernelConfig | None, target_name: str | None):
-  return _common.with_reference_vjp(
-      jax.jit(functools.partial(_forward, interpret=interpret, config=config,
-                                target_name=target_name)), quant_matmul_ref)
+_differentiable = _common.differentiable_factory(_forward, quant_matmul_ref)
 
 
 def quant_matmul(x: jax.Array, w: quantized.QuantizedArray, *, interpret: bool = False,

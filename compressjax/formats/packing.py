@@ -284,15 +284,8 @@ def unpack(packed: jax.Array, bits: int, length: int,
   """
   _check_bits(bits)
   bits = int(bits)
-  if packed.dtype != jnp.uint32:
-    raise ValueError(f"packed must have dtype uint32, got {packed.dtype}.")
-  axis = _normalize_axis(axis, packed.ndim, "packed")
-  expected = packed_length(length, bits)
-  if packed.shape[axis] != expected:
-    raise ValueError(
-        f"packed has {packed.shape[axis]} words along axis {axis}, but "
-        f"length={length} codes of bits={bits} need "
-        f"packed_length(length, bits)={expected}.")
+  axis = _check_packed(packed, axis, packed_length(length, bits),
+                       f"length={length} codes of bits={bits} need packed_length(length, bits)=")
   return _unpack(packed, bits, int(length), axis)
 
 
@@ -441,15 +434,20 @@ def pack_stream(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
 def unpack_stream(packed: jax.Array, bits: int, length: int, axis: int = 0) -> jax.Array:
   """Unpacks the bitstream layout (:func:`pack_stream`) into ``uint8`` codes."""
   _check_bits(bits)
+  axis = _check_packed(packed, axis, stream_length(length, bits),
+                       f"the bitstream of length={length} codes of bits={bits} has ")
+  return _unpack_stream(packed, int(bits), int(length), axis)
+
+
+def _check_packed(packed: jax.Array, axis: int, expected: int, what: str) -> int:
+  """Checks ``packed`` is ``uint32`` with ``expected`` words along ``axis``; returns the axis."""
   if packed.dtype != jnp.uint32:
     raise ValueError(f"packed must have dtype uint32, got {packed.dtype}.")
   axis = _normalize_axis(axis, packed.ndim, "packed")
-  expected = stream_length(length, bits)
   if packed.shape[axis] != expected:
-    raise ValueError(
-        f"packed has {packed.shape[axis]} words along axis {axis}, but the bitstream of "
-        f"length={length} codes of bits={bits} has {expected}.")
-  return _unpack_stream(packed, int(bits), int(length), axis)
+    raise ValueError(f"packed has {packed.shape[axis]} words along axis {axis}, but {what}"
+                     f"{expected}.")
+  return axis
 
 
 def restream(packed: jax.Array, bits: int, length: int, axis: int = 0) -> jax.Array:

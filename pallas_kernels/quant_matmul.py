@@ -86,7 +86,7 @@ def _kernel(*refs, bits, steps, step, group, symmetric, layout, use_dot, cdtype)
     acc = acc + part * scale_ref[pl.ds(g, 1), :].astype(jnp.float32)
     if not symmetric:  # the offset term once per group, in the group's first step
       off = xsum_ref[:, pl.ds(g, 1)] * off_ref[pl.ds(g, 1), :]
-      acc = acc + jnp.where((s * step) % group == 0, off, jnp.zeros_like(off))
+      acc = acc + jnp.where(jax.lax.rem(s * step, group) == 0, off, jnp.zeros_like(off))
     return acc
 
   acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))

@@ -51,28 +51,67 @@ def _check(y, want, tol):
 
 # (bits, group_size, symmetric, rows, K, N). The interpret config has block_m=8, block_n=128,
 # block_k=256: rows 1, 3, 17 (17 spans 3 row blocks), N = 3, 40, 130, 200 (ragged column
-# blocks), several loop steps per group (g256 with K=512) and one group per step (g32..g128).
+# blocks), one group per step (g32..g256) and two steps per group (g512, asymmetric: the
+# offset term is added once per group).
 QUANT_CASES = [
     (2, 64, True, 1, 128, 130),
-    (3, 32, False, 3, 128, 40),
     (4, 128, False, 17, 256, 200),
+    (4, 512, False, 3, 512, 40),
     (8, 256, True, 3, 512, 3),
 ]
 
+# 3-bit codes, 10 per word (packing layout 2): K = 96, 192, 64 are not multiples of 10 (the
+# last word is part padding); K = 640 is. Steps of S codes read windows of P words (S, P) =
+# (32, 4) for g32 and for g64 at K=64 (7 words < 8: S halved), (64, 8) for g64, (128, 16)
+# for g128, (256, 32) for g512 (two steps per group, asymmetric).
+QUANT3_CASES = [
+    (32, False, 3, 96, 40),
+    (32, True, 17, 160, 24),
+    (64, True, 17, 192, 130),
+    (64, False, 1, 64, 7),
+    (128, False, 1, 640, 24),
+    (128, True, 3, 384, 16),
+    (512, False, 1, 512, 8),
+]
 
-@pytest.mark.parametrize("bits,gs,symmetric,rows,k,n", QUANT_CASES)
+
+@pytest.mark.parametrize("bits,gs,symmetric,rows,k,n",
+                         QUANT_CASES + [(3,) + c for c in QUANT3_CASES])
 def test_quant_matmul_matches_reference_and_materialize(bits, gs, symmetric, rows, k, n):
-  rng = np.random.default_rng(bits * 1000 + gs + rows)
+  rng = np.random.default_rng(bits * 1000 + gs + rows + k)
   w = _quantized(rng, k, n, bits, gs, symmetric)
   x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
-  if bits == 3:  # 10 codes per word (packing layout 2): the kernel refuses, formats.dot falls back
-    with pytest.raises(NotImplementedError):
-      pk.quant_matmul(x, w, interpret=True)
-    _check(pk.quant_matmul_ref(x, w), x @ w.materialize(), 1e-5)
-    return
+  assert pk.quant_matmul.__globals__["supports"](x, w)
   y = pk.quant_matmul(x, w, interpret=True)
   _check(y, pk.quant_matmul_ref(x, w), 1e-5)
   _check(y, x @ w.materialize(), 1e-5)
+
+
+def test_word_step_windows_cover_every_step():
+  """Each step's codes lie in its window of words, windows stay inside the array."""
+  word_step = pk.quant_matmul.__globals__["word_step"]
+  assert word_step(32, 256, 10) == (32, 4)
+  assert word_step(64, 256, 20) == (64, 8)
+  assert word_step(128, 256, 13) == (64, 8)  # 16 words > 13: S halved
+  assert word_step(128, 256, 64) == (128, 16)
+  assert word_step(1024, 512, 103) == (512, 64)
+  for gs, k in [(32, 96), (64, 64), (128, 640), (512, 1024), (96, 288)]:
+    n_words = -(-k // 10)
+    step, window = word_step(gs, 256, n_words)
+    assert gs % step == 0 and window & (window - 1) == 0 and window <= n_words
+    for lo in range(0, k, step):
+      first = min(lo // 10, n_words - window)
+      assert 10 * first <= lo and lo + step <= 10 * (first + window), (gs, k, lo)
+
+
+def test_unpack_word_plane_matches_packing():
+  rng = np.random.default_rng(5)
+  codes = jnp.asarray(rng.integers(0, 8, (97, 3)), jnp.uint8)
+  packed = packing.pack(codes, 3)  # (10, 3) words, codes 97..99 are zero padding
+  for c in range(10):
+    plane = pk.quant_matmul_ref.__globals__["unpack_word_plane"](packed, c, 3)
+    want = np.pad(np.asarray(codes), ((0, 3), (0, 0)))[c::10]
+    np.testing.assert_array_equal(np.asarray(plane), want)
 
 
 def test_quant_matmul_bf16_and_leading_batch_dims():
@@ -110,7 +149,7 @@ def test_unpack_plane_matches_packing_for_every_width():
   for bits in (2, 3, 4, 5, 8):
     codes = jnp.asarray(rng.integers(0, 2**bits, (64, 5)), jnp.uint8)
     # unpack_plane reads the bitstream (packing layout 1, = pack() except for 3-bit codes,
-    # which are now 10 per word and do not go through this kernel).
+    # which are now 10 per word and unpacked with unpack_word_plane).
     packed = packing.pack_stream(codes, bits).reshape(2, bits, 5)
     for c in (0, 10, 11, 21, 31):
       plane = pk.quant_matmul_ref.__globals__["unpack_plane"](
@@ -151,11 +190,13 @@ def _grads(fn, x, w, fields):
       x, *[getattr(w, f) for f in fields])
 
 
-@pytest.mark.parametrize("kind", ["quant", "aqlm", "e8p"])
+@pytest.mark.parametrize("kind", ["quant", "quant3", "aqlm", "e8p"])
 def test_gradients_match_xla_path(kind):
   rng = np.random.default_rng(3)
   if kind == "quant":
     w, fields, rows = _quantized(rng, 128, 40, 4, 32, False), ("scale", "zero"), 3
+  elif kind == "quant3":  # K = 96: 10 words, the last one part padding
+    w, fields, rows = _quantized(rng, 96, 24, 3, 32, False), ("scale", "zero"), 3
   elif kind == "aqlm":
     w, fields, rows = _aqlm(rng, 64, 200, 2, 8), ("codebooks", "scales"), 3
   else:

@@ -59,10 +59,10 @@ QUANT_CASES = [
     (8, 256, True, 3, 512, 3),
 ]
 
-# 3-bit codes, 10 per word (packing layout 2): K = 96, 192, 64, 384 are not multiples of 10
-# (the last word is part padding); K = 512 neither. Steps of S codes read windows of P words (S, P) =
-# (32, 4) for g32 and for g64 at K=64 (7 words < 8: S halved), (64, 8) for g64, (128, 16)
-# for g128, (256, 32) for g512 (two steps per group, asymmetric).
+# 3-bit codes, 10 per word (packing layout 2): no K here is a multiple of 10 (the last word is
+# part padding). Steps of S codes read windows of P words, (S, P) = (32, 4) for g32 and for
+# g64 at K=64 (7 words < 8: S halved), (64, 8) for g64, (128, 16) for g128, (256, 32) for
+# g512 (two steps per group, asymmetric).
 QUANT3_CASES = [
     (32, False, 3, 96, 40),
     (64, True, 17, 192, 130),

@@ -53,7 +53,8 @@ NAMES = ["quant2", "quant3", "quant4", "quant8", "aqlm2x8", "aqlm1x16", "e8p"]
 
 # quant3 (10 codes per word, K=512 -> 52 words, g128 -> steps of 128 codes in 16-word windows):
 # rows=128 also lowers its (64, 16) @ (16, 128) tensor-core dots.
-@pytest.mark.parametrize("name,rows", [(n, 1) for n in NAMES] + [("quant4", 17), ("quant4", 128), ("quant3", 128), ("e8p", 64)])
+@pytest.mark.parametrize("name,rows", [(n, 1) for n in NAMES] + [
+    ("quant4", 17), ("quant4", 128), ("quant3", 128), ("e8p", 64)])
 def test_lowers_for_cuda_through_triton(name, rows):
   # rows=1: broadcast products (decode); rows >= 64: tensor-core dots (gpu block_m = 64);
   # rows=17: padded to a power-of-2 row block (Triton needs power-of-2 tiles).

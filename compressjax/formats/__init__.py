@@ -50,6 +50,8 @@ from compressjax.formats.sharding import partition_specs
 from compressjax.formats.vq import VQArray
 from compressjax.formats.sharding import tree_shardings
 from compressjax.formats.e8p import E8PArray  # after the others: it imports quantize.e8p_core
+from compressjax.formats.e8p import E81BArray
+from compressjax.formats.e8p import e8p_rvq
 from compressjax.formats.incoherent import Incoherent  # after the others: it imports quantize
 
 __all__ = [
@@ -61,6 +63,8 @@ __all__ = [
     "QUANTIZED_BITS",
     "BitmaskSparse",
     "E8PArray",
+    "E81BArray",
+    "e8p_rvq",
     "CompressedArray",
     "KeptRows",
     "LowRank",

@@ -1,7 +1,17 @@
-"""QuIP#'s E8P lattice-codebook format: 16-bit codes of 8 weights, one scale per layer.
+"""QuIP#'s lattice-codebook formats: E8P (16-bit codes of 8 weights, one scale per layer), the
+1-bit E8 codebook E81B (8-bit codes of 8 weights), and their residual sums (3 and 4 bits).
+
+QuIP#'s 3- and 4-bit modes (E8P12RVQ3B, E8P12RVQ4B) store ``W = s (E8P(c1) + R(c2) / rs)``:
+:func:`e8p_rvq` builds that as a :class:`~compressjax.formats.SumArray` of an :class:`E8PArray`
+(scale ``s``) and a second lattice leaf with scale ``s / rs`` (:class:`E81BArray` for 3 bits,
+:class:`E8PArray` for 4), so a product decodes both terms tile by tile through the sum's
+tiled path and the dense weight is never built.
 
 References:
-  Tseng et al., "QuIP#", ICML 2024, arXiv:2402.04396 (Sec. 4.2, the E8P codebook).
+  Tseng et al., "QuIP#", ICML 2024, arXiv:2402.04396 (Sec. 4.2, the E8P codebook; Sec. 4.3 and
+  App. residual vector quantization for 3 and 4 bits). Cornell-RelaxML/quip-sharp
+  ``lib/codebook/latticee8_padded12_rvq3bit.py`` (``get_e81bgrid``),
+  ``latticee8_padded12_rvq4bit.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.formats import base
+from compressjax.formats import composite
 from compressjax.formats import dispatch
 from compressjax.formats import tiled
 from compressjax.quantize import e8p_core
 
-__all__ = ["E8PArray", "e8p_matmul_xla"]
+__all__ = ["E81BArray", "E8PArray", "e81b_matmul_xla", "e8p_matmul_xla", "e8p_rvq"]
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class E8PArray(base.CompressedArray):
@@ -95,3 +106,108 @@ def e8p_matmul_xla(x: jax.Array, w: E8PArray) -> jax.Array:
 tiled.register_rows_decoder(E8PArray, _prepare_e8p_rows, lambda w: e8p_core.CODESZ)
 jax.tree_util.register_dataclass(E8PArray, data_fields=["codes", "scale"], meta_fields=["dtype"])
 dispatch.register_matmul(E8PArray, "xla", e8p_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class E81BArray(base.CompressedArray):
+  """``W = scale * E81B(codes)``: ``(K, N)`` weight as 8-bit codes of QuIP#'s 1-bit E8 codebook.
+
+  Invariants: ``codes`` is ``(K // 8, N)`` ``uint8``; ``codes[b, n]`` indexes the 256-point table
+  ``e8p_core.E81B_GRID`` (the origin and the 240 roots of ``E8`` plus 15 points ``+-2 e_k``)
+  for the 8-vector ``W[8b:8b+8, n]``; ``scale`` is a float32 scalar ``()``;
+  ``shape = (8 * codes.shape[0], codes.shape[1])``. No codebook is stored (module constant).
+  Storage is exactly 1 bit per weight plus 4 bytes. It is the residual stage of QuIP#'s 3-bit
+  mode (:func:`e8p_rvq`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = E81BArray(jnp.asarray([[56, 255]], jnp.uint8), jnp.full((), 0.5), dtype=jnp.float32)
+    >>> w.shape, w.nbytes, w.materialize()[:, 1].tolist()  # the origin, then 0.5 * (-2 e_6)
+    ((8, 2), 6, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  dtype: object = dataclasses.field(metadata=dict(static=True), kw_only=True)
+
+  #: Continuous children a fine-tune may train (codes are discrete).
+  trainable: ClassVar[tuple[str, ...]] = ("scale",)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    cs = getattr(self.codes, "shape", None)
+    if isinstance(cs, tuple) and len(cs) != 2:
+      raise ValueError(f"E81BArray codes must be (K // 8, N), got shape {cs}")
+    if getattr(self.codes, "dtype", np.uint8) != np.uint8:
+      raise ValueError(f"E81BArray codes must be uint8, got {self.codes.dtype}")
+    if tuple(getattr(self.scale, "shape", ())) != ():
+      raise ValueError(f"E81BArray scale must be a scalar, got shape {self.scale.shape}")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (e8p_core.CODESZ * int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+  def __repr__(self):
+    return f"E81BArray(shape={self.shape}, dtype={self.dtype.name})"
+
+  def materialize(self) -> jax.Array:
+    acc = base.accumulation_dtype(self.dtype)
+    return (_decode_e81b_rows(self.codes, acc) * self.scale.astype(acc)).astype(self.dtype)
+
+
+def _decode_e81b_rows(codes: jax.Array, dtype) -> jax.Array:
+  """``(B, N)`` E81B codes -> the unscaled ``(8 B, N)`` weight rows they encode."""
+  b, n = codes.shape
+  v = e8p_core.e81b_decode(codes, dtype)  # (B, N, 8)
+  return jnp.swapaxes(v, 1, 2).reshape(b * e8p_core.CODESZ, n)
+
+
+def _prepare_e81b_rows(w: E81BArray):
+  def decode(start, size, dtype):
+    acc = base.accumulation_dtype(dtype)
+    codes = jax.lax.dynamic_slice_in_dim(w.codes, start // e8p_core.CODESZ,
+                                         size // e8p_core.CODESZ, axis=0)
+    return (_decode_e81b_rows(codes, acc) * w.scale.astype(acc)).astype(dtype)
+  return decode
+
+
+def e81b_matmul_xla(x: jax.Array, w: E81BArray) -> jax.Array:
+  """``x @ W`` tiled over ``K`` (:func:`compressjax.formats.tiled.tiled_dot`), as E8P's."""
+  return tiled.tiled_dot(x, w)
+
+
+tiled.register_rows_decoder(E81BArray, _prepare_e81b_rows, lambda w: e8p_core.CODESZ)
+jax.tree_util.register_dataclass(E81BArray, data_fields=["codes", "scale"], meta_fields=["dtype"])
+dispatch.register_matmul(E81BArray, "xla", e81b_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)
+
+
+def e8p_rvq(codes: jax.Array, resid_codes: jax.Array, scale: jax.Array, resid_scale: float,
+            *, dtype) -> composite.SumArray:
+  """QuIP#'s 3- or 4-bit RVQ weight ``scale * (E8P(codes) + R(resid_codes) / resid_scale)``.
+
+  A :class:`~compressjax.formats.SumArray` of ``E8PArray(codes, scale)`` and the residual leaf
+  with scale ``scale / resid_scale``: :class:`E81BArray` when ``resid_codes`` is ``uint8``
+  (E8P12RVQ3B, 3 bits per weight + 8 bytes), :class:`E8PArray` when it is ``uint16``
+  (E8P12RVQ4B, 4 bits per weight + 8 bytes). Both scales are stored (and trainable).
+
+  Args:
+    codes: ``(K // 8, N)`` ``uint16`` E8P codes (:func:`e8p_core.rvq_quantize`).
+    resid_codes: ``(K // 8, N)`` second-stage codes, ``uint8`` (E81B) or ``uint16`` (E8P).
+    scale: the float32 layer scale ``()``.
+    resid_scale: the residual's magnification (a positive float).
+    dtype: the weight's dtype.
+  """
+  if not resid_scale > 0:
+    raise ValueError(f"e8p_rvq: resid_scale must be > 0, got {resid_scale!r}")
+  scale = jnp.asarray(scale, jnp.float32)
+  s2 = (scale / jnp.float32(resid_scale)).astype(jnp.float32)
+  rdt = getattr(resid_codes, "dtype", None)
+  if rdt == np.uint8:
+    resid = E81BArray(resid_codes, s2, dtype=dtype)
+  elif rdt == np.uint16:
+    resid = E8PArray(resid_codes, s2, dtype=dtype)
+  else:
+    raise ValueError(f"e8p_rvq: resid_codes must be uint8 (E81B, 3 bits) or uint16 (E8P, 4 bits), "
+                     f"got {rdt}")
+  first = E8PArray(codes, scale, dtype=dtype)
+  return composite.SumArray((first, resid), shape=first.shape, dtype=first.dtype)

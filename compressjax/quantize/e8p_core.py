@@ -64,7 +64,8 @@ from compressjax.quantize import obs_core
 # pylint: disable=invalid-name
 
 __all__ = ["CODESZ", "ABS_GRID", "abs_grid", "all_codewords", "decode", "e8p_quantize",
-           "e8p_scale", "nearest", "tune", "DEFAULT_SCALE_OVERRIDE"]
+           "e8p_scale", "nearest", "tune", "DEFAULT_SCALE_OVERRIDE", "E81B_GRID", "e81b_grid",
+           "e81b_decode", "e81b_nearest", "RVQ_DEFAULTS", "rvq_nearest", "rvq_quantize"]
 
 #: Vector dimension: 8 weights per 16-bit code.
 CODESZ = 8
@@ -185,18 +186,20 @@ def e8p_scale(W: jax.Array, scale_override: float = DEFAULT_SCALE_OVERRIDE) -> j
   return jnp.where(rms > 0, rms / scale_override, 1.0).astype(jnp.float32)
 
 
-def _round_columns(w: jax.Array):
-  """Rounds ``w`` ``(8, N)`` column-wise: ``(codes (N,), q (8, N))``."""
-  codes, vals = nearest(w.T)
+def _e8p_round(x: jax.Array):
+  """E8P rounding as a codebook rule: ``((codes,), values)`` of 8-vectors ``x`` ``(M, 8)``."""
+  codes, vals = nearest(x)
+  return (codes,), vals
+
+
+def _round_columns(w: jax.Array, rnd=_e8p_round):
+  """Rounds ``w`` ``(8, N)`` column-wise with rule ``rnd``: ``(codes tuple of (N,), q (8, N))``."""
+  codes, vals = rnd(w.T)
   return codes, vals.T.astype(w.dtype)
 
 
-def tune(Wn: jax.Array, Q: jax.Array, codes: jax.Array, H: jax.Array, iters: int):
-  """``iters`` passes of block coordinate descent on ``tr((Wn - Q)^T H (Wn - Q))``.
-
-  Each 8-row block ``S`` (in order) is re-rounded to ``nearest(Q_S + H_SS^{-1} H_S: (Wn - Q))``,
-  the reference's ``quip_tune_iters`` step. Returns ``(Q, codes)``.
-  """
+def _tune(Wn, Q, codes, H, iters, rnd):
+  """:func:`tune` for any rounding rule ``rnd``; ``codes`` a tuple of ``(K // 8, N)`` arrays."""
   K, N = Wn.shape
   nb = K // CODESZ
   Hb = H.reshape(nb, CODESZ, K)
@@ -209,18 +212,64 @@ def tune(Wn: jax.Array, Q: jax.Array, codes: jax.Array, H: jax.Array, iters: int
     i = b * CODESZ
     q_old = jax.lax.dynamic_slice_in_dim(Q, i, CODESZ, axis=0)
     target = q_old + Hss_inv[b] @ (Hb[b] @ D)
-    c, q = _round_columns(target)
+    c, q = _round_columns(target, rnd)
     Q = jax.lax.dynamic_update_slice_in_dim(Q, q, i, axis=0)
     D = jax.lax.dynamic_update_slice_in_dim(
         D, jax.lax.dynamic_slice_in_dim(D, i, CODESZ, axis=0) + q_old - q, i, axis=0)
-    codes = jax.lax.dynamic_update_index_in_dim(codes, c, b, axis=0)
+    codes = tuple(jax.lax.dynamic_update_index_in_dim(a, ci, b, axis=0)
+                  for a, ci in zip(codes, c))
     return Q, D, codes
 
   def one_pass(_, carry):
     return jax.lax.fori_loop(0, nb, block, carry)
 
-  Q, _, codes = jax.lax.fori_loop(0, iters, one_pass, (Q, Wn - Q, codes))
+  Q, _, codes = jax.lax.fori_loop(0, iters, one_pass, (Q, Wn - Q, tuple(codes)))
   return Q, codes
+
+
+def tune(Wn: jax.Array, Q: jax.Array, codes: jax.Array, H: jax.Array, iters: int):
+  """``iters`` passes of block coordinate descent on ``tr((Wn - Q)^T H (Wn - Q))``.
+
+  Each 8-row block ``S`` (in order) is re-rounded to ``nearest(Q_S + H_SS^{-1} H_S: (Wn - Q))``,
+  the reference's ``quip_tune_iters`` step. Returns ``(Q, codes)``.
+  """
+  Q, (codes,) = _tune(Wn, Q, (codes,), H, iters, _e8p_round)
+  return Q, codes
+
+
+def _block_ldlq(W, H, rnd, code_dtypes, *, percdamp, blocksize, scale_override, tune_iters):
+  """BlockLDLQ of ``W`` under ``H`` with the 8-dimensional rounding rule ``rnd``.
+
+  ``rnd(x (M, 8)) -> (codes tuple of (M,) arrays of ``code_dtypes``, values (M, 8))``.
+  Returns ``(codes tuple of (K // 8, N), scale, info)`` (see :func:`e8p_quantize`).
+  """
+  K, N = W.shape
+  if K % CODESZ:
+    raise ValueError(f"E8P needs the input width K to be a multiple of {CODESZ}, got K={K}")
+  if blocksize % CODESZ:
+    raise ValueError(f"blocksize must be a multiple of {CODESZ}, got {blocksize}")
+  W = W.astype(jnp.float32)
+  H = H.astype(jnp.float32)
+  W, H, dead = obs_core.drop_dead(W, H)
+  Hinv, rel, damp, ok = obs_core.hinv_cholesky(H, percdamp)
+  scale = e8p_scale(W, scale_override)
+  Wn = W / scale
+  nb_pad = obs_core.padded_length(K, blocksize) // CODESZ
+
+  def rule(step: obs_core.Step, codes):
+    c, q = _round_columns(step.w, rnd)
+    codes = tuple(jax.lax.dynamic_update_index_in_dim(a, ci, step.j // CODESZ, axis=0)
+                  for a, ci in zip(codes, c))
+    return q, codes
+
+  codes0 = tuple(jnp.zeros((nb_pad, N), dt) for dt in code_dtypes)
+  Q, codes, loss = obs_core.sweep(Wn, Hinv, rule, codes0, blocksize=blocksize, step=CODESZ)
+  codes = tuple(c[:K // CODESZ] for c in codes)
+  if tune_iters:
+    Hd = H + damp * jnp.eye(K, dtype=H.dtype)
+    Q, codes = _tune(Wn, Q, codes, Hd, tune_iters, rnd)
+  info = {"loss": loss, "percdamp": rel, "damp": damp, "cholesky_ok": ok, "dead": dead}
+  return codes, scale, info
 
 
 @functools.partial(jax.jit, static_argnames=("percdamp", "blocksize", "scale_override",
@@ -243,29 +292,149 @@ def e8p_quantize(W: jax.Array, H: jax.Array, *, percdamp: float = 0.01, blocksiz
     ``W[8b:8b+8, n]``, ``scale`` a float32 scalar (``W ~ scale * decode(codes)``), and ``info``
     with the solver's ``loss`` (in units of the scaled weight) and the damping used.
   """
-  K, N = W.shape
-  if K % CODESZ:
-    raise ValueError(f"E8P needs the input width K to be a multiple of {CODESZ}, got K={K}")
-  if blocksize % CODESZ:
-    raise ValueError(f"blocksize must be a multiple of {CODESZ}, got {blocksize}")
-  W = W.astype(jnp.float32)
-  H = H.astype(jnp.float32)
-  W, H, dead = obs_core.drop_dead(W, H)
-  Hinv, rel, damp, ok = obs_core.hinv_cholesky(H, percdamp)
-  scale = e8p_scale(W, scale_override)
-  Wn = W / scale
-  nb_pad = obs_core.padded_length(K, blocksize) // CODESZ
-
-  def rule(step: obs_core.Step, codes):
-    c, q = _round_columns(step.w)
-    codes = jax.lax.dynamic_update_index_in_dim(codes, c, step.j // CODESZ, axis=0)
-    return q, codes
-
-  codes0 = jnp.zeros((nb_pad, N), jnp.uint16)
-  Q, codes, loss = obs_core.sweep(Wn, Hinv, rule, codes0, blocksize=blocksize, step=CODESZ)
-  codes = codes[:K // CODESZ]
-  if tune_iters:
-    Hd = H + damp * jnp.eye(K, dtype=H.dtype)
-    Q, codes = tune(Wn, Q, codes, Hd, tune_iters)
-  info = {"loss": loss, "percdamp": rel, "damp": damp, "cholesky_ok": ok, "dead": dead}
+  (codes,), scale, info = _block_ldlq(W, H, _e8p_round, (jnp.uint16,), percdamp=percdamp,
+                                      blocksize=blocksize, scale_override=scale_override,
+                                      tune_iters=tune_iters)
   return codes, scale, info
+
+
+# ------------------------------------------------------------------------------------------
+# Residual vector quantization: QuIP#'s 3- and 4-bit modes (E8P12RVQ3B, E8P12RVQ4B).
+# ------------------------------------------------------------------------------------------
+
+
+def e81b_grid() -> np.ndarray:
+  """The ``(256, 8)`` float32 table of QuIP#'s 1-bit E8 codebook ``E81B``, in the reference's order.
+
+  The 241 points of ``E8`` (all-integer or all-half-odd vectors with an even coordinate sum)
+  with squared norm ``<= 2`` (the origin and the 240 roots), listed as the reference
+  enumerates them (``get_e81bgrid``: the integer vectors of ``[-4, 3]^8`` in lexicographic
+  order, then the half-odd vectors of ``[-7/2, 7/2]^8`` in lexicographic order, filtered), then
+  15 of the 16 squared-norm-4 points ``+-2 e_k``: ``+2 e_0 .. +2 e_7``, ``-2 e_0 .. -2 e_6``
+  (the reference leaves out ``-2 e_7``). An 8-bit index per 8 weights: 1 bit per weight.
+
+  Only coordinates in ``{-1, 0, 1}`` (integer part) and ``{-1/2, 1/2}`` (half-odd part) can have
+  squared norm ``<= 2``, so those small products are enumerated; lexicographic order over them
+  is the reference's order over the larger ranges (the filter keeps the relative order).
+  """
+  ints = [v for v in itertools.product((-1, 0, 1), repeat=CODESZ)
+          if sum(c * c for c in v) <= 2 and sum(v) % 2 == 0]
+  halves = [v for v in itertools.product((-0.5, 0.5), repeat=CODESZ) if sum(v) % 2 == 0]
+  norm4 = [tuple(2.0 if k == i else 0.0 for k in range(CODESZ)) for i in range(CODESZ)]
+  norm4 += [tuple(-2.0 if k == i else 0.0 for k in range(CODESZ)) for i in range(CODESZ - 1)]
+  table = np.asarray(ints + halves + norm4, np.float32)
+  assert table.shape == (256, CODESZ), table.shape
+  return table
+
+
+#: The E81B table as a module constant.
+E81B_GRID = e81b_grid()
+
+#: Per-mode defaults of the reference codebooks: ``bits -> (scale_override, resid_scale)``.
+#: ``scale_override`` is the codebook's ``opt_scale`` (``Wscale = RMS(W) / opt_scale`` when no
+#: ``--scale_override`` is given: the 3-bit scripts give none; the 2-bit ones give 0.9), and
+#: ``resid_scale`` its ``opt_resid_scale`` (the residual is rounded at ``resid_scale`` times the
+#: first stage's scale): E8P12RVQ3B ``opt_scale = 0.98``, ``opt_resid_scale = 2.04``;
+#: E8P12RVQ4B ``opt_scale = 1.03``, ``opt_resid_scale = 3.45``.
+RVQ_DEFAULTS = {2: (DEFAULT_SCALE_OVERRIDE, None), 3: (0.98, 2.04), 4: (1.03, 3.45)}
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def e81b_decode(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Points ``(..., 8)`` of 8-bit E81B ``codes`` (row ``c`` of :data:`E81B_GRID`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> e81b_decode(jnp.asarray([56, 255], jnp.uint8)).tolist()  # the origin, then -2 e_6
+    [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -2.0, 0.0]]
+  """
+  return jnp.asarray(E81B_GRID, dtype)[jnp.asarray(codes).astype(jnp.int32)]
+
+
+@jax.jit
+def e81b_nearest(x: jax.Array):
+  """Exact nearest E81B point of each 8-vector (all 256 scored): ``(codes uint8, values)``."""
+  x = jnp.asarray(x)
+  if x.shape[-1] != CODESZ:
+    raise ValueError(f"e81b_nearest expects vectors of length {CODESZ}, got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  G = jnp.asarray(E81B_GRID, x.dtype)
+  score = 2 * x @ G.T - jnp.sum(G * G, axis=-1)
+  idx = jnp.argmax(score, axis=-1)
+  return idx.astype(jnp.uint8), G[idx]
+
+
+def _check_bits(bits):
+  if bits not in (3, 4):
+    raise ValueError(f"RVQ bits must be 3 (E8P + E81B) or 4 (E8P + E8P), got {bits!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "resid_scale"))
+def rvq_nearest(x: jax.Array, bits: int = 3, resid_scale: float | None = None):
+  """QuIP#'s residual vector quantization of 8-vectors ``x`` (``E8P12RVQ3B`` / ``E8P12RVQ4B``).
+
+  ``x`` is first rounded to its nearest E8P codeword ``v1`` (:func:`nearest`); the residual,
+  magnified by ``resid_scale``, ``r = (x - v1) resid_scale``, is rounded to the nearest point
+  ``v2`` of the second codebook (``bits=3``: E81B, :func:`e81b_nearest`; ``bits=4``: E8P
+  again), and ``x ~ v1 + v2 / resid_scale``. Both stages are exact nearest searches (the
+  reference's first stage searches a truncated table). Since E81B holds the origin, the 3-bit
+  result is never farther from ``x`` than ``v1``.
+
+  Args:
+    x: ``(..., 8)`` vectors (already divided by the layer scale).
+    bits: 3 or 4.
+    resid_scale: the residual's magnification; default the reference's (:data:`RVQ_DEFAULTS`).
+
+  Returns:
+    ``(codes, resid_codes, values)``: ``uint16`` E8P codes ``(...,)``, second-stage codes
+    ``(...,)`` (``uint8`` E81B or ``uint16`` E8P), and the ``(..., 8)`` values they decode to.
+  """
+  _check_bits(bits)
+  rs = RVQ_DEFAULTS[bits][1] if resid_scale is None else float(resid_scale)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  c1, v1 = nearest(x)
+  r = (x - v1) * rs
+  c2, v2 = e81b_nearest(r) if bits == 3 else nearest(r)
+  return c1, c2, v1 + v2 / rs
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "percdamp", "blocksize", "scale_override",
+                                             "resid_scale", "tune_iters"))
+def rvq_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, percdamp: float = 0.01,
+                 blocksize: int = 128, scale_override: float | None = None,
+                 resid_scale: float | None = None, tune_iters: int = 0):
+  """BlockLDLQ with QuIP#'s 3- or 4-bit RVQ codebook (:func:`rvq_nearest` per 8-row block).
+
+  The same recursion as :func:`e8p_quantize` (the reference's ``LDLQ`` calls
+  ``codebook.quantize`` on each block, whatever the codebook), with the joint two-stage
+  rounding as the rule and the codebook's scale choices (:data:`RVQ_DEFAULTS`).
+
+  Args:
+    W, H, percdamp, blocksize, tune_iters: as :func:`e8p_quantize`.
+    bits: 3 (E8P + E81B) or 4 (E8P + E8P).
+    scale_override: ``Wscale = RMS(W) / scale_override``; default the codebook's ``opt_scale``.
+    resid_scale: default the codebook's ``opt_resid_scale``.
+
+  Returns:
+    ``(codes, resid_codes, scale, info)``: ``(K // 8, N)`` ``uint16`` E8P codes, ``(K // 8, N)``
+    second-stage codes (``uint8`` E81B for 3 bits, ``uint16`` E8P for 4), the float32 layer
+    scale, and ``info`` as :func:`e8p_quantize`'s. The weight is
+    ``scale * (decode(codes) + decode2(resid_codes) / resid_scale)``.
+  """
+  _check_bits(bits)
+  so_default, rs_default = RVQ_DEFAULTS[bits]
+  so = so_default if scale_override is None else float(scale_override)
+  rs = rs_default if resid_scale is None else float(resid_scale)
+
+  def rnd(x):
+    c1, c2, v = rvq_nearest(x, bits=bits, resid_scale=rs)
+    return (c1, c2), v
+
+  dt2 = jnp.uint8 if bits == 3 else jnp.uint16
+  (codes, resid_codes), scale, info = _block_ldlq(
+      W, H, rnd, (jnp.uint16, dt2), percdamp=percdamp, blocksize=blocksize,
+      scale_override=so, tune_iters=tune_iters)
+  return codes, resid_codes, scale, info

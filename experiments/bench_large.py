@@ -11,7 +11,7 @@
    (``--work/model``), shard by shard: each tensor is generated from its own seed when its
    shard is written (``io.save_hf`` over :class:`compressjax.blocks.LazyTensor` leaves), so
    the writer holds one shard, never the model. Default shape: hidden 2048, intermediate 5632,
-   24 layers, 32 heads, 8 KV heads: 1,279,971,328 parameters, 5.12 GB in float32. Kept for
+   24 layers, 32 heads, 8 KV heads: 1,283,557,376 parameters, 5.13 GB in float32. Kept for
    the next run (``--regenerate`` rewrites it).
 2. ``compressjax compress`` (``configs/gptq_w4g64.py``: GPTQ 4-bit g64, act-order, static
    groups) runs in a subprocess with ``calibration.resume_dir``, on ``--windows`` x ``--seq-len``
@@ -26,7 +26,8 @@
    compared array by array (``bench_resume.checkpoints_identical``).
 4. One JSON record goes to ``--results`` (default ``experiments/results/bench_large.jsonl``):
    the model's parameters and file bytes, per-block seconds, RSS at the end of each block and
-   the peak RSS within each block, peak RSS of the killed attempt, the resumed attempt and the
+   the peak RSS within each block, its slope over the blocks against the compressed bytes the
+   engine keeps per finished block, peak RSS of the killed attempt, the resumed attempt and the
    reference, peak RSS after the last block (outside params, evaluation, save), whether the
    checkpoints are identical, the kill point, wall times.
 """
@@ -304,6 +305,8 @@ def main(argv=None):
       "block_rss_end_mb": series["rss_end_mb"],
       "block_rss_peak_mb": series["rss_peak_mb"],
       "rss_trend_mb_per_block": _trend_mb_per_block(series["rss_peak_mb"]),
+      # What the engine keeps per finished block (its compressed linears): the expected slope.
+      "compressed_block_mb": r_kill["linear_bytes"] / args.layers / 2**20,
       "rss_after_blocks_peak_mb": series["rss_after_blocks_peak_mb"],
       "killed_block_seconds": killed_blocks["seconds"],
       "killed_block_rss_end_mb": killed_blocks["rss_end_mb"],

@@ -140,6 +140,8 @@ def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
     samples.append((t, rss, nb))
     for b in range(last, nb):
       finished[b] = t
+      print(f"      block {b} finished at {t:.1f} s, RSS {rss:.0f} MiB (peak so far {peak:.0f})",
+            flush=True)
     last = max(last, nb)
     if kill_after is not None and nb >= kill_after:
       p.send_signal(signal.SIGKILL)

@@ -57,7 +57,7 @@ import bench_resume  # pylint: disable=g-import-not-at-top
 
 REAL = dict(hidden=2048, intermediate=5632, layers=24, heads=32, kv_heads=8, vocab=49152,
             windows=8, seq_len=512, eval_windows=1)
-TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=49152,
+TINY = dict(hidden=64, intermediate=128, layers=6, heads=4, kv_heads=2, vocab=49152,
             windows=4, seq_len=64, eval_windows=1)
 _SAMPLE_S = 0.2
 

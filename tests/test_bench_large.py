@@ -26,11 +26,14 @@ def test_tiny_random_llama_killed_and_resumed_is_identical(tmp_path, tiny_data):
   rec = json.loads(results.read_text().splitlines()[-1])
   assert rec["identical"] is True
   n = rec["settings"]["shape"]["layers"]
-  assert n == 4 and rec["settings"]["kill_after_blocks"] == 2
-  # Killed after at least two blocks, resumed exactly where the resume point said.
-  assert 2 <= rec["killed_with_blocks_finished"] < n
+  assert n == 6 and rec["settings"]["kill_after_blocks"] == 3
+  # Killed in the middle (the 0.2 s polling may let one more block finish before the kill),
+  # resumed exactly where the resume point said.
+  assert 3 <= rec["killed_with_blocks_finished"] < n
   assert rec["resumed_from_block"] == rec["killed_with_blocks_finished"]
-  for key in ("block_seconds", "block_rss_end_mb", "block_rss_peak_mb", "killed_block_seconds"):
+  for key in ("block_seconds", "killed_block_seconds"):  # two blocks may finish in one poll: 0 s
+    assert len(rec[key]) == n and all(v is not None and v >= 0 for v in rec[key]), (key, rec[key])
+  for key in ("block_rss_end_mb", "block_rss_peak_mb"):
     assert len(rec[key]) == n and all(v is not None and v > 0 for v in rec[key]), (key, rec[key])
   assert rec["peak_rss_killed_attempt_mb"] > 0 and rec["peak_rss_resumed_attempt_mb"] > 0
   assert rec["bits_per_param"] == 4.25 and np.isfinite(rec["ppl_wiki"])
@@ -45,7 +48,7 @@ def test_tiny_random_llama_killed_and_resumed_is_identical(tmp_path, tiny_data):
   want = bench_large.random_params(cfg, seed=0)
   abstract = jax.tree.leaves(to_abstract_tree(params))
   assert rec["model_params"] == sum(int(np.prod(a.shape)) for a in abstract)
-  for path in (("layers", 3, "mlp", "down_proj", "kernel"), ("lm_head", "kernel")):
+  for path in (("layers", 5, "mlp", "down_proj", "kernel"), ("lm_head", "kernel")):
     got, exp = params, want
     for k in path:
       got, exp = got[k], exp[k]

@@ -54,3 +54,7 @@ def test_tiny_random_llama_killed_and_resumed_is_identical(tmp_path, tiny_data):
       got, exp = got[k], exp[k]
     np.testing.assert_array_equal(got.load(), exp.load())
     assert abs(float(np.std(exp.load())) - 0.02) < 0.002
+
+  import render_results  # pylint: disable=g-import-not-at-top
+  text = render_results.render_large("bench_large", [rec])
+  assert "## bench_large" in text and "| yes |" in text

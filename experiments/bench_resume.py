@@ -48,6 +48,20 @@ def _finished_blocks(resume_dir):
     return 0
 
 
+def checkpoints_identical(a: str, b: str) -> bool:
+  """Whether two checkpoints hold the same tree bit for bit: manifests (structure, formats,
+  per-array CRC32s) equal and every restored array equal."""
+  ma, mb = checkpoint.read_manifest(a), checkpoint.read_manifest(b)
+  if ma["leaves"] != mb["leaves"]:
+    return False
+  pa, _ = checkpoint.restore(a)
+  pb, _ = checkpoint.restore(b)
+  import jax  # pylint: disable=g-import-not-at-top
+  la, lb = jax.tree.leaves(pa), jax.tree.leaves(pb)
+  return len(la) == len(lb) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
 def _records(path):
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -95,14 +109,7 @@ def main():
   wall = time.perf_counter() - t0
 
   print("[3/3] compare", flush=True)
-  ma, mb = checkpoint.read_manifest(ref), checkpoint.read_manifest(killed)
-  same_manifest = ma["leaves"] == mb["leaves"]
-  pa, _ = checkpoint.restore(ref)
-  pb, _ = checkpoint.restore(killed)
-  import jax  # pylint: disable=g-import-not-at-top
-  la, lb = jax.tree.leaves(pa), jax.tree.leaves(pb)
-  same_arrays = len(la) == len(lb) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+  identical = checkpoints_identical(ref, killed)
   r_ref, r_kill = _records(ref_res)[-1], _records(kill_res)[-1]
   rec = {
       "method": f"{r_ref['method']}-killed-resumed",
@@ -112,7 +119,7 @@ def main():
       "bits_per_param": r_kill["bits_per_param"],
       "ppl_wiki": r_kill["ppl_wiki"], "ppl_austen": r_kill["ppl_austen"],
       "reference_ppl_wiki": r_ref["ppl_wiki"], "reference_ppl_austen": r_ref["ppl_austen"],
-      "bit_identical": bool(same_manifest and same_arrays),
+      "bit_identical": identical,
       "wall_s": wall, "reference_wall_s": r_ref["total_wall_s"],
       "peak_rss_mb": max(r_ref["peak_rss_mb"], r_kill["peak_rss_mb"]),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

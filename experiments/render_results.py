@@ -31,6 +31,7 @@ COMMANDS = {
     "bench_resume": "python experiments/bench_resume.py",
     "bench_aqlm_tradeoff": "python experiments/bench_aqlm_tradeoff.py",
     "bench_peer": "python experiments/bench_peer.py",
+    "bench_large": "python experiments/bench_large.py",
 }
 INTRO = """# Results
 
@@ -311,6 +312,40 @@ def render_resume(name, recs):
       "Machine: " + "; ".join(machines), ""])
 
 
+def render_large(name, recs):
+  """The random 1-2B Llama compressed from disk, killed and resumed: per-block time and RSS."""
+  rows, blocks = [], []
+  for r in recs:
+    s = r["settings"]
+    rows.append([r["method"], f"{r['model_params'] / 1e9:.2f}B",
+                 fmt(r["model_file_bytes"] / 1e9), f"{s['calibration_windows']} x {s['seq_len']}",
+                 str(r["killed_with_blocks_finished"]),
+                 {True: "yes", False: "NO", None: "-"}[r["identical"]],
+                 fmt(r["block_seconds_median_after_first"], 1),
+                 fmt(r["rss_trend_mb_per_block"], 1), fmt(r.get("compressed_block_mb"), 1),
+                 fmt(r["peak_rss_killed_attempt_mb"], 0), fmt(r["peak_rss_resumed_attempt_mb"], 0),
+                 fmt(r["peak_rss_reference_mb"], 0), fmt(r["rss_after_blocks_peak_mb"], 0),
+                 fmt(r["wall_s"], 0), r["commit"], r["date"][:10]])
+    blocks.append(f"- {r['method']} ({r['date'][:10]}): seconds per block "
+                  f"[{', '.join(fmt(v, 1) for v in r['block_seconds'])}]; peak RSS MiB per block "
+                  f"[{', '.join(fmt(v, 0) for v in r['block_rss_peak_mb'])}]")
+  machines = sorted({r["machine"] for r in recs})
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+      "A randomly initialised Llama (float32 sharded safetensors, written shard by shard) "
+      "compressed block by block from its lazily read file (GPTQ w4g64 act-order), SIGKILLed "
+      "after half the blocks and resumed, against the same job never killed. Per-block series "
+      "are the uninterrupted run's (block 0 includes start-up and compilation); `RSS slope` is "
+      "the least-squares slope of the per-block peak RSS over blocks 1..n-1, against `kept`, the "
+      "compressed bytes the engine keeps per finished block; `after blocks` is "
+      "the peak RSS sampled after the last block (outside parameters, evaluation, save). "
+      "Perplexities of a random model are meaningless and not shown.", "",
+      table(["method", "params", "file GB", "cal. windows", "killed after", "identical",
+             "s/block", "RSS slope MiB/block", "kept MiB/block", "peak RSS killed", "peak RSS resumed",
+             "peak RSS uninterrupted", "after blocks", "wall s", "commit", "date"], rows), "",
+      *blocks, "", "Machine: " + "; ".join(machines), ""])
+
+
 def render_aqlm_tradeoff(name, recs):
   """AQLM's settings against their per-layer error and solver time (issue 13's trade-off)."""
   rows = []
@@ -445,6 +480,8 @@ def main():
       parts.append(render_resume(name, recs))
     elif name == "bench_aqlm_tradeoff":
       parts.append(render_aqlm_tradeoff(name, recs))
+    elif name == "bench_large":
+      parts.append(render_large(name, recs))
     elif name == "bench_kernels":
       parts.append(render_kernels(name, recs))
     else:

@@ -534,6 +534,8 @@ def _leaf_paths(tree: Any, prefix: tuple = ()) -> Iterator[tuple]:
 def _dense(leaf: Any, np_dtype: np.dtype) -> np.ndarray:
   if hasattr(leaf, "materialize"):  # a compressed leaf: export its dense equivalent
     leaf = leaf.materialize()
+  elif hasattr(leaf, "load") and hasattr(leaf, "shape"):  # a LazyTensor: read (or made) now
+    leaf = leaf.load()
   arr = np.asarray(leaf)
   return arr if arr.dtype == np_dtype else arr.astype(np_dtype)
 
@@ -608,8 +610,10 @@ def save_hf(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None, *,
   Args:
     path: the output directory.
     cfg: the model config.
-    params: nested dict in the :mod:`compressjax.model` layout (numpy/jax arrays or compressed
-      leaves; layer keys ints or digit strings), an ``nnx.State`` or a :class:`Llama` module.
+    params: nested dict in the :mod:`compressjax.model` layout (numpy/jax arrays, compressed
+      leaves or :class:`compressjax.blocks.LazyTensor` s, each read only when its shard is
+      written; layer keys ints or digit strings), an ``nnx.State`` or a :class:`Llama` module.
+      With ``LazyTensor`` leaves and ``max_shard_bytes`` only one shard is held at a time.
     tokenizer: ``tokenizers.Tokenizer``, a ``transformers`` tokenizer, or ``None``.
     dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: dtype of the stored weights.
     max_shard_bytes: split the weights into shards of at most this many bytes (a tensor larger

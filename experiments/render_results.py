@@ -373,6 +373,15 @@ def render_aqlm_tradeoff(name, recs):
 FT_STAGES = (("kd", "end-to-end KD, continuous only"), ("ste", "STE"), ("pv", "PV-tuning"))
 
 
+def _ft_label(r):
+  """A row label for a fine-tune run outside FT_STAGES: its mode and the V-step settings."""
+  ft = (r.get("settings") or {}).get("finetune") or {}
+  mode = ft.get("mode") or r["method"].split("+", 1)[1]
+  if mode == "pv":
+    return f"PV-tuning, tau {ft.get('tau')}, lr_v {ft.get('lr_v')}"
+  return f"{dict(FT_STAGES).get(mode, mode)} ({r['method'].split('+', 1)[1]})"
+
+
 def render_finetune(all_recs):
   """Issue 14: each base model before / after block-wise / KD / STE / PV at equal steps+tokens."""
   recs = all_recs.get("bench_finetune", [])
@@ -387,23 +396,29 @@ def render_finetune(all_recs):
     first = next(iter(stages.values()))
     rows.append([base, "before fine-tuning", fmt(first["bits_per_param"]),
                  fmt(first["before_ppl_wiki"]), fmt(first["before_ppl_austen"]),
-                 "-", "-", "-", "-", "-"])
+                 fmt(first.get("heldout_kd_before")), "-", "-", "-", "-", "-"])
     bw = compressed.get(base + "-ft")
     if bw is not None:
       bf = (bw.get("settings") or {}).get("block_finetune") or {}
       steps, batch = bf.get("steps"), bf.get("batch_size")
       rows.append([base, "block-wise (in the compression run)", fmt(bw["bits_per_param"]),
-                   fmt(bw["ppl_wiki"]), fmt(bw["ppl_austen"]),
+                   fmt(bw["ppl_wiki"]), fmt(bw["ppl_austen"]), "-",
                    f"{steps} per block" if steps else "-",
                    f"{steps * batch * 512} per block" if steps and batch else "-",
                    fmt(bw["wall_s"], 0) + " (whole run)", "-", fmt(bw["peak_rss_mb"], 0)])
-    for key, label in FT_STAGES:
+    # The three modes at the configs' defaults, then any other run of a base (e.g. a PV-tuning
+    # with another V learning rate: `--config.name=pv-lrv1e-3 --config.finetune.lr_v=1e-3`).
+    extra = [(k, _ft_label(stages[k])) for k in sorted(stages) if k not in dict(FT_STAGES)]
+    for key, label in list(FT_STAGES) + extra:
       r = stages.get(key)
       if r is None:
-        rows.append([base, label, "not measured yet"] + ["-"] * 7)
+        rows.append([base, label, "not measured yet"] + ["-"] * 8)
         continue
+      if key == "pv":
+        label = _ft_label(r)
       rows.append([base, label, fmt(r["bits_per_param"]), fmt(r["ppl_wiki"]),
-                   fmt(r["ppl_austen"]), str(r["steps"]), str(r["tokens_seen"]),
+                   fmt(r["ppl_austen"]), fmt(r.get("heldout_kd_after")), str(r["steps"]),
+                   str(r["tokens_seen"]),
                    fmt(r["wall_s"], 0), fmt(r.get("train_tokens_per_s"), 0),
                    fmt(r["peak_rss_mb"], 0)])
   if not rows:
@@ -414,8 +429,8 @@ def render_finetune(all_recs):
       "teacher's next-token distribution on protocol calibration windows (never the evaluation "
       "windows). All modes of one base at the same steps and tokens seen. Loss curves: "
       "`experiments/results/finetune_loss.png` (`python experiments/plot_finetune.py`).", "",
-      table(["base", "stage", "bits/param", "ppl wiki", "ppl austen", "steps", "tokens",
-             "train s", "train tok/s", "peak RSS MiB"], rows), ""])
+      table(["base", "stage", "bits/param", "ppl wiki", "ppl austen", "held-out KD", "steps",
+             "tokens", "train s", "train tok/s", "peak RSS MiB"], rows), ""])
 
 
 def render_peer(name, recs):

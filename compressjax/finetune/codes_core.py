@@ -98,16 +98,24 @@ def vq_encode(w: jax.Array, centroids: jax.Array, prev: jax.Array, *, dim: int,
   gk, gn, e, d = centroids.shape
   k, n = w.shape
   vg = group_size // dim
-  x = w.astype(jnp.float32).reshape(gk, vg, dim, gn, out_block).transpose(0, 3, 1, 4, 2)
+  # One row of vectors (all N outputs) at a time: the distances are (N, E) per row instead of
+  # (K / dim, N, E) per weight (a whole-model V-step otherwise holds gigabytes of them).
+  x = w.astype(jnp.float32).reshape(gk * vg, dim, gn, out_block).transpose(0, 2, 3, 1)
+  p = prev.astype(jnp.int32).reshape(gk * vg, gn, out_block)
   c = centroids.astype(jnp.float32)  # (gk, gn, E, d)
-  dist = (jnp.sum(x * x, -1)[..., None] - 2 * jnp.einsum("ghvod,ghed->ghvoe", x, c)
-          + jnp.sum(c * c, -1)[:, :, None, None, :])  # (gk, gn, vg, ob, E)
-  best = jnp.argmin(dist, axis=-1).astype(jnp.int32)
-  p = prev.astype(jnp.int32).reshape(gk, vg, gn, out_block).transpose(0, 2, 1, 3)
-  d_prev = jnp.take_along_axis(dist, p[..., None], axis=-1)[..., 0]
-  d_best = jnp.min(dist, axis=-1)
-  best = jnp.where(d_prev <= d_best, p, best)
-  return best.transpose(0, 2, 1, 3).reshape(k // dim, n)
+  c2 = jnp.sum(c * c, -1)  # (gk, gn, E)
+
+  def row(args):
+    xr, pr, r = args  # (gn, ob, d), (gn, ob), row index
+    cg, c2g = c[r // vg], c2[r // vg]
+    dist = (jnp.sum(xr * xr, -1)[..., None] - 2 * jnp.einsum("hod,hed->hoe", xr, cg)
+            + c2g[:, None, :])  # (gn, ob, E)
+    best = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    d_prev = jnp.take_along_axis(dist, pr[..., None], axis=-1)[..., 0]
+    return jnp.where(d_prev <= jnp.min(dist, axis=-1), pr, best)
+
+  best = jax.lax.map(row, (x, p, jnp.arange(gk * vg)), batch_size=min(16, gk * vg))
+  return best.reshape(k // dim, n)
 
 
 def unit_priority(target: jax.Array, old: jax.Array, new: jax.Array, unit_rows: int) -> jax.Array:

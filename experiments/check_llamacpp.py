@@ -117,8 +117,9 @@ def ggml_model(cfg, params, gguf_path):
   return build_model(cfg, params)
 
 
-def ggml_generate(model, prompt, new_tokens):
-  """Greedy tokens and the first step's logits with a float16 KV cache and ggml's attention."""
+def ggml_generate(model, prompts, new_tokens):
+  """Per prompt: greedy tokens and the first step's logits, with a float16 KV cache and ggml's
+  attention (one compiled one-token step serves every prompt)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -127,21 +128,28 @@ def ggml_generate(model, prompt, new_tokens):
   from compressjax.model import init_cache  # pylint: disable=g-import-not-at-top
 
   graphdef, state = nnx.split(model)
+  results = []
   with ggml_emulate.emulate_attention():
     @jax.jit
     def step(state, toks, cache):
       logits, cache = nnx.merge(graphdef, state)(toks, cache)
       return logits[:, -1], cache
 
-    cache = init_cache(model.cfg, 1, len(prompt) + new_tokens, dtype=jnp.float16)
-    lg, cache = step(state, jnp.asarray([prompt], jnp.int32), cache)
-    first = np.asarray(lg[0], np.float32)
-    out = []
-    for i in range(new_tokens):
-      out.append(int(np.argmax(np.asarray(lg[0]))))
-      if i + 1 < new_tokens:
-        lg, cache = step(state, jnp.asarray([[out[-1]]], jnp.int32), cache)
-  return out, first
+    max_len = max(128, max(len(p) for p in prompts) + new_tokens)
+    for prompt in prompts:
+      # Unused cache slots are masked exactly. The prompt goes in one token at a time (llama.cpp's
+      # batched prompt quantizes each row the same way; only float summation order differs).
+      cache = init_cache(model.cfg, 1, max_len, dtype=jnp.float16)
+      for t in prompt:
+        lg, cache = step(state, jnp.asarray([[t]], jnp.int32), cache)
+      first = np.asarray(lg[0], np.float32)
+      out = []
+      for i in range(new_tokens):
+        out.append(int(np.argmax(np.asarray(lg[0]))))
+        if i + 1 < new_tokens:
+          lg, cache = step(state, jnp.asarray([[out[-1]]], jnp.int32), cache)
+      results.append((out, first))
+  return results
 
 
 def main(argv=None) -> int:
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
         if params_ is None:
           cfg, params_ = quantized_params(src, grid)
         gm = ggml_model(cfg, params_, out)
-        res = [ggml_generate(gm, p, a.new_tokens) for p in prompts]
+        res = ggml_generate(gm, prompts, a.new_tokens)
         e = {"prompts": prompts, "new_tokens": a.new_tokens, "tokens": [r[0] for r in res],
              "first": [r[1].tolist() for r in res]}
         json.dump(e, open(ecache, "w"))

@@ -1,0 +1,189 @@
+"""Emulation of llama.cpp's CPU (ggml) arithmetic, to compare our outputs with llama.cpp's exactly.
+
+ggml's CPU backend does not multiply a quantized weight by float activations: it first quantizes
+the activations per block of 32 along ``K`` into the weight type's ``vec_dot_type`` (``Q8_0`` for
+``Q4_0``/``Q8_0`` weights, ``Q8_1`` for ``Q4_1``), then takes integer dot products per block and
+scales them in float32. Its attention keeps the KV cache in float16 and converts the other operand
+of the ``K·Q`` and ``V·softmax`` products to float16 (the ``vec_dot_type`` of an F16 matrix).
+This module reproduces that arithmetic in JAX so that a check of llama.cpp against our model
+(``experiments/check_llamacpp.py --emulate-ggml``) compares like with like:
+
+* :func:`quantize_q8` -- activations to ``Q8_0``/``Q8_1`` blocks, as the x86 AVX2 path does;
+* :func:`ggml_dot` -- ``x @ W`` for a :class:`~compressjax.formats.QuantizedArray` stored exactly
+  as ``Q4_0``/``Q4_1``/``Q8_0``, registered as ``formats.dot(..., implementation="ggml")`` (never
+  chosen automatically: its priority is below the ``"xla"`` fallback; select it with
+  ``implementation=`` / ``prefer=`` or ``LlamaConfig.matmul_implementation="ggml"``);
+* :func:`ggml_attention` -- the non-flash attention of llama.cpp with a float16 KV cache, a
+  drop-in for the model's attention function (see :func:`emulate_attention`).
+
+Bit-exactness: the block quantization and the integer block sums are exact; the float32 sum over
+blocks runs in another order than ggml's 8-lane AVX2 accumulator (``fmadd`` then a horizontal
+add), so the result agrees to float32 summation-order rounding (a few ulp of the largest partial
+sum), not bit for bit.
+
+References:
+  llama.cpp ``ggml/src/ggml-cpu/arch/x86/quants.c`` (``quantize_row_q8_0``,
+  ``quantize_row_q8_1``, ``ggml_vec_dot_q4_0_q8_0``, ``ggml_vec_dot_q4_1_q8_1``,
+  ``ggml_vec_dot_q8_0_q8_0``), ``ggml/src/ggml-common.h`` (``block_q8_0``, ``block_q8_1``),
+  ``src/llama-graph.cpp`` (``build_attn_mha``), as vendored by llama-cpp-python 0.3.36.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.formats import dispatch
+from compressjax.formats import quantized
+
+__all__ = ["QK", "can_use_ggml", "emulate_attention", "ggml_attention", "ggml_dot", "ggml_type",
+           "quantize_q8"]
+
+#: ggml's block length along ``K`` for Q4_0, Q4_1, Q8_0, Q8_0 and Q8_1.
+QK = 32
+
+
+def _f16(x: jax.Array) -> jax.Array:
+  """``x`` rounded to float16 (round to nearest even, as F16C ``_cvtss_sh``) and back to f32."""
+  return x.astype(jnp.float16).astype(jnp.float32)
+
+
+def quantize_q8(x: jax.Array, *, with_sum: bool = False):
+  """ggml's ``quantize_row_q8_0`` / ``quantize_row_q8_1`` (x86 AVX2 path) on the last axis.
+
+  Per block of 32: ``amax = max|x|``, ``d = amax / 127``, ``id = 127 / amax`` (0 when
+  ``amax == 0``), ``q = round_half_even(x * id)`` (``_mm256_round_ps``), stored ``d`` is
+  ``fp16(d)``; ``Q8_1`` also stores ``s = fp16(d * sum(q))`` with the float32 ``d``.
+  (ggml's scalar reference ``quantize_row_q8_0_ref`` uses ``id = 1 / d`` and ``roundf``, half
+  away from zero; the AVX2 path above is the one llama.cpp runs on x86.)
+
+  Args:
+    x: float32 activations ``(..., K)`` with ``K % 32 == 0``.
+    with_sum: also return ``s`` (``Q8_1``).
+
+  Returns:
+    ``(q, d)`` or ``(q, d, s)``: ``q`` float32 integer values in ``[-127, 127]`` of shape
+    ``(..., K // 32, 32)``; ``d`` (and ``s``) float32 values of float16 numbers, ``(..., K // 32)``.
+  """
+  k = x.shape[-1]
+  if k % QK:
+    raise ValueError(f"quantize_q8: x.shape[-1]={k} must be a multiple of {QK}.")
+  xb = x.astype(jnp.float32).reshape(*x.shape[:-1], k // QK, QK)
+  amax = jnp.max(jnp.abs(xb), axis=-1)
+  d = amax / jnp.float32(127.0)
+  inv = jnp.where(amax != 0, jnp.float32(127.0) / jnp.where(amax != 0, amax, 1), 0)
+  q = jnp.round(xb * inv[..., None])
+  if not with_sum:
+    return q, _f16(d)
+  return q, _f16(d), _f16(d * jnp.sum(q, axis=-1))
+
+
+def ggml_type(w) -> str | None:
+  """The ggml type whose vec-dot :func:`ggml_dot` emulates for ``w``, or ``None``."""
+  if not isinstance(w, quantized.QuantizedArray) or len(w.shape) != 2:
+    return None
+  if w.shape[0] % QK or w.group_size % QK:
+    return None
+  if not isinstance(w.scale, jax.Array) or (w.zero is not None and not isinstance(w.zero, jax.Array)):
+    return None
+  if w.bits == 8 and w.symmetric:
+    return "Q8_0"
+  if w.bits == 4:
+    return "Q4_0" if w.symmetric else "Q4_1"
+  return None
+
+
+def can_use_ggml(x: jax.Array, w) -> bool:
+  """Static predicate: ``w`` is a ``Q4_0``/``Q4_1``/``Q8_0``-shaped QuantizedArray."""
+  del x
+  return ggml_type(w) is not None
+
+
+def ggml_dot(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
+  """``x @ W`` as ggml's CPU backend computes it for ``W`` stored as Q4_0, Q4_1 or Q8_0.
+
+  ``x`` is quantized per block of 32 (:func:`quantize_q8`; ``Q8_1`` for Q4_1), then per block
+  ``b`` and output ``n``: ``isum = sum_j qx[j] * qw[j, n]`` (exact integers), and
+  ``y[n] = sum_b (d_w[b, n] * d_x[b]) * isum[b, n]`` (+ ``sum_b m_w[b, n] * s_x[b]`` for Q4_1),
+  float32; ``qw`` is ``code - 8`` (Q4_0), ``code`` (Q4_1) or ``code - 128`` (Q8_0). The scales
+  (and Q4_1 zeros) are used as float32 values; they equal the file's float16 ``d`` (``m``) when
+  ``W`` was imported from or exported to GGUF.
+
+  Raises:
+    NotImplementedError: ``w`` is not one of those layouts (see :func:`ggml_type`).
+  """
+  qtype = ggml_type(w)
+  if qtype is None:
+    raise NotImplementedError(f"ggml_dot emulates Q4_0/Q4_1/Q8_0 (bits 4 or symmetric 8, groups "
+                              f"of a multiple of {QK}, array scales); got {w!r}.")
+  k, n = w.shape
+  nb = k // QK
+  rep = w.group_size // QK
+  codes = w.codes().astype(jnp.float32).reshape(nb, QK, n)
+  offset = {"Q4_0": 8.0, "Q4_1": 0.0, "Q8_0": 128.0}[qtype]
+  qw = codes - offset
+  dw = jnp.repeat(jnp.asarray(w.scale_values(), jnp.float32), rep, axis=0)  # (nb, N)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  if qtype == "Q4_1":
+    qx, dx, sx = quantize_q8(x2, with_sum=True)
+  else:
+    qx, dx = quantize_q8(x2)
+  # Integer block sums: |sum| <= 32 * 127 * 128 < 2**24, so float32 holds them exactly.
+  isum = jnp.einsum("tbj,bjn->tbn", qx, qw, precision=jax.lax.Precision.HIGHEST)
+  scale = dx[:, :, None] * dw[None]  # fp32(d_x * d_w), as ggml's combined block scale
+  y = jnp.sum(scale * isum, axis=1)
+  if qtype == "Q4_1":
+    mw = jnp.repeat(jnp.asarray(w.zero_values(), jnp.float32), rep, axis=0)
+    y = y + jnp.einsum("tb,bn->tn", sx, mw, precision=jax.lax.Precision.HIGHEST)
+  out_dtype = jnp.result_type(x.dtype, w.dtype)
+  return y.reshape(*lead, n).astype(out_dtype)
+
+
+dispatch.register_matmul(quantized.QuantizedArray, "ggml", ggml_dot, can_use=can_use_ggml,
+                         priority=dispatch.FALLBACK_PRIORITY - 1)
+
+
+def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):
+  """llama.cpp's non-flash attention with an F16 KV cache; same signature as the model's.
+
+  ``kq = mul_mat(K_f16, Q)`` converts ``Q`` to float16 (F16's ``vec_dot_type``) and accumulates
+  in float32; ``soft_max_ext(kq, mask, 1/sqrt(hd))`` in float32; ``kqv = mul_mat(V_f16, kq)``
+  converts the probabilities to float16 and accumulates in float32. ``k`` and ``v`` are rounded
+  to float16 here too (the cache's type), so the function also serves a cache-less forward.
+  """
+  del causal_chunks
+  bsz, t, h, hd = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = h // kv
+  qg = _f16(q).reshape(bsz, t, kv, g, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, _f16(k), precision=jax.lax.Precision.HIGHEST)
+  scores = scores * jnp.float32(1.0 / math.sqrt(hd))
+  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
+  if sliding_window is not None:
+    mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+  probs = _f16(jax.nn.softmax(scores, axis=-1))
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, _f16(v), precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(bsz, t, h * hd).astype(q.dtype)
+
+
+@contextlib.contextmanager
+def emulate_attention():
+  """Within the block, :class:`compressjax.model.Llama` runs :func:`ggml_attention`.
+
+  A check-only switch (``experiments/check_llamacpp.py``): it swaps the model module's attention
+  function while the block runs (trace inside the block; jitted functions traced before keep the
+  attention they were traced with).
+  """
+  from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  saved = model_lib._attention  # pylint: disable=protected-access
+  model_lib._attention = ggml_attention  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    model_lib._attention = saved  # pylint: disable=protected-access

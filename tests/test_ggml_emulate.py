@@ -1,0 +1,140 @@
+"""ggml CPU arithmetic emulation (compressjax.io.ggml_emulate) against a scalar NumPy transcription
+of llama.cpp's x86 ``quantize_row_q8_0`` / ``quantize_row_q8_1`` and ``ggml_vec_dot_q4_0_q8_0`` /
+``ggml_vec_dot_q4_1_q8_1`` / ``ggml_vec_dot_q8_0_q8_0`` (llama-cpp-python 0.3.36's vendored
+``ggml/src/ggml-cpu/arch/x86/quants.c``). Runs without llama.cpp.
+
+Claims checked: the quantized activations (``qs``, fp16 ``d``, fp16 ``s``) are bit-exact; the
+dot products agree within float32 summation-order rounding: ``|ours - ref| <= 8 * eps_f32 *
+sum_b |term_b|`` (the terms being each block's ``d_w * d_x * isum`` and ``m_w * s_x``).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compressjax import formats
+from compressjax.formats import QuantizedArray
+from compressjax.io import ggml_emulate as ge
+
+F32 = np.float32
+
+
+def ref_quantize_q8(x):
+  """Scalar transcription of x86 ``quantize_row_q8_0``/``_q8_1`` for one row ``x`` (K,)."""
+  x = np.asarray(x, F32)
+  qs, ds, ss = [], [], []
+  for b in range(len(x) // 32):
+    blk = x[32 * b:32 * b + 32]
+    amax = F32(0)
+    for v in blk:  # _mm256_max_ps over |x|
+      amax = max(amax, F32(abs(v)))
+    d = F32(amax / F32(127))
+    inv = F32(F32(127) / amax) if amax != 0 else F32(0)
+    q = np.array([np.rint(F32(v * inv)) for v in blk], F32)  # _MM_ROUND_NEAREST: half to even
+    qs.append(q.astype(np.int32))
+    ds.append(np.float16(d))
+    ss.append(np.float16(F32(d * F32(int(q.astype(np.int64).sum())))))
+  return qs, ds, ss
+
+
+def ref_vec_dot(x, codes, scale, zero, qtype):
+  """Scalar ``ggml_vec_dot_{q4_0_q8_0, q4_1_q8_1, q8_0_q8_0}`` of row ``x`` with one column."""
+  qs, ds, ss = ref_quantize_q8(x)
+  off = {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128}[qtype]
+  acc, summs, mag = F32(0), F32(0), 0.0
+  for b, (qx, dx) in enumerate(zip(qs, ds)):
+    qw = codes[32 * b:32 * b + 32].astype(np.int32) - off
+    isum = int((qw * qx).sum())
+    d = F32(F32(np.float16(scale[b])) * F32(dx))
+    acc = F32(acc + F32(d * F32(isum)))
+    mag += abs(float(d) * isum)
+    if qtype == "Q4_1":
+      summs = F32(summs + F32(F32(np.float16(zero[b])) * F32(ss[b])))
+      mag += abs(float(zero[b]) * float(ss[b]))
+  return F32(acc + summs), mag
+
+
+def _leaf(qtype, k, n, seed):
+  rng = np.random.default_rng(seed)
+  bits = 8 if qtype == "Q8_0" else 4
+  codes = rng.integers(0, 2 ** bits, (k, n)).astype(np.uint8)
+  scale = (rng.uniform(0.5, 2.0, (k // 32, n)) * 0.01).astype(np.float16)
+  zero = None if qtype != "Q4_1" else (-8 * scale.astype(F32) * rng.uniform(0.5, 1.5, scale.shape)
+                                       ).astype(np.float16)
+  w = QuantizedArray.from_codes(jnp.asarray(codes), jnp.asarray(scale),
+                                None if zero is None else jnp.asarray(zero), bits=bits,
+                                group_size=32, symmetric=qtype != "Q4_1", dtype=jnp.float32)
+  return w, codes, scale, zero
+
+
+def _activations(t, k, seed):
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(F32)
+  x[0, :32] = 0.0  # an all-zero block: d = 0, q = 0
+  # Exact ties: amax = 127 makes 127/amax = 1, so x * id = v.5 exactly; ggml's AVX2 path rounds
+  # half to even (2.5 -> 2, -3.5 -> -4), the scalar reference's roundf would not.
+  x[1, 32:64] = np.array([127.0, 2.5, -3.5, 0.5, -0.5, 1.5] + [0.25] * 26, F32)
+  return x
+
+
+def test_quantize_q8_bit_exact():
+  x = _activations(4, 128, 0)
+  q, d, s = (np.asarray(a) for a in ge.quantize_q8(jnp.asarray(x), with_sum=True))
+  for t in range(x.shape[0]):
+    rq, rd, rs = ref_quantize_q8(x[t])
+    np.testing.assert_array_equal(q[t].astype(np.int32), np.stack(rq))
+    np.testing.assert_array_equal(d[t], np.asarray(rd, F32))
+    np.testing.assert_array_equal(s[t], np.asarray(rs, F32))
+  assert q[1, 1, 1:6].tolist() == [2.0, -4.0, 0.0, -0.0, 2.0]  # half to even
+  assert not np.any(q[0, 0]) and d[0, 0] == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_ggml_dot_matches_reference(qtype):
+  t, k, n = 3, 128, 6
+  w, codes, scale, zero = _leaf(qtype, k, n, seed=1)
+  assert ge.ggml_type(w) == qtype
+  x = _activations(t, k, 2)
+  y = np.asarray(formats.dot(jnp.asarray(x), w, implementation="ggml"))
+  assert y.shape == (t, n) and y.dtype == np.float32
+  eps = np.finfo(F32).eps
+  for i in range(t):
+    for j in range(n):
+      ref, mag = ref_vec_dot(x[i], codes[:, j], scale[:, j], None if zero is None else zero[:, j],
+                             qtype)
+      assert abs(float(y[i, j]) - float(ref)) <= 8 * eps * mag + 1e-30, (i, j, y[i, j], ref)
+  # The emulation differs from the exact float product by the activation quantization only.
+  exact = x @ np.asarray(w.materialize())
+  assert np.abs(y - exact).max() < 0.05 * np.abs(exact).max()
+  assert np.abs(y - exact).max() > 0
+
+
+def test_dispatch_never_picks_ggml_automatically():
+  w, *_ = _leaf("Q4_0", 64, 4, seed=3)
+  x = jnp.asarray(_activations(2, 64, 4))
+  np.testing.assert_array_equal(np.asarray(formats.dot(x, w)),
+                                np.asarray(formats.dot(x, w, implementation="xla")))
+  np.testing.assert_array_equal(np.asarray(formats.dot(x, w, prefer="ggml")),
+                                np.asarray(formats.dot(x, w, implementation="ggml")))
+  w3 = QuantizedArray.from_codes(jnp.zeros((64, 4), jnp.uint8), jnp.ones((2, 4), jnp.float16),
+                                 None, bits=3, group_size=32, symmetric=True)
+  with pytest.raises(NotImplementedError, match="ggml"):
+    formats.dot(x, w3, implementation="ggml")
+
+
+def test_ggml_attention_rounds_to_float16():
+  rng = np.random.default_rng(5)
+  b, t, h, kv, hd = 1, 5, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, hd)), jnp.float32) for n in (h, kv, kv))
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+  from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
+  ours = np.asarray(ge.ggml_attention(q, k, v, pos, pos, None))
+  plain = np.asarray(model_lib._attention(q, k, v, pos, pos, None))  # pylint: disable=protected-access
+  assert 0 < np.abs(ours - plain).max() < 5e-3
+  # With float16-representable inputs only the probabilities' rounding remains.
+  f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)
+  ours16 = np.asarray(ge.ggml_attention(f16(q), f16(k), f16(v), pos, pos, None))
+  np.testing.assert_array_equal(ours16, ours)
+  with ge.emulate_attention():
+    assert model_lib._attention is ge.ggml_attention  # pylint: disable=protected-access
+  assert model_lib._attention is not ge.ggml_attention  # pylint: disable=protected-access

@@ -9,6 +9,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import tiny`
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
+# One persistent XLA compilation cache for the whole run, this process and every subprocess it
+# starts (scripts run by `run_script`, notebook kernels, multi-process workers inherit the
+# environment): the many tests that compile the same tiny-model programs compile them once.
+# A fresh directory per run (removed at exit), so nothing carries over between runs;
+# COMPRESSJAX_TEST_JAX_CACHE=0 turns it off (e.g. to measure compile costs).
+if (os.environ.get("COMPRESSJAX_TEST_JAX_CACHE", "1") != "0"
+    and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  _JAX_CACHE = tempfile.mkdtemp(prefix="compressjax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  if "jax" in sys.modules:  # already imported (a plugin): set its config too
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
@@ -56,3 +75,24 @@ def run_script(script: str, marker: str, timeout: int = 600) -> str:
                      timeout=timeout)
   assert r.returncode == 0 and marker in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
   return r.stdout
+
+
+# COMPRESSJAX_CPU_TIMES=file: append, per test, the CPU seconds (user+sys, this process and its
+# waited-for children: subprocess scripts, notebook kernels) of its setup + call + teardown. The
+# machines running the suite are often shared, so CPU time says more than wall time.
+_CPU_TIMES = os.environ.get("COMPRESSJAX_CPU_TIMES")
+
+
+def _cpu_seconds() -> float:
+  import resource  # pylint: disable=g-import-not-at-top
+  s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+if _CPU_TIMES:
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    t0 = _cpu_seconds()
+    yield
+    with open(_CPU_TIMES, "a") as f:
+      f.write(f"{_cpu_seconds() - t0:8.1f}\t{item.nodeid}\n")

@@ -38,6 +38,14 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):\n",
            "<|im_start|>user\nWhat is the tallest mountain on Earth?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _dump_atomic(obj, path: str) -> None:
+  """Writes JSON to a temporary sibling and renames it: a killed run leaves no half-written cache."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
 def _llama_side(job: str) -> None:
   """Runs in the llama-cpp-python interpreter: greedy tokens + first logits per prompt."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -57,7 +65,7 @@ def _llama_side(job: str) -> None:
       out.append(tok)
       llm.eval([tok])
     res.append({"tokens": out, "first_logits": first.tolist()})
-  json.dump(res, open(spec["result"], "w"))
+  _dump_atomic(res, spec["result"])
 
 
 def _run_llama(a, grid, out, prompts):
@@ -233,9 +241,9 @@ def main(argv=None) -> int:
       ours_first = [np.asarray(model(jnp.asarray([p], jnp.int32))[0, -1]) for p in prompts]
       for line in log:
         print(line)
-      json.dump({"prompts": prompts, "new_tokens": a.new_tokens, "tokens": ours, "log": log,
-                 "first": [x.tolist() for x in ours_first], "kinds": kinds,
-                 "ok": bool(ok_same)}, open(cache, "w"))
+      _dump_atomic({"prompts": prompts, "new_tokens": a.new_tokens, "tokens": ours, "log": log,
+                    "first": [x.tolist() for x in ours_first], "kinds": kinds,
+                    "ok": bool(ok_same)}, cache)
       print(f"[{grid}] compressjax side done, {time.time() - t0:.0f}s")
     emu = None
     if a.emulate_ggml:
@@ -252,7 +260,7 @@ def main(argv=None) -> int:
         res = ggml_generate(gm, prompts, a.new_tokens)
         e = {"prompts": prompts, "new_tokens": a.new_tokens, "tokens": [r[0] for r in res],
              "first": [r[1].tolist() for r in res]}
-        json.dump(e, open(ecache, "w"))
+        _dump_atomic(e, ecache)
         print(f"[{grid}] ggml-emulated generation done, {time.time() - t1:.0f}s")
       emu = (e["tokens"], [np.asarray(x, np.float32) for x in e["first"]])
     if a.ours_only:

@@ -398,7 +398,9 @@ def render_finetune(all_recs):
                  fmt(first["before_ppl_wiki"]), fmt(first["before_ppl_austen"]),
                  fmt(first.get("heldout_kd_before")), "-", "-", "-", "-", "-"])
     bw = compressed.get(base + "-ft")
-    if bw is not None:
+    if bw is None:
+      rows.append([base, "block-wise (in the compression run)", "not measured yet"] + ["-"] * 8)
+    else:
       bf = (bw.get("settings") or {}).get("block_finetune") or {}
       steps, batch = bf.get("steps"), bf.get("batch_size")
       rows.append([base, "block-wise (in the compression run)", fmt(bw["bits_per_param"]),

@@ -31,8 +31,65 @@ from compressjax.quantize import e8p_core
 
 __all__ = ["E81BArray", "E8PArray", "e81b_matmul_xla", "e8p_matmul_xla", "e8p_rvq"]
 
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class E8PArray(base.CompressedArray):
+class _LatticeCodes(base.CompressedArray):
+  """``W = scale * decode(codes)`` for a fixed 8-dimensional lattice codebook (no stored table).
+
+  The shared part of :class:`E8PArray` and :class:`E81BArray`: ``codes`` is ``(K // 8, N)`` of
+  the subclass's ``CODE_DTYPE``, ``codes[b, n]`` encoding the 8-vector ``W[8b:8b+8, n]``;
+  ``scale`` is a float32 scalar; the subclass's ``DECODE`` maps codes to ``(..., 8)`` vectors.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  dtype: object = dataclasses.field(metadata=dict(static=True), kw_only=True)
+
+  #: Continuous children a fine-tune may train (codes are discrete).
+  trainable: ClassVar[tuple[str, ...]] = ("scale",)
+  CODE_DTYPE: ClassVar[type] = np.uint16
+  DECODE: ClassVar = None  # (codes, dtype) -> (..., 8) unscaled vectors
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    name, cdt = type(self).__name__, np.dtype(self.CODE_DTYPE)
+    cs = getattr(self.codes, "shape", None)
+    if isinstance(cs, tuple) and len(cs) != 2:
+      raise ValueError(f"{name} codes must be (K // 8, N), got shape {cs}")
+    if getattr(self.codes, "dtype", cdt) != cdt:
+      raise ValueError(f"{name} codes must be {cdt}, got {self.codes.dtype}")
+    if tuple(getattr(self.scale, "shape", ())) != ():
+      raise ValueError(f"{name} scale must be a scalar, got shape {self.scale.shape}")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (e8p_core.CODESZ * int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+  def __repr__(self):
+    return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype.name})"
+
+  def decode_rows(self, codes: jax.Array, dtype) -> jax.Array:
+    """``(B, N)`` codes -> the unscaled ``(8 B, N)`` weight rows they encode."""
+    b, n = codes.shape
+    v = type(self).DECODE(codes, dtype)  # (B, N, 8)
+    return jnp.swapaxes(v, 1, 2).reshape(b * e8p_core.CODESZ, n)
+
+  def materialize(self) -> jax.Array:
+    acc = base.accumulation_dtype(self.dtype)
+    return (self.decode_rows(self.codes, acc) * self.scale.astype(acc)).astype(self.dtype)
+
+
+def _prepare_lattice_rows(w: _LatticeCodes):
+  def decode(start, size, dtype):
+    acc = base.accumulation_dtype(dtype)
+    codes = jax.lax.dynamic_slice_in_dim(w.codes, start // e8p_core.CODESZ,
+                                         size // e8p_core.CODESZ, axis=0)
+    return (w.decode_rows(codes, acc) * w.scale.astype(acc)).astype(dtype)
+  return decode
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class E8PArray(_LatticeCodes):
   """``W = scale * E8P(codes)``: ``(K, N)`` weight as 16-bit E8P lattice codes.
 
   Invariants: ``codes`` is ``(K // 8, N)`` ``uint16``; ``codes[b, n]`` encodes the 8-vector
@@ -52,49 +109,8 @@ class E8PArray(base.CompressedArray):
     [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, -2.5]
   """
 
-  codes: jax.Array
-  scale: jax.Array
-  dtype: object = dataclasses.field(metadata=dict(static=True), kw_only=True)
-
-  #: Continuous children a fine-tune may train (codes are discrete).
-  trainable: ClassVar[tuple[str, ...]] = ("scale",)
-
-  def __post_init__(self):
-    object.__setattr__(self, "dtype", np.dtype(self.dtype))
-    cs = getattr(self.codes, "shape", None)
-    if isinstance(cs, tuple) and len(cs) != 2:
-      raise ValueError(f"E8PArray codes must be (K // 8, N), got shape {cs}")
-    if getattr(self.codes, "dtype", np.uint16) != np.uint16:
-      raise ValueError(f"E8PArray codes must be uint16, got {self.codes.dtype}")
-    if tuple(getattr(self.scale, "shape", ())) != ():
-      raise ValueError(f"E8PArray scale must be a scalar, got shape {self.scale.shape}")
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return (e8p_core.CODESZ * int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-  def __repr__(self):
-    return f"E8PArray(shape={self.shape}, dtype={self.dtype.name})"
-
-  def materialize(self) -> jax.Array:
-    acc = base.accumulation_dtype(self.dtype)
-    return (_decode_rows(self.codes, acc) * self.scale.astype(acc)).astype(self.dtype)
-
-
-def _decode_rows(codes: jax.Array, dtype) -> jax.Array:
-  """``(B, N)`` codes -> the unscaled ``(8 B, N)`` weight rows they encode."""
-  b, n = codes.shape
-  v = e8p_core.decode(codes, dtype)  # (B, N, 8)
-  return jnp.swapaxes(v, 1, 2).reshape(b * e8p_core.CODESZ, n)
-
-
-def _prepare_e8p_rows(w: E8PArray):
-  def decode(start, size, dtype):
-    acc = base.accumulation_dtype(dtype)
-    codes = jax.lax.dynamic_slice_in_dim(w.codes, start // e8p_core.CODESZ,
-                                         size // e8p_core.CODESZ, axis=0)
-    return (_decode_rows(codes, acc) * w.scale.astype(acc)).astype(dtype)
-  return decode
+  CODE_DTYPE: ClassVar[type] = np.uint16
+  DECODE: ClassVar = staticmethod(e8p_core.decode)
 
 
 def e8p_matmul_xla(x: jax.Array, w: E8PArray) -> jax.Array:
@@ -103,13 +119,13 @@ def e8p_matmul_xla(x: jax.Array, w: E8PArray) -> jax.Array:
   return tiled.tiled_dot(x, w)
 
 
-tiled.register_rows_decoder(E8PArray, _prepare_e8p_rows, lambda w: e8p_core.CODESZ)
+tiled.register_rows_decoder(E8PArray, _prepare_lattice_rows, lambda w: e8p_core.CODESZ)
 jax.tree_util.register_dataclass(E8PArray, data_fields=["codes", "scale"], meta_fields=["dtype"])
 dispatch.register_matmul(E8PArray, "xla", e8p_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class E81BArray(base.CompressedArray):
+class E81BArray(_LatticeCodes):
   """``W = scale * E81B(codes)``: ``(K, N)`` weight as 8-bit codes of QuIP#'s 1-bit E8 codebook.
 
   Invariants: ``codes`` is ``(K // 8, N)`` ``uint8``; ``codes[b, n]`` indexes the 256-point table
@@ -126,49 +142,8 @@ class E81BArray(base.CompressedArray):
     ((8, 2), 6, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0])
   """
 
-  codes: jax.Array
-  scale: jax.Array
-  dtype: object = dataclasses.field(metadata=dict(static=True), kw_only=True)
-
-  #: Continuous children a fine-tune may train (codes are discrete).
-  trainable: ClassVar[tuple[str, ...]] = ("scale",)
-
-  def __post_init__(self):
-    object.__setattr__(self, "dtype", np.dtype(self.dtype))
-    cs = getattr(self.codes, "shape", None)
-    if isinstance(cs, tuple) and len(cs) != 2:
-      raise ValueError(f"E81BArray codes must be (K // 8, N), got shape {cs}")
-    if getattr(self.codes, "dtype", np.uint8) != np.uint8:
-      raise ValueError(f"E81BArray codes must be uint8, got {self.codes.dtype}")
-    if tuple(getattr(self.scale, "shape", ())) != ():
-      raise ValueError(f"E81BArray scale must be a scalar, got shape {self.scale.shape}")
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return (e8p_core.CODESZ * int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-  def __repr__(self):
-    return f"E81BArray(shape={self.shape}, dtype={self.dtype.name})"
-
-  def materialize(self) -> jax.Array:
-    acc = base.accumulation_dtype(self.dtype)
-    return (_decode_e81b_rows(self.codes, acc) * self.scale.astype(acc)).astype(self.dtype)
-
-
-def _decode_e81b_rows(codes: jax.Array, dtype) -> jax.Array:
-  """``(B, N)`` E81B codes -> the unscaled ``(8 B, N)`` weight rows they encode."""
-  b, n = codes.shape
-  v = e8p_core.e81b_decode(codes, dtype)  # (B, N, 8)
-  return jnp.swapaxes(v, 1, 2).reshape(b * e8p_core.CODESZ, n)
-
-
-def _prepare_e81b_rows(w: E81BArray):
-  def decode(start, size, dtype):
-    acc = base.accumulation_dtype(dtype)
-    codes = jax.lax.dynamic_slice_in_dim(w.codes, start // e8p_core.CODESZ,
-                                         size // e8p_core.CODESZ, axis=0)
-    return (_decode_e81b_rows(codes, acc) * w.scale.astype(acc)).astype(dtype)
-  return decode
+  CODE_DTYPE: ClassVar[type] = np.uint8
+  DECODE: ClassVar = staticmethod(e8p_core.e81b_decode)
 
 
 def e81b_matmul_xla(x: jax.Array, w: E81BArray) -> jax.Array:
@@ -176,7 +151,7 @@ def e81b_matmul_xla(x: jax.Array, w: E81BArray) -> jax.Array:
   return tiled.tiled_dot(x, w)
 
 
-tiled.register_rows_decoder(E81BArray, _prepare_e81b_rows, lambda w: e8p_core.CODESZ)
+tiled.register_rows_decoder(E81BArray, _prepare_lattice_rows, lambda w: e8p_core.CODESZ)
 jax.tree_util.register_dataclass(E81BArray, data_fields=["codes", "scale"], meta_fields=["dtype"])
 dispatch.register_matmul(E81BArray, "xla", e81b_matmul_xla, priority=dispatch.FALLBACK_PRIORITY)
 

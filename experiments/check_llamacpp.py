@@ -114,8 +114,9 @@ def ggml_model(cfg, params, gguf_path):
   quantizes the activations. Use with :func:`ggml_generate` (F16 KV cache, emulated attention).
   """
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from compressjax.io import build_model, gguf  # pylint: disable=g-import-not-at-top
+  from compressjax.io import build_model, ggml_emulate, gguf  # pylint: disable=g-import-not-at-top
 
+  ggml_emulate.register()
   cfg = dataclasses.replace(cfg, matmul_implementation="ggml")
   params = dict(params)
   emb = [t for t in gguf._reader(gguf_path).tensors if t.name == "token_embd.weight"]  # pylint: disable=protected-access

@@ -19,6 +19,15 @@ from compressjax.io import ggml_emulate as ge
 F32 = np.float32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _ggml_registered():
+  """The "ggml" implementation exists only while these tests run (other modules' tests list
+  the registered implementations)."""
+  ge.register()
+  yield
+  ge.unregister()
+
+
 def ref_quantize_q8(x):
   """Scalar transcription of x86 ``quantize_row_q8_0``/``_q8_1`` for one row ``x`` (K,)."""
   x = np.asarray(x, F32)

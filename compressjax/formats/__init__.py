@@ -33,6 +33,7 @@ from compressjax.formats.dispatch import implementations
 from compressjax.formats.dispatch import materialize
 from compressjax.formats.dispatch import quantized_matmul_xla
 from compressjax.formats.dispatch import register_matmul
+from compressjax.formats.dispatch import unregister_matmul
 from compressjax.formats.packing import pack
 from compressjax.formats.packing import packed_length
 from compressjax.formats.packing import packed_nbytes
@@ -87,6 +88,7 @@ __all__ = [
     "packed_nbytes",
     "quantized_matmul_xla",
     "register_matmul",
+    "unregister_matmul",
     "tree_nbytes",
     "unpack",
     "valid_group_sizes",

@@ -100,6 +100,12 @@ def register_matmul(format_cls: type, name: str, fn: MatmulFn, *,
       name=name, fn=fn, can_use=can_use, priority=int(priority), order=_COUNTER[0])
 
 
+def unregister_matmul(format_cls: type, name: str) -> bool:
+  """Removes implementation ``name`` of ``format_cls`` (``True`` if it was registered)."""
+  impls = _REGISTRY.get(format_cls, {})
+  return impls.pop(name, None) is not None
+
+
 def implementations(format_cls: type) -> list[MatmulImpl]:
   """Returns the implementations for ``format_cls`` in the order they are tried.
 

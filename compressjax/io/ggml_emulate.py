@@ -10,7 +10,8 @@ This module reproduces that arithmetic in JAX so that a check of llama.cpp again
 
 * :func:`quantize_q8` -- activations to ``Q8_0``/``Q8_1`` blocks, as the x86 AVX2 path does;
 * :func:`ggml_dot` -- ``x @ W`` for a :class:`~compressjax.formats.QuantizedArray` stored exactly
-  as ``Q4_0``/``Q4_1``/``Q8_0``, registered as ``formats.dot(..., implementation="ggml")`` (never
+  as ``Q4_0``/``Q4_1``/``Q8_0``, after :func:`register` available as
+  ``formats.dot(..., implementation="ggml")`` (never
   chosen automatically: its priority is below the ``"xla"`` fallback; select it with
   ``implementation=`` / ``prefer=`` or ``LlamaConfig.matmul_implementation="ggml"``);
 * :func:`ggml_attention` -- the non-flash attention of llama.cpp with a float16 KV cache, a
@@ -143,8 +144,20 @@ def ggml_dot(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
   return y.reshape(*lead, n).astype(out_dtype)
 
 
-dispatch.register_matmul(quantized.QuantizedArray, "ggml", ggml_dot, can_use=can_use_ggml,
-                         priority=dispatch.FALLBACK_PRIORITY - 1)
+def register() -> None:
+  """Registers :func:`ggml_dot` as ``formats.dot(..., implementation="ggml")`` for
+  ``QuantizedArray`` (priority below the ``"xla"`` fallback, so never chosen automatically).
+
+  Explicit rather than on import: importing this module (e.g. while pytest collects its test)
+  must not change the implementations every other caller sees.
+  """
+  dispatch.register_matmul(quantized.QuantizedArray, "ggml", ggml_dot, can_use=can_use_ggml,
+                           priority=dispatch.FALLBACK_PRIORITY - 1)
+
+
+def unregister() -> None:
+  """Undoes :func:`register`."""
+  dispatch.unregister_matmul(quantized.QuantizedArray, "ggml")
 
 
 def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):

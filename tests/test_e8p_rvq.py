@@ -14,6 +14,7 @@ from compressjax import checkpoint, formats, pipeline, transforms as T
 from compressjax.calibration import LayerStats
 from compressjax.formats import E81BArray, E8PArray, Incoherent, SumArray
 from compressjax.quantize import e8p_core
+from test_e8p import _out_err, _problem  # the same test problem and layer objective
 
 # The papers' variable names (H, W, X) are kept on purpose.
 # pylint: disable=invalid-name
@@ -77,21 +78,6 @@ def test_rvq_nearest_decodes_and_beats_e8p(bits):
   if bits == 3:  # E81B holds the origin: never worse, vector by vector
     assert np.all(e_rvq <= e_e8p + 1e-5)
   assert e_rvq.mean() < (0.45 if bits == 3 else 0.15) * e_e8p.mean()
-
-
-def _problem(k=128, n=64, seed=0, tokens=512):
-  """Gaussian (incoherent-like) weight and a correlated Hessian ``2 X^T X / n``."""
-  kx, kw, kc = jax.random.split(jax.random.key(seed), 3)
-  mix = jnp.eye(k) + 0.6 * jax.random.normal(kc, (k, k)) / k**0.5
-  X = jax.random.normal(kx, (tokens, k)) @ mix
-  W = 0.02 * jax.random.normal(kw, (k, n))
-  H = 2 * X.T @ X / tokens
-  return np.asarray(W, np.float64), np.asarray(H, np.float64), X
-
-
-def _out_err(W, Q, H):
-  D = W - Q
-  return float(np.trace(D.T @ H @ D))
 
 
 def test_blockldlq_rvq_beats_plain_rvq_rounding_and_2bit():

@@ -19,8 +19,10 @@
    perplexity means nothing; the number only shows the compressed model runs). Its resident
    memory (``/proc/PID/status`` VmRSS, VmHWM) is sampled every 0.2 s together with the resume
    directory's ``latest`` manifest (``next_block``: when each block finished). It is SIGKILLed
-   once ``--kill-after`` blocks are finished (default: half), started again (it resumes from
-   the last written block) and left to finish.
+   once ``--kill-after`` blocks are finished (default: half): the job stops itself right after
+   writing that resume point (``experiments/_stop_at_block.py``), so the kill lands there however
+   short the blocks are; then it is started again (it resumes from the last written block) and
+   left to finish.
 3. Unless ``--no-reference``: the same job, never killed (its own resume directory, so its
    blocks are timed the same way), into another output directory; the two checkpoints are
    compared array by array (``bench_resume.checkpoints_identical``).
@@ -119,9 +121,18 @@ def _proc_mb(pid: int) -> tuple[float, float]:
   return rss, hwm
 
 
+def _stopped(pid: int) -> bool:
+  """Whether ``pid`` is stopped (SIGSTOP: state ``T`` in ``/proc/PID/stat``)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+  except (OSError, IndexError):
+    return False
+
+
 def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
-  """Runs ``job``, sampling its memory and the resume point; SIGKILLs it once ``kill_after``
-  blocks are finished. Returns the samples ``[(t, rss_mb, next_block)]``, block finish times,
+  """Runs ``job``, sampling its memory and the resume point; with ``kill_after`` the job stops
+  itself once that many blocks are finished and is SIGKILLed there. Returns the samples ``[(t, rss_mb, next_block)]``, block finish times,
   peak memory and whether it was killed."""
   t0 = time.perf_counter()
   p = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -133,6 +144,7 @@ def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
   start_block = bench_resume._finished_blocks(state)  # pylint: disable=protected-access
   last = start_block
   while p.poll() is None:
+    stopped = _stopped(p.pid)
     rss, hwm = _proc_mb(p.pid)
     nb = bench_resume._finished_blocks(state)  # pylint: disable=protected-access
     t = time.perf_counter() - t0
@@ -143,7 +155,7 @@ def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
       print(f"      block {b} finished at {t:.1f} s, RSS {rss:.0f} MiB (peak so far {peak:.0f})",
             flush=True)
     last = max(last, nb)
-    if kill_after is not None and nb >= kill_after:
+    if kill_after is not None and (nb >= kill_after or stopped):
       p.send_signal(signal.SIGKILL)
       killed = True
       break
@@ -263,7 +275,9 @@ def main(argv=None):
         (*extra, f"--config.calibration.resume_dir={outs['state_' + name]}"))
 
   print(f"[2/4] {args.config} with resume_dir; SIGKILL after block {kill_after}", flush=True)
-  first = run_attempt(job("killed"), env, outs["state_killed"], kill_after)
+  stop_job = job("killed")
+  stop_job[1:1] = [os.path.join(ROOT, "experiments", "_stop_at_block.py"), str(kill_after)]
+  first = run_attempt(stop_job, env, outs["state_killed"], kill_after)
   if not first["killed"]:
     raise SystemExit(f"the job ended before block {kill_after} was finished")
   print(f"      killed with {first['blocks_finished']} blocks finished after "

@@ -3,8 +3,9 @@
 Runs in a subprocess (the device count is fixed when JAX starts). The windows of every batch are
 split over the mesh; the statistics are summed across devices by the compiled program, so they
 differ from the single-device sums only by the order of float32 additions: the Hessians agree
-to a relative 1e-5, and GPTQ's and SparseGPT's decisions (codes, masks) on them agree except
-for ties that such rounding can flip (at most 0.5% of the entries here).
+to a relative 1e-5 on both meshes, and GPTQ's (on the explicit mesh) and SparseGPT's (on the auto
+one) decisions (codes, masks) on them agree except for ties that such rounding can flip (at most
+0.5% of the entries here).
 """
 
 import textwrap
@@ -28,6 +29,7 @@ SCRIPT = textwrap.dedent("""
                                                      axis_types=(AxisType.Auto,) * 2)}
     assert meshes["explicit (8,)"].axis_types == (AxisType.Explicit,)
     axes = {"explicit (8,)": None, "auto (2, 4) over data": "data"}
+    solver = {"explicit (8,)": "gptq", "auto (2, 4) over data": "sparsegpt"}  # one each: CI time
 
     # The block passes really run on the mesh: record the sharding of the inputs they get.
     seen_shardings = []
@@ -69,8 +71,8 @@ SCRIPT = textwrap.dedent("""
             jnp.max(jnp.abs(r.hessian))))
         np.testing.assert_allclose(s.sq_sum, r.sq_sum, rtol=1e-5)
         assert float(s.n) == float(r.n) == 20 * 24, (p, s.n)  # padding windows weigh nothing
-      for rname, t in recipes.items():
-        got = run(t, mesh, axes[name])
+      for rname in [solver[name]]:
+        got = run(recipes[rname], mesh, axes[name])
         assert got.keys() == refs[rname].keys() and len(got) == 14
         for p, leaf in got.items():
           ref = refs[rname][p]

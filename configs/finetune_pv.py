@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   # scalar grids (a grid step ~0.33 there) it changes no code in 16 steps, and 5e-3 was the
   # setting that beat KD and STE (README, "Fine-tuning (issue 14)").
   c.finetune.lr_v = 1e-3
+  # Units of lr_v: "weight" (the reference's) or "grid" (a fraction of each weight's grid step:
+  # the group scale for scalar grids, the codebook's nearest-neighbour spacing for VQ).
+  c.finetune.v_units = "weight"
   # Pull of the buffer towards the new decoded weight after each V-step (1: reset).
   c.finetune.delta_decay = 0.0
   # Beam of the AQLM codes' L2 re-encoding (1: coordinate descent over the codebooks).

@@ -378,6 +378,8 @@ def _ft_label(r):
   ft = (r.get("settings") or {}).get("finetune") or {}
   mode = ft.get("mode") or r["method"].split("+", 1)[1]
   if mode == "pv":
+    if ft.get("v_units") == "grid":
+      return f"PV-tuning, tau {ft.get('tau')}, lr_v {ft.get('lr_v')} of the grid step"
     return f"PV-tuning, tau {ft.get('tau')}, lr_v {ft.get('lr_v')}"
   return f"{dict(FT_STAGES).get(mode, mode)} ({r['method'].split('+', 1)[1]})"
 

@@ -70,7 +70,8 @@ def _mode_setup(mode: str, student, mask, fcfg, dcfg):
   tmask = trainable_mask(tree, where=fcfg.train, train_dense=fcfg.train_dense or None)
   if mode == "ste":
     return tree, tmask, {}
-  pcfg = pv.PVConfig(tau=fcfg.tau, lr_v=fcfg.lr_v, delta_decay=fcfg.delta_decay)
+  pcfg = pv.PVConfig(tau=fcfg.tau, lr_v=fcfg.lr_v, delta_decay=fcfg.delta_decay,
+                     v_units=fcfg.get("v_units", "weight"))
   part = distill.partition(tree, tmask)
   return tree, tmask, {"opt": pv.make_optimizer(tree, part, dcfg, pcfg),
                        "post_step": pv.make_v_step(pcfg)}

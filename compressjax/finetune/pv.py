@@ -30,7 +30,12 @@ The paper's choices and ours:
 * Step size: the paper steps in weight space with Adam's preconditioned update (the
   "StraightThroughAdam" of ``src/pv_optimizer.py``) and then projects (re-encodes) in plain
   L2; so do we, with the V learning rate ``lr_v`` (constant) and Adam moments kept across
-  steps. The re-encoding is the L2-nearest code, not the ``P``-weighted one.
+  steps. The re-encoding is the L2-nearest code, not the ``P``-weighted one. ``lr_v`` is in
+  weight units (``v_units="weight"``, the reference's) or, with ``v_units="grid"``, a fraction
+  of each weight's grid step (:func:`grid_step`: the group's scale for scalar grids, the
+  codebook's median nearest-neighbour distance per coordinate for VQ, taken at the start), so
+  one setting moves every buffer the same fraction of the way to its next code whatever the
+  bits or format (our addition; measured in the README, "Fine-tuning (issue 14)").
 * Codebooks (AQLM, paper Sec. 4 / the reference's ``beam_search_l2.py``): the candidate codes
   of each group vector are the L2 beam search of
   :func:`codes_core.additive_encode` towards ``latent / s`` in the group's ``g``-dim space
@@ -56,13 +61,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from compressjax.finetune import codes_core
 from compressjax.finetune import ste
 from compressjax.finetune.distill import DistillConfig, Partition
 
-__all__ = ["PVConfig", "make_optimizer", "make_v_step", "to_pv", "v_budget"]
+__all__ = ["PVConfig", "grid_step", "make_optimizer", "make_v_step", "to_pv", "v_budget"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +77,16 @@ class PVConfig:
 
   Attributes:
     tau: the largest fraction of each weight's codes a V-step may change (``0 < tau <= 1``).
-    lr_v: Adam learning rate of the straight-through buffer (weight units).
+    lr_v: Adam learning rate of the straight-through buffer, in the units of ``v_units``.
     delta_decay: after a V-step, ``latent += delta_decay * (W(c_new) - latent)``.
+    v_units: ``"weight"`` (``lr_v`` in weight units) or ``"grid"`` (``lr_v`` a fraction of
+      each weight's :func:`grid_step`; scalar and VQ leaves only).
   """
 
   tau: float = 0.01
   lr_v: float = 1e-3
   delta_decay: float = 0.0
+  v_units: str = "weight"
 
   def __post_init__(self):
     if not (isinstance(self.tau, (int, float)) and 0 < self.tau <= 1):
@@ -86,6 +95,8 @@ class PVConfig:
       raise ValueError(f"PVConfig.lr_v must be a finite float > 0, got {self.lr_v!r}")
     if not (isinstance(self.delta_decay, (int, float)) and 0 <= self.delta_decay <= 1):
       raise ValueError(f"PVConfig.delta_decay must be in [0, 1], got {self.delta_decay!r}")
+    if self.v_units not in ("weight", "grid"):
+      raise ValueError(f"PVConfig.v_units must be 'weight' or 'grid', got {self.v_units!r}")
 
 
 def to_pv(params: Any, where=None, beam_size: int = 1) -> Any:
@@ -101,13 +112,73 @@ def _latent_flags(params) -> list[bool]:
           for kp, _ in flat]
 
 
+def grid_step(leaf: ste.STEWeight, path: str = "") -> tuple[jax.Array, tuple[int, int]]:
+  """The per-coordinate spacing of ``leaf``'s codes, compactly: ``(step, (rows, cols))`` with
+  ``jnp.repeat(jnp.repeat(step, rows, 0), cols, 1)`` of the leaf's ``(K, N)`` shape.
+
+  Scalar grids: ``|scale|`` per group (the distance between adjacent levels). VQ: per codebook,
+  ``|scale|`` times the median over its codewords of the distance to the nearest other codeword,
+  divided by ``sqrt(dim)`` (a move of ``r`` of it on every coordinate covers ``r`` of that
+  distance). Other formats raise a ``ValueError`` naming ``path``.
+  """
+  k, n = leaf.shape
+  if leaf.kind == "scalar":
+    step = jnp.abs(leaf.scale.astype(jnp.float32)).reshape(-1, n)
+    return step, (k // step.shape[0], 1)
+  if leaf.kind == "vq":
+    cb = leaf.codebook.astype(jnp.float32)  # (Gk, Gn, E, d)
+    d = cb.shape[-1]
+    dist = jnp.sqrt(jnp.sum((cb[:, :, :, None] - cb[:, :, None]) ** 2, axis=-1))
+    dist = jnp.where(jnp.eye(cb.shape[2], dtype=bool), jnp.inf, dist)
+    nn = jnp.median(jnp.min(dist, axis=-1), axis=-1)  # (Gk, Gn)
+    step = nn / np.sqrt(d) * jnp.abs(leaf.scale.astype(jnp.float32)).reshape(nn.shape)
+    return step, (k // step.shape[0], n // step.shape[1])
+  raise ValueError(f"PV v_units='grid' is defined for scalar and VQ leaves; {path or 'a leaf'} "
+                   f"is {leaf.kind!r}: use v_units='weight' (lr_v in weight units)")
+
+
+def _grid_scaler(steps: list, reps: list) -> optax.GradientTransformation:
+  """Multiplies each V update by its weight's :func:`grid_step` (kept in the state, so it
+  checkpoints and resumes with the optimizer); ``steps``/``reps`` in the V leaves' order."""
+
+  def init(params):
+    del params
+    return {"grid_step": list(steps)}
+
+  def update(updates, state, params=None):
+    del params
+    out, j = [], 0
+    for u in updates:
+      if isinstance(u, optax.MaskedNode):
+        out.append(u)
+        continue
+      (r, c), s = reps[j], state["grid_step"][j]
+      out.append(u * jnp.repeat(jnp.repeat(s, r, axis=0), c, axis=1))
+      j += 1
+    return out, state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(params, part: Partition, dcfg: DistillConfig,
                    pcfg: PVConfig) -> optax.GradientTransformation:
   """The distillation optimizer on the continuous leaves (P) and Adam(``lr_v``) on the PV
-  buffers (V), as one :func:`optax.multi_transform` over the trainable list."""
+  buffers (V), as one :func:`optax.multi_transform` over the trainable list; with
+  ``v_units="grid"`` each V update is scaled by its weight's :func:`grid_step`."""
   flags = _latent_flags(params)
   labels = ["v" if flags[i] else "p" for i in part.train_idx]
   v = optax.adam(pcfg.lr_v, b1=dcfg.b1, b2=dcfg.b2)
+  if pcfg.v_units == "grid":
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    owners = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=ste.is_ste)[0])
+    steps, reps = [], []
+    for i in part.train_idx:
+      if flags[i]:
+        kp = flat[i][0][:-1]  # the STE leaf that owns this latent
+        s, r = grid_step(owners[kp], jax.tree_util.keystr(kp))
+        steps.append(s)
+        reps.append(r)
+    v = optax.chain(v, _grid_scaler(steps, reps))
   return optax.multi_transform({"p": dcfg.optimizer(), "v": v}, labels)
 
 

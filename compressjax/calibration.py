@@ -75,13 +75,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from compressjax import checkpoint
+from compressjax import engine_profile
 from compressjax import finetune
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
 from compressjax.quantize import obs_core
 from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
 from compressjax.transforms.selection import leaves_with_paths
+from compressjax.engine_profile import EngineProfile, obs_solver_flops
 
-__all__ = ["LayerStats", "block_stats", "gram", "run_sequential"]
+__all__ = ["EngineProfile", "LayerStats", "block_stats", "gram", "obs_solver_flops",
+           "run_sequential"]
 
 _TILE = 256  # inputs per tile of the one-triangle X^T X
 
@@ -301,7 +304,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
                    recipe_key: str = "", progress: bool = True, mesh=None,
                    data_axis: str | Sequence[str] | None = None,
                    block_finetune: finetune.BlockFinetune | None = None,
-                   shard_solvers: bool = True) -> tuple[Any, Any]:
+                   shard_solvers: bool = True,
+                   profile: EngineProfile | None = None) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
@@ -327,6 +331,10 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
       stay split ``P(None, axes)`` (with several processes: split over the processes too).
       ``False``: every device solves every layer whole.
+    profile: an :class:`EngineProfile` to fill with the wall seconds, compile seconds and
+      FLOPs of each phase, per block and in total (:mod:`compressjax.engine_profile`); each
+      phase then ends with a sync. ``None`` (default): no timers, no extra syncs. The results
+      are the same either way.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
@@ -337,6 +345,15 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       ``block_finetune`` whose selectors match nothing the recipe compresses, or a
       ``resume_dir`` of another run.
   """
+  with engine_profile.recorder(profile) as prof:
+    return _run_sequential(model, windows, transform, prof, batch_size=batch_size, mode=mode,
+                           resume_dir=resume_dir, recipe_key=recipe_key, progress=progress,
+                           mesh=mesh, data_axis=data_axis, block_finetune=block_finetune,
+                           shard_solvers=shard_solvers)
+
+
+def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume_dir, recipe_key,
+                    progress, mesh, data_axis, block_finetune, shard_solvers):
   if mode not in ("sequential", "original"):
     raise ValueError(f"mode must be 'sequential' or 'original', got {mode!r}")
   windows = np.asarray(windows, np.int32)
@@ -379,50 +396,71 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
   done: dict[str, Any] = {}  # compressed block leaves by full path
   start, x = 0, None
   if resume_dir:
-    start, x, state, done = _try_resume(resume_dir, fp, state, abstract, bm)
+    start, x, state, done = prof.run("resume", _try_resume, resume_dir, fp, state, abstract, bm)
   xshape = (nb, bs, t)
   if x is None:
-    outside = place.put_tree(bm.outside_params())
-    x = passes.embed(outside, place.put(toks, place.batches(xshape)))
-    del outside
+    outside = prof.run("transfer", place.put_tree, prof.run("read", bm.outside_params))
+    toks_d = prof.run("transfer", place.put, toks, place.batches(xshape))
+    x = prof.run("embed", passes.embed, outside, toks_d)
+    prof.pass_flops("embed", passes.embed, (outside, toks_d), (1,), nb)
+    del outside, toks_d
   else:
-    x = place.put(x, place.batches(x.shape))
+    x = prof.run("transfer", place.put, x, place.batches(x.shape))
 
   bar = tqdm(range(start, bm.num_blocks), desc="calibrate", disable=not progress, unit="block",
              initial=start, total=bm.num_blocks)
   for i in bar:
+    prof.block_start(i)
     prefix = bm.block_prefix(i)
-    dense = bm.block_params(i)
+    dense = prof.run("read", bm.block_params, i)
     keep = mode == "original" or tuner is not None  # fine-tuning targets the dense outputs
-    stats_by_cap, orig_out = passes.stats(keep)(place.put_tree(dense), x, weights)
-    stats_by_cap = place.local(stats_by_cap)
+    dense_d = prof.run("transfer", place.put_tree, dense)
+    stats_by_cap, orig_out = prof.run("stats", passes.stats(keep), dense_d, x, weights)
+    prof.pass_flops("stats", passes.stats(keep), (dense_d, x, weights), (1, 2), nb)
+    del dense_d
+    stats_by_cap = prof.run("transfer", place.local, stats_by_cap)
     stats = {prefix + k: stats_by_cap[src] for k, src in bm.linear_inputs.items()}
     stats = {p: dataclasses.replace(
         st, columns=place.columns(_out_dim(dense.get(p[len(prefix):])), shard_solvers))
              for p, st in stats.items()}
     view = _map(lambda p, a: dense[p[len(prefix):]] if p.startswith(prefix) else _UNSELECTED,
                 abstract)
+    if prof.solves_flops:
+      prof.add_flops("solver", sum(prof.solver_flops(st.hessian.shape[0],
+                                                     _out_dim(dense.get(p[len(prefix):])))
+                                   for p, st in stats.items()))
     del dense
-    new_view, state = transform.update(view, state, stats)
+    new_view, state = prof.run("solver", transform.update, view, state, stats)
     del view, stats, stats_by_cap
     block = {p[len(prefix):]: v for p, v in leaves_with_paths(new_view) if p.startswith(prefix)}
     del new_view
     if tuner is not None:
-      block, (before, after) = tuner.tune(i, prefix, place.put_tree(block), x, orig_out, n,
-                                          put=place.put)
-      block = place.local(block)
+      block, (before, after) = prof.run("finetune", tuner.tune, i, prefix,
+                                        prof.run("transfer", place.put_tree, block), x, orig_out,
+                                        n, put=place.put)
+      block = prof.run("transfer", place.local, block)
       bar.set_postfix(ft_mse=f"{before:.3g}->{after:.3g}")
     if mode == "sequential":
-      x = passes.forward(place.put_tree(block), x)
+      block_d = prof.run("transfer", place.put_tree, block)
+      x = prof.run("forward", passes.forward, block_d, x)
+      prof.pass_flops("forward", passes.forward, (block_d, x), (1,), nb)
+      del block_d
     else:
       x = orig_out
     del orig_out
     x = jax.block_until_ready(x)
     done.update({prefix + p: v for p, v in block.items()})
     if resume_dir:
-      _save_resume(resume_dir, fp, i, place.resume_inputs(x), block, state)
+      prof.run("save", lambda: _save_resume(resume_dir, fp, i, place.resume_inputs(x), block,
+                                            state))
     del block
+    prof.block_end()
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
+  return prof.run("outside", _finish, bm, abstract, transform, state, done)
+
+
+def _finish(bm: BlockModel, abstract, transform: Transform, state, done: dict[str, Any]):
+  """The data-free update of the parameters outside the blocks; the whole new tree."""
   outside = bm.outside_params()
   rest_view = _map(lambda p, a: outside.get(p, _UNSELECTED), abstract)
   new_rest, state = transform.update(rest_view, state, None)

@@ -32,6 +32,7 @@ COMMANDS = {
     "bench_aqlm_tradeoff": "python experiments/bench_aqlm_tradeoff.py",
     "bench_peer": "python experiments/bench_peer.py",
     "bench_large": "python experiments/bench_large.py",
+    "profile_engine": "python experiments/profile_engine.py",
 }
 INTRO = """# Results
 
@@ -370,6 +371,55 @@ def render_aqlm_tradeoff(name, recs):
             rows), "", "Machine: " + "; ".join(machines), ""])
 
 
+PROFILE_PHASES = ("read", "transfer", "embed", "stats", "solver", "finetune", "forward", "save",
+                  "resume", "outside")  # compressjax.engine_profile.PHASES, in engine order
+
+
+def _g(v):
+  return "-" if v is None else f"{v:.3g}"
+
+
+def render_profile(name, recs):
+  """Issue 12: where a whole-model calibration run's time went, phase by phase."""
+  out = [f"## {name}", "", f"Command: `{COMMANDS.get(name, name)}`", "",
+         "A calibrated compression (`run_sequential` with an `EngineProfile`, see "
+         "`compressjax/engine_profile.py`) timed phase by phase, each phase ended by a sync (so a "
+         "profiled run is a little slower than `compress`). `compile s`: XLA tracing + lowering + "
+         "compiling inside the phase (part of its seconds); `GFLOP/s`: the phase's FLOPs (XLA "
+         "cost analysis of the jitted passes; the solver: the analytic OBS count "
+         "`8K^3/3 + 2K^2N + 4KBN` per layer) over its seconds less its compile seconds; `of "
+         "matmul`: that rate over a plain float32 matmul's on the same machine. No perplexity is "
+         "measured (quality: bench_peer)."]
+  for r in sorted(recs, key=lambda r: r["date"]):
+    s = r["settings"]
+    rows = []
+    phases = r["phases"]
+    for ph in [p for p in PROFILE_PHASES if p in phases] + sorted(set(phases) - set(PROFILE_PHASES)):
+      v = phases[ph]
+      if not v["s"]:
+        continue
+      rows.append([ph, fmt(v["s"], 2), fmt(100 * v["share"], 1) + "%" if v["share"] else "-",
+                   fmt(v["compile_s"], 2), _g(v["gflop"]), _g(v["gflop_per_s_compute"]),
+                   _g(v["fraction_of_matmul"])])
+    total = sum(v["s"] for v in r["phases"].values())
+    rows.append(["all phases", fmt(total, 2), fmt(100 * total / r["wall_s"], 1) + "%",
+                 fmt(r["compile_s"], 2), _g(r["gflop"]), "-", "-"])
+    peer = ("-" if r.get("fraction_of_peer") is None else
+            f"{fmt(r['fraction_of_peer'])} of the peer's {fmt(r['peer_wall_s'], 0)} s "
+            f"(bench_peer, {r['peer_date'][:10]})")
+    out += ["", f"### {r['method']}: {s['model']}, {s['windows']} x {s['seq_len']} windows, batch "
+            f"{s['batch_size']} ({r['commit']}, {r['date'][:16]})", "",
+            f"run_sequential {fmt(r['wall_s'], 1)} s (profile overhead "
+            f"{fmt(r['overhead_s'], 1)} s, compile {fmt(r['compile_s'], 1)} s); "
+            f"{_g(r['gflop'])} GFLOP counted: {_g(r['achieved_gflop_per_s'])} GFLOP/s = "
+            f"{_g(r['achieved_fraction'])} of the {s['matmul_n']}^3 float32 matmul's "
+            f"{_g(r['matmul_gflop_per_s'])} GFLOP/s; time vs peer: {peer}; peak RSS "
+            f"{fmt(r['peak_rss_mb'], 0)} MiB; load avg {fmt(r.get('load_avg_1m'), 1)}.", "",
+            table(["phase", "s", "share", "compile s", "GFLOP", "GFLOP/s", "of matmul"], rows),
+            "", f"Machine: {r['machine']}"]
+  return "\n".join(out + [""])
+
+
 FT_STAGES = (("kd", "end-to-end KD, continuous only"), ("ste", "STE"), ("pv", "PV-tuning"))
 
 
@@ -503,6 +553,8 @@ def main():
       parts.append(render_large(name, recs))
     elif name == "bench_kernels":
       parts.append(render_kernels(name, recs))
+    elif name == "profile_engine":
+      parts.append(render_profile(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

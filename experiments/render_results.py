@@ -135,14 +135,16 @@ def render_comparison(all_recs):
 
 
 def render_extreme(all_recs):
-  """About 2 and 3 bits: GPTQ with and without incoherence, GPTVQ, QuIP# E8P, AQLM."""
+  """About 2, 3 and 4 bits: GPTQ with and without incoherence, GPTVQ, QuIP# E8P (RVQ at 3 and 4
+  bits), AQLM."""
   by = _latest_by_method(all_recs, ["bench_gptq", "bench_spqr", "bench_extreme"])
   rows = []
   for label, names in (("~2 bits", ["gptq-w2g64", "incoherent-gptq-w2g64", "quip-e8p",
                                     "gptvq-d2-w2", "gptvq-d4-w2", "gptvq-d8-w2", "aqlm-2x8-g8",
                                     "aqlm-1x16-g8"]),
                        ("~3 bits", ["gptq-w3g64", "incoherent-gptq-w3g64", "spqr-w2g16",
-                                    "gptvq-d2-w3"])):
+                                    "gptvq-d2-w3", "quip-e8p-3bit"]),
+                       ("~4 bits", ["gptq-w4g64", "quip-e8p-4bit"])):
     for n in names:
       rows.append([label, n] + _quality_cells(by.get(n)))
   return "\n".join([

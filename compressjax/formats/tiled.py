@@ -42,6 +42,7 @@ __all__ = [
     "MIN_TILE_ROWS",
     "TILE_ELEMENTS",
     "WHOLE_K_ROWS_RATIO",
+    "after_input",
     "decode_rows",
     "has_rows_decoder",
     "pick_tile",
@@ -74,6 +75,10 @@ MIN_TILE_ROWS = 128
 #: tiled loop's temporaries (two ``(M, N)`` float32 accumulators, 16-53 MB) were 5-15x the dense
 #: weight it avoided (1.3-3.5 MB).
 WHOLE_K_ROWS_RATIO = 0.25
+
+#: Whether :func:`tiled_dot` ties each decode to its input (:func:`after_input`); off only to
+#: measure the program without it (``experiments/diag_sparse_compile.py``, the memory test).
+TIE_DECODE_TO_INPUT = True
 
 DecodeFn = Callable[[Any, int, Any], jax.Array]
 PrepareFn = Callable[[Any], DecodeFn]
@@ -172,6 +177,39 @@ def pick_tile(k: int, n: int, align: int, target_elements: int | None = None,
   return int(min(rows, quarter))
 
 
+def after_input(w: Any, x: jax.Array) -> Any:
+  """``w`` with its integer leaves made data-dependent on ``x`` (XOR with a zero computed from
+  ``x``): the decode of ``w`` cannot start before ``x`` exists. Bit-exact.
+
+  Without it, XLA:CPU's default concurrency-optimized scheduler starts every decode, which
+  reads only parameters, at the top of the program, so in an unrolled model all layers' decoded
+  dense weights were live at once: the evaluation program's temporary bytes grew by one dense
+  ``float32`` copy of every layer's weights (``compiled.memory_analysis()`` of
+  ``evaluate.perplexity``'s program, SmolLM2-135M shapes at 8 x 512 tokens: +13.5 MiB per layer,
+  521-543 MiB at 30 layers for 4-bit g64 and 50% ``BitmaskSparse`` against a flat 108 MiB for
+  dense weights; ``experiments/diag_sparse_compile.py``). ``lax.optimization_barrier`` does not
+  help (XLA:CPU removes barriers before scheduling) and nor does the scheduler's
+  ``compiler_options`` entry (only the ``XLA_FLAGS`` environment variable reaches it). The
+  zero is ``popcount(bits of x[0, 0]) >> 6`` (a popcount of 32 bits is at most 32), which XLA's
+  simplifier does not fold. Dense arrays and ``x`` without elements are returned unchanged.
+
+  References:
+    XLA ``DebugOptions.xla_cpu_enable_concurrency_optimized_scheduler`` (xla/xla.proto).
+  """
+  if not TIE_DECODE_TO_INPUT or not isinstance(w, base.CompressedArray) or x.size == 0:
+    return w
+  first = x.reshape(-1)[0].astype(jnp.float32)
+  zero = lax.shift_right_logical(
+      lax.population_count(lax.bitcast_convert_type(first, jnp.uint32)), jnp.uint32(6))
+
+  def tie(a):
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.integer):
+      return a ^ zero.astype(a.dtype)
+    return a
+
+  return jax.tree.map(tie, w)
+
+
 def tiled_dot(x: jax.Array, w: Any, *, tile: int | None = None,
               compute_dtype: Any = None) -> jax.Array:
   """``x @ w`` over ``K``-tiles of ``w`` decoded one at a time (see the module docstring).
@@ -199,6 +237,7 @@ def tiled_dot(x: jax.Array, w: Any, *, tile: int | None = None,
   if tile % align and tile != k:
     raise ValueError(f"tile={tile} must be a multiple of the row alignment {align} of {w!r}.")
   xm = x.reshape((math.prod(batch), k)).astype(cdtype)
+  w = after_input(w, xm)
   nfull, rem = divmod(k, tile)
   decode = rows_decoder(w)
 

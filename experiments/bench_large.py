@@ -121,19 +121,11 @@ def _proc_mb(pid: int) -> tuple[float, float]:
   return rss, hwm
 
 
-def _stopped(pid: int) -> bool:
-  """Whether ``pid`` is stopped (SIGSTOP: state ``T`` in ``/proc/PID/stat``)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-  except (OSError, IndexError):
-    return False
-
-
 def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
   """Runs ``job``, sampling its memory and the resume point; with ``kill_after`` the job stops
-  itself once that many blocks are finished and is SIGKILLed there. Returns the samples ``[(t, rss_mb, next_block)]``, block finish times,
-  peak memory and whether it was killed."""
+  itself once that many blocks are finished (the resume point is written before it stops, so
+  ``next_block`` already says so) and is SIGKILLed there. Returns the samples
+  ``[(t, rss_mb, next_block)]``, block finish times, peak memory and whether it was killed."""
   t0 = time.perf_counter()
   p = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   log = tempfile.TemporaryFile("w+")
@@ -144,7 +136,6 @@ def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
   start_block = bench_resume._finished_blocks(state)  # pylint: disable=protected-access
   last = start_block
   while p.poll() is None:
-    stopped = _stopped(p.pid)
     rss, hwm = _proc_mb(p.pid)
     nb = bench_resume._finished_blocks(state)  # pylint: disable=protected-access
     t = time.perf_counter() - t0
@@ -155,7 +146,7 @@ def run_attempt(job, env, state: str, kill_after: int | None = None) -> dict:
       print(f"      block {b} finished at {t:.1f} s, RSS {rss:.0f} MiB (peak so far {peak:.0f})",
             flush=True)
     last = max(last, nb)
-    if kill_after is not None and (nb >= kill_after or stopped):
+    if kill_after is not None and nb >= kill_after:
       p.send_signal(signal.SIGKILL)
       killed = True
       break

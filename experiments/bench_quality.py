@@ -43,7 +43,8 @@ BENCHES = {
                       "gptq_w3g64_eora64_f4"),
     "bench_extreme": ("gptq_w2g64_incoherent", "quip_e8p", "gptvq_d2_w2", "gptvq_d4_w2",
                       "gptvq_d8_w2", "aqlm_2x8_g8", "gptq_w3g64_incoherent", "gptvq_d2_w3",
-                      "quip_e8p_3bit"),
+                      "quip_e8p_3bit", "quip_e8p_4bit", "aqlm_3x8_g8", "aqlm_2x8_g8_incoherent",
+                      "aqlm_2x8_g8_ft"),
 }
 
 

@@ -141,9 +141,10 @@ def render_extreme(all_recs):
   rows = []
   for label, names in (("~2 bits", ["gptq-w2g64", "incoherent-gptq-w2g64", "quip-e8p",
                                     "gptvq-d2-w2", "gptvq-d4-w2", "gptvq-d8-w2", "aqlm-2x8-g8",
+                                    "incoherent-aqlm-2x8-g8", "aqlm-2x8-g8-ft",
                                     "aqlm-1x16-g8"]),
                        ("~3 bits", ["gptq-w3g64", "incoherent-gptq-w3g64", "spqr-w2g16",
-                                    "gptvq-d2-w3", "quip-e8p-3bit"]),
+                                    "gptvq-d2-w3", "quip-e8p-3bit", "aqlm-3x8-g8"]),
                        ("~4 bits", ["gptq-w4g64", "quip-e8p-4bit"])):
     for n in names:
       rows.append([label, n] + _quality_cells(by.get(n)))

@@ -185,7 +185,8 @@ def test_transform_plan_jit_checkpoint_and_refusals(tmp_path):
     T.apply(T.aqlm(1, 2, 3, iterations=0, kmeans_iters=1), params, stats)
 
 
-@pytest.mark.parametrize("name,bits", [("aqlm_2x8_g8", 2.153), ("aqlm_1x16_g8", 18.62)])
+@pytest.mark.parametrize("name,bits", [("aqlm_2x8_g8", 2.153), ("aqlm_3x8_g8", 3.218),
+                                       ("aqlm_1x16_g8", 18.62)])
 def test_config_bits_per_parameter_on_the_reference_model_shapes(name, bits):
   """The configs' docstring claims: planned (abstract) leaves of one SmolLM2-135M block."""
   import importlib

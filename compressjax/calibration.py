@@ -75,6 +75,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from compressjax import checkpoint
+from compressjax import checkpoint_stream
 from compressjax import engine_profile
 from compressjax import finetune
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
@@ -305,7 +306,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
                    data_axis: str | Sequence[str] | None = None,
                    block_finetune: finetune.BlockFinetune | None = None,
                    shard_solvers: bool = True,
-                   profile: EngineProfile | None = None) -> tuple[Any, Any]:
+                   profile: EngineProfile | None = None,
+                   output: checkpoint_stream.StreamWriter | None = None) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
@@ -335,10 +337,22 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       FLOPs of each phase, per block and in total (:mod:`compressjax.engine_profile`); each
       phase then ends with a sync. ``None`` (default): no timers, no extra syncs. The results
       are the same either way.
+    output: a :class:`compressjax.checkpoint_stream.StreamWriter`: each finished block is
+      written to it as soon as it is done and dropped from memory (the engine then holds no
+      finished block: peak memory does not grow with depth); at the end the parameters outside
+      the blocks are written and the writer is finalized (every block's checksums checked,
+      manifest complete); the caller commits it (:meth:`~compressjax.checkpoint_stream.
+      StreamWriter.commit`) or aborts it. With ``resume_dir`` the blocks that the resume
+      directory writes are hard-linked into the output, not written twice; on resume the
+      finished blocks are linked, never read into memory. ``None`` (default): the finished
+      blocks are kept and returned.
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
     Parameters outside the blocks are passed through the transform last, with ``stats=None``.
+    With ``output`` the blocks' leaves are abstract placeholders (``jax.ShapeDtypeStruct``
+    children, the compressed leaves' structure and static metadata kept); the written
+    checkpoint holds their values (``output.restore()``).
 
   Raises:
     ValueError: bad ``mode``/``windows``/``batch_size``, a recipe step with a global scope, a
@@ -349,11 +363,11 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     return _run_sequential(model, windows, transform, prof, batch_size=batch_size, mode=mode,
                            resume_dir=resume_dir, recipe_key=recipe_key, progress=progress,
                            mesh=mesh, data_axis=data_axis, block_finetune=block_finetune,
-                           shard_solvers=shard_solvers)
+                           shard_solvers=shard_solvers, output=output)
 
 
 def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume_dir, recipe_key,
-                    progress, mesh, data_axis, block_finetune, shard_solvers):
+                    progress, mesh, data_axis, block_finetune, shard_solvers, output=None):
   if mode not in ("sequential", "original"):
     raise ValueError(f"mode must be 'sequential' or 'original', got {mode!r}")
   windows = np.asarray(windows, np.int32)
@@ -369,6 +383,9 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
                      f"{place.data_size} (mesh {dict(place.mesh.shape)})")
   if not isinstance(shard_solvers, bool):
     raise ValueError(f"shard_solvers must be a bool, got {shard_solvers!r}")
+  if output is not None and not isinstance(output, checkpoint_stream.StreamWriter):
+    raise ValueError(f"output must be a compressjax.checkpoint_stream.StreamWriter or None, got "
+                     f"{type(output).__name__}")
   if block_finetune is not None and not isinstance(block_finetune, finetune.BlockFinetune):
     raise ValueError(f"block_finetune must be a compressjax.finetune.BlockFinetune or None, got "
                      f"{type(block_finetune).__name__}")
@@ -393,10 +410,12 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
   fp = _fingerprint(windows, mode, bm.num_blocks, recipe_key)
   passes = _Passes(bm)
 
-  done: dict[str, Any] = {}  # compressed block leaves by full path
+  # compressed block leaves by full path (with ``output``: their abstract placeholders)
+  done: dict[str, Any] = {}
   start, x = 0, None
   if resume_dir:
-    start, x, state, done = prof.run("resume", _try_resume, resume_dir, fp, state, abstract, bm)
+    start, x, state, done = prof.run("resume", _try_resume, resume_dir, fp, state, abstract, bm,
+                                     output)
   xshape = (nb, bs, t)
   if x is None:
     outside = prof.run("transfer", place.put_tree, prof.run("read", bm.outside_params))
@@ -449,24 +468,50 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
       x = orig_out
     del orig_out
     x = jax.block_until_ready(x)
-    done.update({prefix + p: v for p, v in block.items()})
+    if output is None:
+      done.update({prefix + p: v for p, v in block.items()})
+    else:
+      done.update({prefix + p: _placeholder(v) for p, v in block.items()})
     if resume_dir:
       prof.run("save", lambda: _save_resume(resume_dir, fp, i, place.resume_inputs(x), block,
                                             state))
+    if output is not None:  # written (or linked from the resume directory), then dropped
+      prof.run("save", lambda: output.add_block(
+          i, prefix, None if resume_dir else block,
+          source=_block_dir(resume_dir, i) if resume_dir else None))
     del block
     prof.block_end()
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
-  return prof.run("outside", _finish, bm, abstract, transform, state, done)
+  new_params, state = prof.run("outside", _finish, bm, abstract, transform, state, done, output)
+  if output is not None:
+    prof.run("save", output.finalize, abstract)
+  return new_params, state
 
 
-def _finish(bm: BlockModel, abstract, transform: Transform, state, done: dict[str, Any]):
-  """The data-free update of the parameters outside the blocks; the whole new tree."""
+def _finish(bm: BlockModel, abstract, transform: Transform, state, done: dict[str, Any],
+            output=None):
+  """The data-free update of the parameters outside the blocks; the whole new tree (with
+  ``output``: the outside leaves are written to it too)."""
   outside = bm.outside_params()
   rest_view = _map(lambda p, a: outside.get(p, _UNSELECTED), abstract)
   new_rest, state = transform.update(rest_view, state, None)
+  rest = {p: v for p, v in leaves_with_paths(new_rest) if p in outside}
+  if output is not None:
+    output.add_leaves(rest)
   flat = dict(done)
-  flat.update({p: v for p, v in leaves_with_paths(new_rest) if p in outside})
+  flat.update(rest)
   return nest(abstract, flat), state
+
+
+def _placeholder(leaf):
+  """``leaf`` with every array replaced by its ``jax.ShapeDtypeStruct`` (sharding kept)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=a.sharding if checkpoint._is_sharded(a) else None),  # pylint: disable=protected-access
+                      leaf)
+
+
+def _block_dir(resume_dir: str, i: int) -> str:
+  return os.path.join(resume_dir, "blocks", f"{i:05d}")
 
 
 def _out_dim(w) -> int:
@@ -485,14 +530,18 @@ def _save_resume(resume_dir: str, fp: str, i: int, x, block: dict[str, Any],
   (the state's structure in the metadata, its arrays beside)."""
   spec, state_arrays = checkpoint.encode_pytree(state, where="calibration transform state")
   os.makedirs(os.path.join(resume_dir, "blocks"), exist_ok=True)
-  checkpoint.save(os.path.join(resume_dir, "blocks", f"{i:05d}"), unflatten(block),
+  checkpoint.save(_block_dir(resume_dir, i), unflatten(block),
                   metadata={"fingerprint": fp, "block": i}, overwrite=True)
   checkpoint.save(os.path.join(resume_dir, "latest"), {"x": x, "state": state_arrays},
                   metadata={"fingerprint": fp, "next_block": i + 1, "state": spec},
                   overwrite=True)
 
 
-def _try_resume(resume_dir: str, fp: str, state, abstract, bm: BlockModel):
+def _try_resume(resume_dir: str, fp: str, state, abstract, bm: BlockModel, output=None):
+  """``(next block, its inputs, transform state, finished blocks' leaves)`` of the resume
+  point (``(0, None, state, {})`` without one). With ``output`` the finished blocks are
+  hard-linked into it (checked against their checksums when it is finalized), never read: the
+  leaves returned are their abstract placeholders."""
   path = os.path.join(resume_dir, "latest")
   if not os.path.isdir(path):
     return 0, None, state, {}
@@ -509,13 +558,22 @@ def _try_resume(resume_dir: str, fp: str, state, abstract, bm: BlockModel):
       where=f"resume_dir {resume_dir!r}: transform state in {path!r}")
   done: dict[str, Any] = {}
   for i in range(meta["next_block"]):
-    bpath = os.path.join(resume_dir, "blocks", f"{i:05d}")
+    bpath = _block_dir(resume_dir, i)
     if not os.path.isdir(bpath):
       raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: finished block {i} is "
                                        f"missing ({bpath!r}); delete the directory to restart")
-    block, bmeta = checkpoint.restore(bpath)
+    if output is not None:
+      bmanifest = checkpoint.read_manifest(bpath)
+      bmeta = bmanifest["metadata"]
+    else:
+      block, bmeta = checkpoint.restore(bpath)
     if bmeta.get("fingerprint") != fp:
       raise checkpoint.CheckpointError(f"resume_dir {resume_dir!r}: {bpath!r} belongs to "
                                        "another run; delete the directory to restart")
-    done.update(_flatten(block, bm.block_prefix(i)))
+    if output is not None:
+      output.add_block(i, bm.block_prefix(i), source=bpath)
+      done.update(_flatten(checkpoint_stream.abstract_leaves(bpath, bmanifest),
+                           bm.block_prefix(i)))
+    else:
+      done.update(_flatten(block, bm.block_prefix(i)))
   return int(meta["next_block"]), np.asarray(saved["x"]), saved_state, done

@@ -7,6 +7,11 @@ Layout of a checkpoint directory::
                     for an array split over devices), user metadata
     arrays/         orbax StandardCheckpointer save of a flat {leaf_key: array} dict
     tokenizer.json  (optional) the tokenizer, so a checkpoint is self-contained
+    blocks/<i>/     (a checkpoint written block by block only) block ``i``'s part: a small
+                    checkpoint of its own whose ``arrays/`` hold the block's leaves; their
+                    manifest entries name it (``"part": "blocks/00003"``, ``index`` within the
+                    part); ``arrays/`` then holds the leaves outside the blocks
+                    (:class:`compressjax.checkpoint_stream.StreamWriter`)
 
 Arrays split over several devices (a sharded model, :func:`compressjax.formats.tree_shardings`)
 are written shard by shard by orbax and checksummed per shard, never gathered into one host
@@ -55,6 +60,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -79,7 +85,10 @@ _READABLE_VERSIONS = (2, 3)
 _CODE_LAYOUT = {2: 1, 3: 2}  # format_version -> formats.packing layout of its codes
 _KNOWN_VERSIONS = (1, 2, 3)  # versions whose directories we recognise as ours (may be replaced)
 MANIFEST = "manifest.json"
-_OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json"})
+# "blocks": the per-block parts of a checkpoint written block by block
+# (:class:`compressjax.checkpoint_stream.StreamWriter`).
+_OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json", "blocks"})
+_PART = re.compile(r"blocks/[0-9]{5,}")
 _PYTREE_ENCODING = "compressjax.pytree/1"
 
 
@@ -926,6 +935,18 @@ def _sharding_children(shardings) -> dict[str, dict[str, Any]]:
   return out
 
 
+def _arrays_dir(path: str, leaf: str, entry: dict[str, Any]) -> str:
+  """The arrays directory of a manifest entry, relative to the checkpoint: ``arrays``, or for a
+  checkpoint written block by block the entry's ``part`` (``blocks/<i>``) + ``/arrays``."""
+  part = entry.get("part")
+  if part is None:
+    return "arrays"
+  if not isinstance(part, str) or not _PART.fullmatch(part):
+    raise CheckpointError(f"checkpoint path {path!r}: leaf {leaf} names part {part!r}; expected "
+                          "'blocks/<number>' (a part of a checkpoint written block by block)")
+  return f"{part}/arrays"
+
+
 def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores ``(params, metadata)`` saved by :func:`save`, verifying every array's checksum.
 
@@ -959,8 +980,9 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
                             f"the stored leaf does not have "
                             f"({sorted(manifest['leaves'][p]['children'])}: another format?)")
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {}
+  targets: dict[str, dict[str, Any]] = {"arrays": {}}  # arrays directory -> orbax target
   for p, entry in manifest["leaves"].items():
+    target = targets.setdefault(_arrays_dir(path, p, entry), {})
     for name, spec in entry["children"].items():
       if math.prod(spec["shape"]):
         sh = placed.get(p, {}).get(name)
@@ -968,20 +990,24 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
           sh = default  # saved split over devices: orbax needs a target layout
         target[f"a{entry['index']}_{name}"] = jax.ShapeDtypeStruct(
             tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=sh)
-  arrays_dir = os.path.join(path, "arrays")
-  if not os.path.isdir(arrays_dir):
-    raise CheckpointError(f"checkpoint path {path!r}: arrays/ is missing (partial checkpoint)")
-  try:
-    arrays = ocp.StandardCheckpointer().restore(arrays_dir, target) if target else {}
-  except Exception as e:  # orbax raises many types for damaged files
-    raise CheckpointError(f"checkpoint path {path!r}: arrays could not be restored "
-                          f"({type(e).__name__}: {e})") from e
+  arrays: dict[str, dict[str, Any]] = {}
+  for rel, target in targets.items():
+    arrays_dir = os.path.join(path, rel)
+    if not os.path.isdir(arrays_dir):
+      raise CheckpointError(f"checkpoint path {path!r}: {rel}/ is missing (partial checkpoint)")
+    try:
+      arrays[rel] = ocp.StandardCheckpointer().restore(arrays_dir, target) if target else {}
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint path {path!r}: arrays could not be restored from "
+                            f"{rel}/ ({type(e).__name__}: {e})") from e
   params: dict[str, Any] = {}
   for p, entry in manifest["leaves"].items():
+    rel = _arrays_dir(path, p, entry)
     children = {}
     for name, spec in entry["children"].items():
       key = f"a{entry['index']}_{name}"
-      a = arrays[key] if key in target else np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
+      a = (arrays[rel][key] if key in targets[rel]
+           else np.zeros(spec["shape"], jnp.dtype(spec["dtype"])))
       if list(a.shape) != spec["shape"] or jnp.dtype(a.dtype).name != spec["dtype"]:
         raise CheckpointError(f"checkpoint path {path!r}: array {p}/{name} has "
                               f"{a.shape}/{a.dtype}, manifest says {spec}")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import accounting, calibration, checkpoint, data, evaluate, finetune, transforms
+from compressjax import checkpoint_stream
 from compressjax.formats import CompressedArray
 from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract_tree
 from compressjax.io import build_model, open_model, resolve_model_path
@@ -350,6 +351,32 @@ def run_compress(cfg) -> dict[str, Any]:
     before = _eval_all(model, windows, cfg.data.batch_size, "fp")
     del model
 
+  # Streamed output (calibration.stream_output): each finished block is written to the output
+  # checkpoint's temporary directory and dropped, so the engine's memory does not grow with
+  # depth; the evaluation then reads the compressed model back from what was written.
+  writer = None
+  if calibrated and cfg.output_dir and _stream_output(cfg):
+    writer = checkpoint_stream.StreamWriter(cfg.output_dir, overwrite=cfg.overwrite,
+                                            forbidden=[model_path])
+  try:  # (`params` is the lazily opened tree: holding it here costs no memory)
+    return _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, windows,
+                               cal_windows, block_ft, calibrated, before, before_size, load_s,
+                               writer)
+  finally:
+    if writer is not None:
+      writer.abort()  # nothing after a commit; otherwise the destination stays unchanged
+
+
+def _stream_output(cfg) -> bool:
+  """``calibration.stream_output`` (default on), with one process (the writer's limit)."""
+  on = cfg.calibration.get("stream_output", True)
+  if not isinstance(on, bool):
+    raise ValueError(f"calibration.stream_output must be a bool, got {on!r}")
+  return on and jax.process_count() == 1
+
+
+def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, windows,
+                        cal_windows, block_ft, calibrated, before, before_size, load_s, writer):
   t0 = time.perf_counter()
   if calibrated:
     cal = cfg.calibration
@@ -357,12 +384,14 @@ def run_compress(cfg) -> dict[str, Any]:
         LlamaBlocks(model_cfg, params, dtype=dtype), cal_windows, transform,
         batch_size=cal.batch_size, mode=cal.mode, resume_dir=cal.resume_dir or None,
         recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True),
-        block_finetune=block_ft)
+        block_finetune=block_ft, output=writer)
   else:
     new_params, _ = transforms.apply(transform, materialize(params, dtype))
   new_params = jax.block_until_ready(new_params)
   compress_s = time.perf_counter() - t0
   del params
+  if writer is not None:  # the compressed model as written (checksums verified)
+    new_params, _ = writer.restore()
   after_size = accounting.size_report(new_params)
   cmodel = build_model(model_cfg, new_params, dtype=dtype)
   after = _eval_all(cmodel, windows, cfg.data.batch_size, cfg.compression.name)
@@ -399,11 +428,14 @@ def run_compress(cfg) -> dict[str, Any]:
       "machine": machine_info(),
   }
   if cfg.output_dir:
-    checkpoint.save(cfg.output_dir, new_params, tokenizer=tok, overwrite=cfg.overwrite,
-                    metadata={"model_config": model_config_dict(cmodel.cfg),
-                              "compression": _to_jsonable(cfg.compression.to_dict()),
-                              "data": _to_jsonable(cfg.data.to_dict()),
-                              "dtype": cfg.dtype, "result": record})
+    meta = {"model_config": model_config_dict(cmodel.cfg),
+            "compression": _to_jsonable(cfg.compression.to_dict()),
+            "data": _to_jsonable(cfg.data.to_dict()), "dtype": cfg.dtype, "result": record}
+    if writer is not None:
+      writer.commit(metadata=meta, tokenizer=tok)
+    else:
+      checkpoint.save(cfg.output_dir, new_params, tokenizer=tok, overwrite=cfg.overwrite,
+                      metadata=meta)
     record["checkpoint"] = os.path.abspath(cfg.output_dir)
   record["total_wall_s"] = time.perf_counter() - t_start
   record["peak_rss_mb"] = peak_rss_mb()

@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibration.batch_size = 8
   # Directory to checkpoint after every block and resume from ("" = no resume).
   c.calibration.resume_dir = ""
+  # Write each finished block to output_dir's temporary directory as soon as it is done and drop
+  # it (memory does not grow with depth; the evaluation reads the written model back); with
+  # resume_dir the blocks it writes are hard-linked, not written twice. False: keep the whole
+  # compressed model and save it at the end. Same checkpoint and results either way.
+  c.calibration.stream_output = True
 
   # Evaluate the uncompressed model too (before/after table).
   c.eval_before = True

@@ -32,6 +32,14 @@
    engine keeps per finished block, peak RSS of the killed attempt, the resumed attempt and the
    reference, peak RSS after the last block (outside params, evaluation, save), whether the
    checkpoints are identical, the kill point, wall times.
+
+The output is streamed (``calibration.stream_output``, the default; ``--no-stream`` keeps the
+whole compressed model instead): each finished block goes to the output checkpoint (hard-linked
+from the resume directory, written once) and is dropped, so RSS at the end of each block should
+not grow with depth. The record says so: ``rss_end_trend_mb_per_block`` (least-squares slope of
+the RSS at the end of each block, block 0 left out) against ``compressed_block_mb`` (what the
+engine would keep per block without streaming), and ``rss_grows_with_depth`` (the slope is
+above half of that).
 """
 
 import argparse
@@ -192,6 +200,16 @@ def _trend_mb_per_block(values) -> float | None:
   return float(np.polyfit(x, y, 1)[0])
 
 
+def _remove_temporaries(out: str) -> None:
+  """Removes the temporary directories a killed job left beside its output ``out``
+  (``.<name>.tmp-*``: the streamed output checkpoint, never renamed into place)."""
+  parent, name = os.path.split(out)
+  if os.path.isdir(parent):
+    for e in os.listdir(parent):
+      if e.startswith(f".{name}.tmp-"):
+        shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tiny", action="store_true", help="a tiny shape for tests (seconds)")
@@ -207,6 +225,8 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
   ap.add_argument("--shard-mb", type=int, default=1024, help="safetensors shard size (MiB)")
   ap.add_argument("--regenerate", action="store_true", help="rewrite the model even if present")
+  ap.add_argument("--no-stream", action="store_true",
+                  help="calibration.stream_output=False: keep the compressed blocks, save at the end")
   ap.add_argument("--no-reference", action="store_true",
                   help="skip the uninterrupted run and the comparison")
   ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results",
@@ -252,11 +272,13 @@ def main(argv=None):
                                              "state_reference")}
   for d in outs.values():  # this benchmark's own outputs from an earlier run
     shutil.rmtree(d, ignore_errors=True)
+    _remove_temporaries(d)
   tmp = tempfile.mkdtemp(prefix="bench_large-")
   env = dict(os.environ, PYTHONPATH=ROOT)
   extra = [f"--config.model={model_dir}", f"--config.calibration.seq_len={args.seq_len}",
            f"--config.data.seq_len={args.seq_len}",
-           f"--config.data.num_eval_windows={args.eval_windows}"]
+           f"--config.data.num_eval_windows={args.eval_windows}",
+           f"--config.calibration.stream_output={not args.no_stream}"]
   if args.data_dir:
     extra.append(f"--config.data.dir={os.path.abspath(args.data_dir)}")
 
@@ -271,6 +293,7 @@ def main(argv=None):
   first = run_attempt(stop_job, env, outs["state_killed"], kill_after)
   if not first["killed"]:
     raise SystemExit(f"the job ended before block {kill_after} was finished")
+  _remove_temporaries(outs["killed"])  # what the killed job's streamed output had written
   print(f"      killed with {first['blocks_finished']} blocks finished after "
         f"{first['wall_s']:.1f} s (peak RSS {first['peak_rss_mb']:.0f} MiB)", flush=True)
   second = run_attempt(job("killed"), env, outs["state_killed"])
@@ -290,11 +313,14 @@ def main(argv=None):
   # The uninterrupted run's blocks are the cleanest series (one start-up, in block 0).
   series = ref_blocks or killed_blocks
   steady = [s for s in series["seconds"][1:] if s is not None]
+  end_trend = _trend_mb_per_block(series["rss_end_mb"])
+  block_mb = r_kill["linear_bytes"] / args.layers / 2**20
   rec = {
       "method": f"{r_kill['method']}-random-{have['params'] / 1e9:.2f}B-killed-resumed",
       "settings": {"config": args.config, "calibration_windows": args.windows,
                    "seq_len": args.seq_len, "eval_windows_per_corpus": args.eval_windows,
                    "kill_after_blocks": kill_after, "seed": args.seed,
+                   "stream_output": not args.no_stream,
                    "shape": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers",
                                                            "heads", "kv_heads", "vocab")},
                    "tied_head": False, "init_std": 0.02, "dtype": "float32"},
@@ -312,8 +338,11 @@ def main(argv=None):
       "block_rss_end_mb": series["rss_end_mb"],
       "block_rss_peak_mb": series["rss_peak_mb"],
       "rss_trend_mb_per_block": _trend_mb_per_block(series["rss_peak_mb"]),
-      # What the engine keeps per finished block (its compressed linears): the expected slope.
-      "compressed_block_mb": r_kill["linear_bytes"] / args.layers / 2**20,
+      "rss_end_trend_mb_per_block": end_trend,
+      # What the engine keeps per finished block without streaming (its compressed linears):
+      # the slope expected then; with streaming the end-of-block RSS should stay flat.
+      "compressed_block_mb": block_mb,
+      "rss_grows_with_depth": None if end_trend is None else bool(end_trend > 0.5 * block_mb),
       "rss_after_blocks_peak_mb": series["rss_after_blocks_peak_mb"],
       "killed_block_seconds": killed_blocks["seconds"],
       "killed_block_rss_end_mb": killed_blocks["rss_end_mb"],

@@ -326,7 +326,10 @@ def render_large(name, recs):
                  str(r["killed_with_blocks_finished"]),
                  {True: "yes", False: "NO", None: "-"}[r["identical"]],
                  fmt(r["block_seconds_median_after_first"], 1),
-                 fmt(r["rss_trend_mb_per_block"], 1), fmt(r.get("compressed_block_mb"), 1),
+                 fmt(r["rss_trend_mb_per_block"], 1), fmt(r.get("rss_end_trend_mb_per_block"), 1),
+                 fmt(r.get("compressed_block_mb"), 1),
+                 {True: "streamed", False: "kept", None: "kept"}[
+                     r["settings"].get("stream_output")],
                  fmt(r["peak_rss_killed_attempt_mb"], 0), fmt(r["peak_rss_resumed_attempt_mb"], 0),
                  fmt(r["peak_rss_reference_mb"], 0), fmt(r["rss_after_blocks_peak_mb"], 0),
                  fmt(r["wall_s"], 0), r["commit"], r["date"][:10]])
@@ -341,11 +344,15 @@ def render_large(name, recs):
       "after half the blocks and resumed, against the same job never killed. Per-block series "
       "are the uninterrupted run's (block 0 includes start-up and compilation); `RSS slope` is "
       "the least-squares slope of the per-block peak RSS over blocks 1..n-1, against `kept`, the "
-      "compressed bytes the engine keeps per finished block; `after blocks` is "
+      "compressed bytes the engine keeps per finished block without streaming; `RSS end slope` "
+      "the same slope of the RSS at the end of each block; `output` says whether the finished "
+      "blocks were streamed to the output checkpoint (`calibration.stream_output`) or kept "
+      "(records before it existed); `after blocks` is "
       "the peak RSS sampled after the last block (outside parameters, evaluation, save). "
       "Perplexities of a random model are meaningless and not shown.", "",
       table(["method", "params", "file GB", "cal. windows", "killed after", "identical",
-             "s/block", "RSS slope MiB/block", "kept MiB/block", "peak RSS killed", "peak RSS resumed",
+             "s/block", "RSS slope MiB/block", "RSS end slope MiB/block", "kept MiB/block",
+             "output", "peak RSS killed", "peak RSS resumed",
              "peak RSS uninterrupted", "after blocks", "wall s", "commit", "date"], rows), "",
       *blocks, "", "Machine: " + "; ".join(machines), ""])
 

@@ -36,6 +36,17 @@ def test_tiny_random_llama_killed_and_resumed_is_identical(tmp_path, tiny_data):
     assert len(rec[key]) == n and all(v is not None and v > 0 for v in rec[key]), (key, rec[key])
   assert rec["peak_rss_killed_attempt_mb"] > 0 and rec["peak_rss_resumed_attempt_mb"] > 0
   assert rec["bits_per_param"] == 4.25 and np.isfinite(rec["ppl_wiki"])
+  # Streamed output (the default): the checkpoints hold one part per block, hard-linked from
+  # the resume directory; the record says whether the end-of-block RSS grows with depth.
+  assert rec["settings"]["stream_output"] is True
+  assert isinstance(rec["rss_grows_with_depth"], bool)
+  assert isinstance(rec["rss_end_trend_mb_per_block"], float)
+  for name in ("killed", "reference"):
+    parts = tmp_path / "work" / name / "blocks"
+    assert sorted(os.listdir(parts)) == [f"{i:05d}" for i in range(n)]
+    link = next(p for p in (parts / "00000").rglob("*") if p.is_file())
+    assert link.stat().st_nlink >= 2  # the resume directory's file, written once
+  assert not [e for e in os.listdir(tmp_path / "work") if ".tmp-" in e]  # none left behind
 
   # The model on disk: sharded safetensors (4 MiB shards), the generated values.
   model_dir = tmp_path / "work" / "model"

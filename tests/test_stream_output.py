@@ -156,16 +156,19 @@ def test_engine_holds_no_finished_block(tmp_path):
   assert streamed[1:].max() - streamed[1:].min() < 0.1 * block_bytes, streamed
 
 
-def test_restore_refuses_a_part_outside_blocks(reference, tmp_path):
-  model, _ = reference
+def test_restore_refuses_a_part_outside_blocks(tmp_path):
   out = str(tmp_path / "ck")
   with checkpoint_stream.StreamWriter(out) as w:
-    calibration.run_sequential(model, _windows(), T.rtn(bits=4, group_size=32), batch_size=4,
-                               progress=False, output=w)
+    w.add_block(0, "layers/0/", {"a/kernel": np.ones((2, 2), np.float32)})
+    w.add_leaves({"norm/scale": np.arange(2.0, dtype=np.float32)})
+    w.finalize({"layers": {0: {"a": {"kernel": 0}}}, "norm": {"scale": 0}})
     w.commit()
+  got, _ = checkpoint.restore(out)
+  np.testing.assert_array_equal(got["layers"][0]["a"]["kernel"], np.ones((2, 2)))
+  np.testing.assert_array_equal(got["norm"]["scale"], [0.0, 1.0])
   mpath = os.path.join(out, "manifest.json")
   m = json.load(open(mpath))
-  m["leaves"]["layers/0/attn/q_proj/kernel"]["part"] = "../elsewhere"
+  m["leaves"]["layers/0/a/kernel"]["part"] = "../elsewhere"
   json.dump(m, open(mpath, "w"))
   with pytest.raises(checkpoint.CheckpointError, match="names part '../elsewhere'"):
     checkpoint.restore(out)
@@ -190,15 +193,17 @@ def test_writer_refuses_misuse(tmp_path):
                                progress=False)
 
 
-@pytest.mark.parametrize("with_resume", [False, True])
-def test_run_compress_streamed_equals_unstreamed(tiny_gguf, tiny_data, tmp_path, with_resume):
+def test_run_compress_streamed_equals_unstreamed(tiny_gguf, tiny_data, tmp_path):
+  """Kept and saved at the end vs streamed (with a resume directory, so its blocks are linked):
+  the same evaluation, the same checkpoint."""
+
   def cfg(out, stream):
     c = importlib.import_module("configs.gptq_w4g64").get_config()
     c.model, c.data.dir = tiny_gguf[0], tiny_data
     c.data.seq_len, c.data.num_eval_windows, c.data.batch_size = 64, 2, 2
     c.calibration.num_windows, c.calibration.seq_len, c.calibration.batch_size = 4, 64, 2
     c.calibration.stream_output = stream
-    if with_resume:
+    if stream:
       c.calibration.resume_dir = str(tmp_path / f"resume_{stream}")
     c.eval_before = False
     c.output_dir = str(out)

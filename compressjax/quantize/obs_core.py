@@ -58,7 +58,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = ["DAMP_RETRIES", "ColumnSplit", "Step", "column_split", "drop_dead", "gather_columns",
            "hinv_cholesky", "padded_length", "percdamp_schedule", "place", "place_leaf",
-           "split_columns", "sweep"]
+           "split_columns", "sweep", "whole"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -368,6 +368,20 @@ def local_columns(full: jax.Array, n_local: int, axis_name) -> jax.Array:
     return full
   start = jax.lax.axis_index(axis_name) * n_local
   return jax.lax.dynamic_slice_in_dim(full, start, n_local, axis=1)
+
+
+def whole(a, split: ColumnSplit | None):
+  """``a`` whole as an array of this process: with ``split``, gathered from wherever it lies
+  (its columns split over the mesh, also across processes) to one local copy; else ``a``.
+
+  For the few steps that need a layer's full view on the host (OWQ's choice of rows, SpQR's
+  outlier list): the result is computed from the same values by the same one-device program,
+  hence bit-for-bit what one device computes.
+  """
+  if split is None or a is None:
+    return a
+  full = place(a, split.replicated())
+  return jnp.asarray(full.addressable_data(0))
 
 
 def psum(x, axis_name):

@@ -19,7 +19,11 @@ columns ``N`` alike and couples them only through ``H`` (shared), so a solver ca
 columns split over mesh axes (``jax.shard_map``), each device solving its own columns with the
 replicated ``H``/``Hinv``. The per-column arithmetic is the same as on one device; what a rule
 computes *across* columns (SparseGPT's block mask, SpQR's outlier threshold, the loss) it does
-with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``).
+with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``); what it needs
+from the whole layer before the recursion (OWQ's kept rows, E8P's layer scale) it computes from
+the whole ``W`` first (:func:`whole`), by the one-device program. GPTVQ and AQLM are not split:
+their codebooks are fitted to (and updated from) all output columns at once, so a split would
+need every codebook update all-reduced across the devices; they solve each layer whole.
 
 The recursion (:func:`sweep`), with lazy batch updates over blocks of ``blocksize`` rows
 ``[i1, i2)`` and steps of ``step`` rows ``S = [i, i + step)`` inside a block:

@@ -24,11 +24,13 @@ are summed across them by the compiled program (XLA all-reduce), and the solvers
 summed statistics. **Solvers split over the mesh** (``shard_solvers=True``, the default with a
 mesh): each layer's :class:`LayerStats` carries ``columns``, a
 :class:`~compressjax.quantize.obs_core.ColumnSplit` of the layer's output columns over all mesh
-axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT) solve with
+axes (when they divide ``N``); the transforms that can use it (GPTQ, SparseGPT, E8P/RVQ, SpQR,
+OWQ) solve with
 ``W``'s columns split over the devices (``jax.shard_map``, the Hessian replicated) and return
 leaves whose codes, scales, values and masks stay split ``P(None, axes)``; the other transforms
-ignore it. Tested on one process with 8 simulated CPU devices (``tests/test_engine_sharded.py``,
-``tests/test_mesh_solvers.py``). With several processes (``jax.distributed``; on CPU with
+ignore it (GPTVQ and AQLM: their codebooks are shared by all output columns). Tested on one
+process with 8 simulated CPU devices (``tests/test_engine_sharded.py``,
+``tests/test_mesh_solvers.py``, ``tests/test_mesh_solvers_more.py``). With several processes (``jax.distributed``; on CPU with
 ``jax_cpu_collectives_implementation="gloo"``) every process passes the same windows and a mesh
 over all processes' devices, feeds its own devices' slices (:meth:`_Placement.put`) and ends with
 the same compressed model, whose split leaves then hold only this process's columns (gather
@@ -329,8 +331,9 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     data_axis: the mesh axis (or axes) the windows are split over; default all.
     block_finetune: tune each compressed block's continuous parameters to the uncompressed
       block's outputs (:class:`compressjax.finetune.BlockFinetune`); ``None``: off.
-    shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT) split each layer's
-      output columns over all mesh axes (``LayerStats.columns``); their compressed leaves then
+    shard_solvers: with a mesh, let the solvers that can (GPTQ, SparseGPT, E8P/RVQ, SpQR, OWQ)
+      split each layer's output columns over all mesh axes (``LayerStats.columns``); their
+      compressed leaves then
       stay split ``P(None, axes)`` (with several processes: split over the processes too).
       ``False``: every device solves every layer whole.
     profile: an :class:`EngineProfile` to fill with the wall seconds, compile seconds and

@@ -5,7 +5,8 @@ row-parallel ``P("model", None)``) becomes a compressed leaf whose children are 
 the same logical dimensions: packed codes, scales and zero points ``(rows of K, N)`` take
 ``P(in_axis, out_axis)``; low-rank factors ``A (K, r)`` / ``B (r, N)`` take ``P(in_axis, None)``
 / ``P(None, out_axis)``; N:M values and indices follow the kernel; kept rows keep the output
-axis; a transposed leaf swaps the two. Children without a dense dimension (flat bitmasks,
+axis; a transposed leaf swaps the two; lattice codes ``(K // 8, N)`` (E8P, E81B) follow the
+kernel. Children without a dense dimension (flat bitmasks,
 CSR outliers, codebooks) are replicated. A mesh axis is only kept on a dimension it divides.
 
 The layout is a placement choice, never a correctness one: any sharding of a leaf computes the
@@ -52,8 +53,10 @@ def _specs(x, ia, oa, sizes):
   if x is None:
     return None
   if isinstance(x, quantized.QuantizedArray):
-    rows = lambda a: None if a is None else P(_fit(ia, a.shape[0], sizes),
-                                              _fit(oa, a.shape[1], sizes))
+    def rows(a):
+      if isinstance(a, base.CompressedArray):  # SpQR's quantized (G, N) statistics
+        return _specs(a, ia, oa, sizes)
+      return None if a is None else P(_fit(ia, a.shape[0], sizes), _fit(oa, a.shape[1], sizes))
     return dataclasses.replace(x, packed=rows(x.packed), scale=rows(x.scale), zero=rows(x.zero))
   if isinstance(x, lowrank.LowRank):
     return dataclasses.replace(x, a=_specs(x.a, ia, None, sizes), b=_specs(x.b, None, oa, sizes))
@@ -70,6 +73,10 @@ def _specs(x, ia, oa, sizes):
     o = _fit(oa, x.shape[1], sizes)
     return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes), o, None),
                                codebooks=P(), scales=P(o))
+  from compressjax.formats import e8p  # pylint: disable=g-import-not-at-top
+  if isinstance(x, (e8p.E8PArray, e8p.E81BArray)):  # codes (K // 8, N) like W; scalar scale
+    return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes),
+                                          _fit(oa, x.codes.shape[1], sizes)), scale=P())
   from compressjax.formats.incoherent import Incoherent  # pylint: disable=g-import-not-at-top
   if isinstance(x, Incoherent):  # the rotated weight is sharded like W; signs replicated
     return dataclasses.replace(x, inner=_specs(x.inner, ia, oa, sizes), su_bits=P(), sv_bits=P())

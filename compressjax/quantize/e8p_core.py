@@ -42,6 +42,14 @@ each 8-row block to the minimiser of ``tr((W - Q)^T H (W - Q))`` with all other 
 ``Q_S + H_SS^{-1} H_S: (W - Q)`` (block coordinate descent; the tests check that it lowers
 the output error).
 
+Split over a mesh (``split=``, :mod:`compressjax.quantize.obs_core`): every step acts on each
+output column alone given ``H``, so each device solves its own columns with the replicated
+``H``; the layer scale is computed beforehand from the whole ``W`` by the program one device
+runs, so the codes and the scale equal one device's. Behind incoherence processing the
+split is of the rotated ``Wt = H_in^T diag(su) W diag(sv) H_out`` under the rotated Hessian (the
+output-side Hadamard mixes ``W``'s columns, but it is applied before the solver sees ``Wt``, whose
+columns are then independent like any weight's).
+
 References:
   Tseng, Chee, Sun, Kuleshov, De Sa, "QuIP#: Even Better LLM Quantization with Hadamard
   Incoherence and Lattice Codebooks", ICML 2024, arXiv:2402.04396 (Sec. 4.2 E8P, Alg. 3
@@ -186,6 +194,18 @@ def e8p_scale(W: jax.Array, scale_override: float = DEFAULT_SCALE_OVERRIDE) -> j
   return jnp.where(rms > 0, rms / scale_override, 1.0).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("scale_override",))
+def _layer_scale(W, H, *, scale_override):
+  """:func:`e8p_scale` of the weight BlockLDLQ rounds (dead input rows zeroed).
+
+  A program of its own, run on the whole ``W`` before any split, so that a split solver and
+  one device use the bit-identical scale (a sum of squares reduced per device and then across
+  devices adds in another order and moves the scale by an ulp).
+  """
+  W, _, _ = obs_core.drop_dead(W.astype(jnp.float32), H.astype(jnp.float32))
+  return e8p_scale(W, scale_override)
+
+
 def _e8p_round(x: jax.Array):
   """E8P rounding as a codebook rule: ``((codes,), values)`` of 8-vectors ``x`` ``(M, 8)``."""
   codes, vals = nearest(x)
@@ -237,11 +257,18 @@ def tune(Wn: jax.Array, Q: jax.Array, codes: jax.Array, H: jax.Array, iters: int
   return Q, codes
 
 
-def _block_ldlq(W, H, rnd, code_dtypes, *, percdamp, blocksize, scale_override, tune_iters):
+def _block_ldlq(W, H, scale, rnd, code_dtypes, *, percdamp, blocksize, tune_iters,
+                axis_name=None):
   """BlockLDLQ of ``W`` under ``H`` with the 8-dimensional rounding rule ``rnd``.
 
   ``rnd(x (M, 8)) -> (codes tuple of (M,) arrays of ``code_dtypes``, values (M, 8))``.
-  Returns ``(codes tuple of (K // 8, N), scale, info)`` (see :func:`e8p_quantize`).
+  ``scale`` is the layer scale (:func:`_layer_scale`). Returns ``(codes tuple of (K // 8, N),
+  scale, info)`` (see :func:`e8p_quantize`).
+
+  With ``axis_name`` (inside :func:`_split_ldlq`'s ``shard_map``) ``W`` is this device's output
+  columns: every step (rounding 8 rows of one column, the error feedback through the replicated
+  ``Hinv``, the tune passes) acts per column; the one layer-wide quantity, the scale, comes
+  in computed from the whole ``W``, and the loss is summed over the devices.
   """
   K, N = W.shape
   if K % CODESZ:
@@ -252,7 +279,6 @@ def _block_ldlq(W, H, rnd, code_dtypes, *, percdamp, blocksize, scale_override, 
   H = H.astype(jnp.float32)
   W, H, dead = obs_core.drop_dead(W, H)
   Hinv, rel, damp, ok = obs_core.hinv_cholesky(H, percdamp)
-  scale = e8p_scale(W, scale_override)
   Wn = W / scale
   nb_pad = obs_core.padded_length(K, blocksize) // CODESZ
 
@@ -268,14 +294,42 @@ def _block_ldlq(W, H, rnd, code_dtypes, *, percdamp, blocksize, scale_override, 
   if tune_iters:
     Hd = H + damp * jnp.eye(K, dtype=H.dtype)
     Q, codes = _tune(Wn, Q, codes, Hd, tune_iters, rnd)
-  info = {"loss": loss, "percdamp": rel, "damp": damp, "cholesky_ok": ok, "dead": dead}
+  info = {"loss": obs_core.psum(loss, axis_name), "percdamp": rel, "damp": damp,
+          "cholesky_ok": ok, "dead": dead}
   return codes, scale, info
 
 
-@functools.partial(jax.jit, static_argnames=("percdamp", "blocksize", "scale_override",
-                                             "tune_iters"))
+def _split_ldlq(solve, W, H, split: obs_core.ColumnSplit | None, n_codes: int, *,
+                scale_override, **kw):
+  """``solve(W, H, scale, **kw)`` (a jitted BlockLDLQ taking ``axis_name``) with ``W``'s output
+  columns split over ``split`` (``None``: one device). The scale is computed first from the
+  whole ``W`` (gathered: ``K N`` floats) by the same program either way. Codes come back split
+  ``P(None, axis)``; the scale and ``info`` replicated."""
+  if split is None:
+    return solve(W, H, _layer_scale(W, H, scale_override=scale_override), **kw)
+  obs_core.check_split(W.shape[1], split, "E8P BlockLDLQ")
+  scale = _layer_scale(obs_core.whole(W, split), obs_core.whole(H, split),
+                       scale_override=scale_override)
+  fn = obs_core.split_columns(functools.partial(solve, axis_name=split.axis, **kw), split,
+                              in_specs=("cols", None, None),
+                              out_specs=("cols",) * n_codes + (None, None))
+  rep = split.replicated()
+  return jax.jit(fn)(obs_core.place(W, split.sharding()), obs_core.place(H, rep),
+                     obs_core.place(scale, rep))
+
+
+@functools.partial(jax.jit, static_argnames=("percdamp", "blocksize", "tune_iters",
+                                             "axis_name"))
+def _e8p(W, H, scale, *, percdamp, blocksize, tune_iters, axis_name=None):
+  (codes,), scale, info = _block_ldlq(W, H, scale, _e8p_round, (jnp.uint16,),
+                                      percdamp=percdamp, blocksize=blocksize,
+                                      tune_iters=tune_iters, axis_name=axis_name)
+  return codes, scale, info
+
+
 def e8p_quantize(W: jax.Array, H: jax.Array, *, percdamp: float = 0.01, blocksize: int = 128,
-                 scale_override: float = DEFAULT_SCALE_OVERRIDE, tune_iters: int = 0):
+                 scale_override: float = DEFAULT_SCALE_OVERRIDE, tune_iters: int = 0,
+                 split: obs_core.ColumnSplit | None = None):
   """BlockLDLQ with the E8P codebook of one ``(K, N)`` weight under its ``(K, K)`` Hessian.
 
   Args:
@@ -286,16 +340,20 @@ def e8p_quantize(W: jax.Array, H: jax.Array, *, percdamp: float = 0.01, blocksiz
     blocksize: rows per lazy batch update (a multiple of 8).
     scale_override: ``Wscale = RMS(W) / scale_override``.
     tune_iters: extra coordinate-descent passes (:func:`tune`).
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`, e.g. ``obs_core.column_split(W)``):
+      each device runs BlockLDLQ on its ``N / devices`` columns with the replicated ``H``; the
+      layer scale is computed from the whole ``W`` first, so codes and scale equal one device's. ``codes`` then
+      come back split ``P(None, axis)``. ``None``: one device (jittable; the split path places
+      arrays and is not).
 
   Returns:
     ``(codes, scale, info)``: ``codes`` ``(K // 8, N)`` uint16 with ``codes[b, n]`` encoding
     ``W[8b:8b+8, n]``, ``scale`` a float32 scalar (``W ~ scale * decode(codes)``), and ``info``
     with the solver's ``loss`` (in units of the scaled weight) and the damping used.
   """
-  (codes,), scale, info = _block_ldlq(W, H, _e8p_round, (jnp.uint16,), percdamp=percdamp,
-                                      blocksize=blocksize, scale_override=scale_override,
-                                      tune_iters=tune_iters)
-  return codes, scale, info
+  return _split_ldlq(_e8p, W, H, split, 1, percdamp=percdamp, blocksize=blocksize,
+                     scale_override=scale_override, tune_iters=tune_iters)
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,11 +459,24 @@ def rvq_nearest(x: jax.Array, bits: int = 3, resid_scale: float | None = None):
   return c1, c2, v1 + v2 / rs
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "percdamp", "blocksize", "scale_override",
-                                             "resid_scale", "tune_iters"))
+@functools.partial(jax.jit, static_argnames=("bits", "percdamp", "blocksize", "resid_scale",
+                                             "tune_iters", "axis_name"))
+def _rvq(W, H, scale, *, bits, percdamp, blocksize, resid_scale, tune_iters, axis_name=None):
+  def rnd(x):
+    c1, c2, v = rvq_nearest(x, bits=bits, resid_scale=resid_scale)
+    return (c1, c2), v
+
+  dt2 = jnp.uint8 if bits == 3 else jnp.uint16
+  (codes, resid_codes), scale, info = _block_ldlq(
+      W, H, scale, rnd, (jnp.uint16, dt2), percdamp=percdamp, blocksize=blocksize,
+      tune_iters=tune_iters, axis_name=axis_name)
+  return codes, resid_codes, scale, info
+
+
 def rvq_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, percdamp: float = 0.01,
                  blocksize: int = 128, scale_override: float | None = None,
-                 resid_scale: float | None = None, tune_iters: int = 0):
+                 resid_scale: float | None = None, tune_iters: int = 0,
+                 split: obs_core.ColumnSplit | None = None):
   """BlockLDLQ with QuIP#'s 3- or 4-bit RVQ codebook (:func:`rvq_nearest` per 8-row block).
 
   The same recursion as :func:`e8p_quantize` (the reference's ``LDLQ`` calls
@@ -413,7 +484,8 @@ def rvq_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, percdamp: float =
   rounding as the rule and the codebook's scale choices (:data:`RVQ_DEFAULTS`).
 
   Args:
-    W, H, percdamp, blocksize, tune_iters: as :func:`e8p_quantize`.
+    W, H, percdamp, blocksize, tune_iters, split: as :func:`e8p_quantize` (with ``split``
+      both code arrays come back split ``P(None, axis)``).
     bits: 3 (E8P + E81B) or 4 (E8P + E8P).
     scale_override: ``Wscale = RMS(W) / scale_override``; default the codebook's ``opt_scale``.
     resid_scale: default the codebook's ``opt_resid_scale``.
@@ -428,13 +500,6 @@ def rvq_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, percdamp: float =
   so_default, rs_default = RVQ_DEFAULTS[bits]
   so = so_default if scale_override is None else float(scale_override)
   rs = rs_default if resid_scale is None else float(resid_scale)
-
-  def rnd(x):
-    c1, c2, v = rvq_nearest(x, bits=bits, resid_scale=rs)
-    return (c1, c2), v
-
-  dt2 = jnp.uint8 if bits == 3 else jnp.uint16
-  (codes, resid_codes), scale, info = _block_ldlq(
-      W, H, rnd, (jnp.uint16, dt2), percdamp=percdamp, blocksize=blocksize,
-      scale_override=so, tune_iters=tune_iters)
-  return codes, resid_codes, scale, info
+  return _split_ldlq(_rvq, W, H, split, 2, bits=bits, percdamp=float(percdamp),
+                     blocksize=blocksize, scale_override=so, resid_scale=rs,
+                     tune_iters=tune_iters)

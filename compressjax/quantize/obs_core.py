@@ -19,7 +19,11 @@ columns ``N`` alike and couples them only through ``H`` (shared), so a solver ca
 columns split over mesh axes (``jax.shard_map``), each device solving its own columns with the
 replicated ``H``/``Hinv``. The per-column arithmetic is the same as on one device; what a rule
 computes *across* columns (SparseGPT's block mask, SpQR's outlier threshold, the loss) it does
-with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``).
+with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``); what it needs
+from the whole layer before the recursion (OWQ's kept rows, E8P's layer scale) it computes from
+the whole ``W`` first (:func:`whole`), by the one-device program. GPTVQ and AQLM are not split:
+their codebooks are fitted to (and updated from) all output columns at once, so a split would
+need every codebook update all-reduced across the devices; they solve each layer whole.
 
 The recursion (:func:`sweep`), with lazy batch updates over blocks of ``blocksize`` rows
 ``[i1, i2)`` and steps of ``step`` rows ``S = [i, i + step)`` inside a block:
@@ -58,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = ["DAMP_RETRIES", "ColumnSplit", "Step", "column_split", "drop_dead", "gather_columns",
            "hinv_cholesky", "padded_length", "percdamp_schedule", "place", "place_leaf",
-           "split_columns", "sweep"]
+           "split_columns", "sweep", "whole"]
 
 #: How many dampings are tried: ``percdamp * 10**t`` for ``t = 0 .. DAMP_RETRIES - 1``
 #: (``percdamp = 0`` retries from ``1e-4 * 10**(t-1)``).
@@ -368,6 +372,20 @@ def local_columns(full: jax.Array, n_local: int, axis_name) -> jax.Array:
     return full
   start = jax.lax.axis_index(axis_name) * n_local
   return jax.lax.dynamic_slice_in_dim(full, start, n_local, axis=1)
+
+
+def whole(a, split: ColumnSplit | None):
+  """``a`` whole as an array of this process: with ``split``, gathered from wherever it lies
+  (its columns split over the mesh, also across processes) to one local copy; else ``a``.
+
+  For the few steps that need a layer's full view on the host (OWQ's choice of rows, SpQR's
+  outlier list): the result is computed from the same values by the same one-device program,
+  hence bit-for-bit what one device computes.
+  """
+  if split is None or a is None:
+    return a
+  full = place(a, split.replicated())
+  return jnp.asarray(full.addressable_data(0))
 
 
 def psum(x, axis_name):

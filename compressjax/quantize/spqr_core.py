@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.formats import KeptRows, QuantizedArray, SparseOutliers, SumArray, Transposed
-from compressjax.quantize import gptq_core, rtn_core
+from compressjax.quantize import gptq_core, obs_core, rtn_core
 
 # pylint: disable=invalid-name
 
@@ -56,6 +56,7 @@ def spqr_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, group_size: int 
                   stats_group_size: int = 16, outlier_threshold: float = 0.2,
                   scale_dtype: Any = jnp.float16, outlier_dtype: Any = jnp.float16,
                   blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                  split: obs_core.ColumnSplit | None = None,
                   ) -> tuple[SumArray | QuantizedArray, dict[str, Any]]:
   """SpQR-quantizes a ``(K, N)`` weight given its input Hessian ``H`` (not jittable: the
   number of outliers decides the shape of the result).
@@ -74,6 +75,14 @@ def spqr_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, group_size: int 
     outlier_dtype: dtype of the outlier values.
     blocksize, percdamp, act_order: as GPTQ; ``act_order`` needs ``group_size=None`` here,
       since groups must stay contiguous in the stored format.
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`), each device its own columns with
+      the replicated ``H``; ``N`` must split in multiples of ``stats_group_size`` (the
+      second-level groups run along the outputs and stay whole on one device). The outlier
+      threshold is computed from all columns (gathered), so codes, statistics and outliers equal
+      one device's. The packed codes and statistics come back split as
+      :func:`compressjax.formats.partition_specs` gives for ``P(None, axis)``; the outliers (a
+      flat CSC list, built on the host) replicated. ``None``: one device.
 
   Returns:
     ``(leaf, info)``: ``SumArray((QuantizedArray, SparseOutliers))`` (just the
@@ -102,11 +111,12 @@ def spqr_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, group_size: int 
                      f"{outlier_threshold!r}")
   gs = gptq_core._check_args(W, H, bits, group_size, blocksize, percdamp, act_order,  # pylint: disable=protected-access
                              False)
-  codes, scale, zero, _, resid, info = gptq_core._gptq(  # pylint: disable=protected-access
-      W, H, bits=bits, group_size=gs, symmetric=bool(symmetric), scale_dtype=scale_dtype,
-      blocksize=blocksize, percdamp=float(percdamp), act_order=bool(act_order),
-      static_groups=False, with_q=False, outlier_threshold=float(outlier_threshold),
-      stats_bits=int(stats_bits or 0), stats_group_size=int(stats_group_size))
+  codes, scale, zero, _, resid, info = gptq_core._gptq_split(  # pylint: disable=protected-access
+      W, H, split=split, bits=bits, group_size=gs, symmetric=bool(symmetric),
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=float(percdamp),
+      act_order=bool(act_order), static_groups=False, with_q=False,
+      outlier_threshold=float(outlier_threshold), stats_bits=int(stats_bits or 0),
+      stats_group_size=int(stats_group_size))
   if stats_bits:
     sq = lambda S: _stats_leaf(S, stats_bits=stats_bits, stats_group_size=stats_group_size,
                                scale_dtype=scale_dtype)
@@ -122,10 +132,13 @@ def spqr_quantize(W: jax.Array, H: jax.Array, *, bits: int = 3, group_size: int 
     sparse = SparseOutliers(jnp.zeros((n + 1,), jnp.int32), jnp.zeros((0,), rows_dtype),
                             jnp.zeros((0,), outlier_dtype), shape=W.shape, dtype=W.dtype)
     return SumArray((base, sparse), shape=W.shape, dtype=W.dtype), info
-  if resid is None or not np.any(np.asarray(resid)):
+  base = obs_core.place_leaf(base, split)
+  resid = None if resid is None else np.asarray(obs_core.whole(resid, split))
+  if resid is None or not np.any(resid):
     info["outlier_fraction"] = 0.0
     return base, info
-  sparse = SparseOutliers.from_dense(np.asarray(resid), value_dtype=outlier_dtype, dtype=W.dtype)
+  sparse = SparseOutliers.from_dense(resid, value_dtype=outlier_dtype, dtype=W.dtype)
+  sparse = obs_core.place_leaf(sparse, split)
   info["outlier_fraction"] = sparse.nnz / (W.shape[0] * W.shape[1])
   return SumArray((base, sparse), shape=W.shape, dtype=W.dtype), info
 
@@ -141,8 +154,9 @@ def owq_sensitivity(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | 
 def owq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | None = None,
                  symmetric: bool = True, n_keep: int | None = None, keep_fraction: float = 0.01,
                  scale_dtype: Any = jnp.float16, keep_dtype: Any = jnp.float16,
-                 blocksize: int = 128, percdamp: float = 0.01,
-                 act_order: bool = False) -> tuple[SumArray | QuantizedArray, dict[str, Any]]:
+                 blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                 split: obs_core.ColumnSplit | None = None
+                 ) -> tuple[SumArray | QuantizedArray, dict[str, Any]]:
   """OWQ: GPTQ with the ``n_keep`` most sensitive input rows kept in ``keep_dtype``.
 
   Args:
@@ -151,6 +165,12 @@ def owq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | Non
       front (static groups) without the kept rows, since those are processed last.
     n_keep: number of rows kept; default ``round(keep_fraction * K)``.
     keep_fraction: used when ``n_keep`` is ``None``.
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`). The kept rows are chosen first,
+      from all outputs (the sensitivity of the whole ``W``, gathered, computed as on one device);
+      then each device runs GPTQ on its own columns with the replicated ``H`` and rows, giving
+      one device's codes, scales and kept values. The codes, scales and kept values come back
+      split as :func:`compressjax.formats.partition_specs` gives for ``P(None, axis)``.
 
   Returns:
     ``(SumArray((QuantizedArray, KeptRows)), info)`` (the bare ``QuantizedArray`` if
@@ -174,20 +194,23 @@ def owq_quantize(W: jax.Array, H: jax.Array, *, bits: int, group_size: int | Non
     raise ValueError(f"n_keep must be an int in [0, K={K}), got {n_keep!r}")
   gs = gptq_core._check_args(W, H, bits, group_size, blocksize, percdamp, act_order,  # pylint: disable=protected-access
                              True)
-  sens = owq_sensitivity(jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32), bits=bits,
+  # The rows are chosen from all outputs, before any split (the whole W, as one device has it).
+  sens = owq_sensitivity(jnp.asarray(obs_core.whole(W, split), jnp.float32),
+                         jnp.asarray(obs_core.whole(H, split), jnp.float32), bits=bits,
                          group_size=gs, symmetric=symmetric)
   # jnp (not numpy) so that planning on abstract arrays (``T.plan``) traces through.
   rows = jnp.sort(jnp.argsort(-sens, stable=True)[:n_keep]).astype(jnp.int32)
   keep = jnp.zeros((K,), bool).at[rows].set(True)
-  codes, scale, zero, _, resid, info = gptq_core._gptq(  # pylint: disable=protected-access
-      W, H, keep, bits=bits, group_size=gs, symmetric=bool(symmetric),
+  codes, scale, zero, _, resid, info = gptq_core._gptq_split(  # pylint: disable=protected-access
+      W, H, keep, split=split, bits=bits, group_size=gs, symmetric=bool(symmetric),
       scale_dtype=scale_dtype, blocksize=blocksize, percdamp=float(percdamp),
       act_order=bool(act_order), static_groups=True, with_q=False)
   base = QuantizedArray.from_codes(codes, scale, zero, bits=bits, group_size=gs,
                                    symmetric=bool(symmetric), dtype=W.dtype)
   info = dict(info, kept_rows=None if isinstance(rows, jax.core.Tracer) else rows.tolist())
   if n_keep == 0:
-    return base, info
-  kept = KeptRows(jnp.asarray(rows), jnp.asarray(resid)[rows].astype(keep_dtype), shape=W.shape,
+    return obs_core.place_leaf(base, split), info
+  at = rows if split is None else obs_core.place(rows, split.replicated())  # beside resid
+  kept = KeptRows(jnp.asarray(rows), jnp.asarray(resid)[at].astype(keep_dtype), shape=W.shape,
                   dtype=W.dtype)
-  return SumArray((base, kept), shape=W.shape, dtype=W.dtype), info
+  return obs_core.place_leaf(SumArray((base, kept), shape=W.shape, dtype=W.dtype), split), info

@@ -9,7 +9,7 @@ import math
 import jax
 
 from compressjax.formats.e8p import E8PArray, e8p_rvq
-from compressjax.quantize import e8p_core
+from compressjax.quantize import e8p_core, obs_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.quantize import _check_dense_2d, check_damping, check_positive_int
 from compressjax.transforms.selection import Selector
@@ -87,13 +87,22 @@ def e8p(percdamp: float = 0.01, blocksize: int = 128, *, bits: int = 2,
     if w.shape[0] % e8p_core.CODESZ:
       raise ValueError(f"{name}: the input width K={w.shape[0]} of a {tuple(w.shape)} kernel "
                        f"is not a multiple of {e8p_core.CODESZ}")
-    *codes, scale, info = quant(w, stats.gptq_hessian())
+    # On a mesh (``stats.columns``): each device solves its share of the output columns (the
+    # same codes and scale as one device); the leaf's codes stay split P(None, axes).
+    split = _lattice_split(w.shape[1], getattr(stats, "columns", None))
+    *codes, scale, info = quant(w, stats.gptq_hessian(), split=split)
     if not isinstance(info["loss"], jax.core.Tracer) and not bool(info["cholesky_ok"]):
       raise ValueError("the Hessian could not be factorised at any damping (NaNs?)")
     if bits == 2:
-      return E8PArray(codes[0], scale, dtype=w.dtype)
-    return e8p_rvq(codes[0], codes[1], scale, rs, dtype=w.dtype)
+      return obs_core.place_leaf(E8PArray(codes[0], scale, dtype=w.dtype), split)
+    return obs_core.place_leaf(e8p_rvq(codes[0], codes[1], scale, rs, dtype=w.dtype), split)
 
   label = f"e8p(percdamp={percdamp}, blocksize={blocksize}" + (f", bits={bits})" if bits != 2
                                                                  else ")")
   return leafwise(fn, where, name=label, with_stats=True)
+
+
+def _lattice_split(n: int, split):
+  """The engine's column split of an ``n``-column kernel, or ``None`` (solve it whole) when the
+  columns do not divide evenly over it."""
+  return split if split is not None and n % split.size == 0 else None

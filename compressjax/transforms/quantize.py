@@ -218,16 +218,25 @@ def spqr(bits: int = 3, group_size: int = 16, *, symmetric: bool = False,
             stats_group_size=stats_group_size, outlier_threshold=outlier_threshold,
             scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp)
   return _hessian_leafwise(spqr_core.spqr_quantize, kw, where,
-                           f"spqr(bits={bits}, group_size={group_size})")
+                           f"spqr(bits={bits}, group_size={group_size})",
+                           multiple=stats_group_size if stats_bits else 1)
 
 
-def _hessian_leafwise(quantize, kw, where, name) -> Transform:
-  """A leaf-wise transform calling ``quantize(w, H, **kw) -> (leaf, info)`` with GPTQ's ``H``."""
+def _hessian_leafwise(quantize, kw, where, name, multiple: int = 1) -> Transform:
+  """A leaf-wise transform calling ``quantize(w, H, **kw) -> (leaf, info)`` with GPTQ's ``H``.
+
+  On a mesh (``stats.columns``) ``quantize`` gets ``split=``: each device solves its share of
+  the output columns, in multiples of ``multiple`` (SpQR's second-level groups); a kernel whose
+  columns do not split so is solved whole.
+  """
 
   def fn(path, w, stats):
     del path
     _check_dense_2d(w, name.split("(")[0])
-    leaf, _ = quantize(w, stats.gptq_hessian(), **kw)
+    split = getattr(stats, "columns", None)
+    if split is not None and w.shape[1] % (split.size * multiple):
+      split = None
+    leaf, _ = quantize(w, stats.gptq_hessian(), **kw, split=split)
     return leaf
 
   return leafwise(fn, where, name=name, with_stats=True)

@@ -52,6 +52,21 @@ def _f16(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float16).astype(jnp.float32)
 
 
+def _fma(a, b, c):
+  """``fma(a, b, c)`` in float32 (one rounding), through float64: ``a * b`` of two float32 is
+  exact in float64; the sum's double rounding differs from a true FMA in about 2**-29 of cases.
+  Call under ``jax.enable_x64(True)``."""
+  f64 = jnp.float64
+  return (a.astype(f64) * b.astype(f64) + c.astype(f64)).astype(jnp.float32)
+
+
+def _hsum_float_8(v: jax.Array) -> jax.Array:
+  """ggml's ``hsum_float_8`` over axis -2 (8 lanes): ``(v4+v0, v5+v1, v6+v2, v7+v3)``, then
+  ``(r0+r2) + (r1+r3)``."""
+  r = v[..., 4:8, :] + v[..., 0:4, :]
+  return (r[..., 0, :] + r[..., 2, :]) + (r[..., 1, :] + r[..., 3, :])
+
+
 def quantize_q8(x: jax.Array, *, with_sum: bool = False):
   """ggml's ``quantize_row_q8_0`` / ``quantize_row_q8_1`` (x86 AVX2 path) on the last axis.
 
@@ -133,13 +148,28 @@ def ggml_dot(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
     qx, dx, sx = quantize_q8(x2, with_sum=True)
   else:
     qx, dx = quantize_q8(x2)
-  # Integer block sums: |sum| <= 32 * 127 * 128 < 2**24, so float32 holds them exactly.
-  isum = jnp.einsum("tbj,bjn->tbn", qx, qw, precision=jax.lax.Precision.HIGHEST)
-  scale = dx[:, :, None] * dw[None]  # fp32(d_x * d_w), as ggml's combined block scale
-  y = jnp.sum(scale * isum, axis=1)
-  if qtype == "Q4_1":
-    mw = jnp.repeat(jnp.asarray(w.zero_values(), jnp.float32), rep, axis=0)
-    y = y + jnp.einsum("tb,bn->tn", sx, mw, precision=jax.lax.Precision.HIGHEST)
+  # ggml's AVX2 vec-dot keeps 8 float32 lanes; lane l of block b holds the exact integer sum of
+  # elements 4l..4l+3 (maddubs + madd); |lane| <= 4 * 127 * 128 < 2**24, exact in float32.
+  t = x2.shape[0]
+  isum = jnp.einsum("tblj,bljn->btln", qx.reshape(t, nb, 8, 4), qw.reshape(nb, 8, 4, n),
+                    precision=jax.lax.Precision.HIGHEST)
+  scale = dx.T[:, :, None] * dw[:, None, :]  # (nb, T, N): fp32(d_x * d_w), ggml's block scale
+  with jax.enable_x64(True):
+    def body(acc, blk):  # acc = fmadd(d, isum, acc), lane by lane, block after block
+      d, s = blk
+      return _fma(d[:, None, :], s, acc), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((t, 8, n), jnp.float32), (scale, isum))
+    y = _hsum_float_8(acc)
+    if qtype == "Q4_1":
+      mw = jnp.repeat(jnp.asarray(w.zero_values(), jnp.float32), rep, axis=0)  # (nb, N)
+
+      def msum(summs, blk):  # summs += m * s (contracted to an FMA by the compiler)
+        m, sxb = blk
+        return _fma(m[None, :], sxb[:, None], summs), None
+
+      summs, _ = jax.lax.scan(msum, jnp.zeros((t, n), jnp.float32), (mw, sx.T))
+      y = y + summs
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   return y.reshape(*lead, n).astype(out_dtype)
 

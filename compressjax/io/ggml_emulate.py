@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from compressjax.formats import dispatch
 from compressjax.formats import quantized
 
-__all__ = ["QK", "can_use_ggml", "emulate_attention", "ggml_attention", "ggml_dot", "ggml_type",
-           "quantize_q8"]
+__all__ = ["QK", "can_use_ggml", "emulate_attention", "emulate_ggml", "ggml_attention", "ggml_dot",
+           "ggml_expf", "ggml_rms_norm", "ggml_swiglu", "ggml_type", "quantize_q8"]
 
 #: ggml's block length along ``K`` for Q4_0, Q4_1, Q8_0, Q8_0 and Q8_1.
 QK = 32
@@ -148,19 +148,23 @@ def ggml_dot(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
     qx, dx, sx = quantize_q8(x2, with_sum=True)
   else:
     qx, dx = quantize_q8(x2)
-  # ggml's AVX2 vec-dot keeps 8 float32 lanes; lane l of block b holds the exact integer sum of
-  # elements 4l..4l+3 (maddubs + madd); |lane| <= 4 * 127 * 128 < 2**24, exact in float32.
+  # ggml's AVX2 vec-dot (Q4_1, Q8_0; tinyBLAS for Q8_0 batches too) keeps 8 float32 lanes; lane
+  # l of block b holds the exact integer sum of elements 4l..4l+3 (maddubs + madd), and the lanes
+  # are added by hsum_float_8 at the end. Q4_0 is repacked on AVX2 (Q4_0_8x8: one lane per output
+  # column holding the whole block's integer sum, no horizontal add). Integer partial sums are
+  # below 32 * 127 * 128 < 2**24, exact in float32.
   t = x2.shape[0]
-  isum = jnp.einsum("tblj,bljn->btln", qx.reshape(t, nb, 8, 4), qw.reshape(nb, 8, 4, n),
-                    precision=jax.lax.Precision.HIGHEST)
+  lanes = 1 if qtype == "Q4_0" else 8
+  isum = jnp.einsum("tblj,bljn->btln", qx.reshape(t, nb, lanes, QK // lanes),
+                    qw.reshape(nb, lanes, QK // lanes, n), precision=jax.lax.Precision.HIGHEST)
   scale = dx.T[:, :, None] * dw[:, None, :]  # (nb, T, N): fp32(d_x * d_w), ggml's block scale
   with jax.enable_x64(True):
     def body(acc, blk):  # acc = fmadd(d, isum, acc), lane by lane, block after block
       d, s = blk
       return _fma(d[:, None, :], s, acc), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((t, 8, n), jnp.float32), (scale, isum))
-    y = _hsum_float_8(acc)
+    acc, _ = jax.lax.scan(body, jnp.zeros((t, lanes, n), jnp.float32), (scale, isum))
+    y = acc[:, 0] if lanes == 1 else _hsum_float_8(acc)
     if qtype == "Q4_1":
       mw = jnp.repeat(jnp.asarray(w.zero_values(), jnp.float32), rep, axis=0)  # (nb, N)
 
@@ -214,19 +218,78 @@ def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int 
   return out.reshape(bsz, t, h * hd).astype(q.dtype)
 
 
+def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """ggml's ``rms_norm`` then ``mul``, bit for bit (``ggml_compute_forward_rms_norm_f32``).
+
+  ``sum`` of the float32 squares in double, ``mean = (float)(sum / K)``,
+  ``s = 1.0f / sqrtf(mean + eps)``, ``y = (x * s) * w`` in float32. The double sum runs in
+  another order than ggml's sequential loop; its error (< K * 2**-53 relative) changes the
+  float32 ``mean`` only when the exact value lies that close to a float32 rounding boundary.
+  """
+  xf = x.astype(jnp.float32)
+  with jax.enable_x64(True):
+    ssq = jnp.sum((xf * xf).astype(jnp.float64), axis=-1, keepdims=True)
+    mean = (ssq / x.shape[-1]).astype(jnp.float32)
+  s = jnp.float32(1.0) / jnp.sqrt(mean + jnp.float32(eps))
+  return ((xf * s) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def ggml_expf(x: jax.Array) -> jax.Array:
+  """ggml's AVX2 ``ggml_v_expf`` (vec.h) bit for bit: ``exp(x)`` for float32 ``x``."""
+  f32, i32 = jnp.float32, jnp.int32
+  x = x.astype(f32)
+  bits = lambda v: jax.lax.bitcast_convert_type(v, i32)
+  flt = lambda v: jax.lax.bitcast_convert_type(v, f32)
+  with jax.enable_x64(True):
+    r = f32(float.fromhex('0x1.8p23'))
+    z = _fma(x, f32(float.fromhex('0x1.715476p+0')), r)
+    n = z - r
+    b = _fma(-n, f32(float.fromhex('0x1.7f7d1cp-20')), _fma(-n, f32(float.fromhex('0x1.62e4p-1')), x))
+    e = jax.lax.shift_left(bits(z), i32(23))
+    k = flt(e + bits(f32(1)))
+    c = jnp.abs(n) > f32(126)
+    u = b * b
+    j = _fma(_fma(_fma(f32(float.fromhex('0x1.0e4020p-7')), b, f32(float.fromhex('0x1.573e2ep-5'))), u,
+                  _fma(f32(float.fromhex('0x1.555e66p-3')), b, f32(float.fromhex('0x1.fffdb6p-2')))),
+             u, f32(float.fromhex('0x1.ffffecp-1')) * b)
+    normal = _fma(j, k, k)
+    g = jnp.where(n <= 0, jnp.asarray(0x82000000 - 2**32, i32), i32(0))
+    s1 = flt(g + i32(0x7f000000))
+    s2 = flt(e - g)
+    d = jnp.abs(n) > f32(192)
+    big = jnp.where(d, s1 * s1, jnp.where(c, _fma(s2, j, s2) * s1, normal))
+  return jnp.where(c, big, normal)
+
+
+def ggml_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """ggml's fused ``swiglu`` (AVX2 ``ggml_vec_swiglu_f32``): ``x / (1 + expf(-x)) * g`` with
+  :func:`ggml_expf`, bit for bit (the width is a multiple of 8, so no scalar tail)."""
+  x = gate.astype(jnp.float32)
+  silu = x / (jnp.float32(1) + ggml_expf(jnp.float32(0) - x))
+  return (silu * up.astype(jnp.float32)).astype(gate.dtype)
+
+
 @contextlib.contextmanager
 def emulate_attention():
-  """Within the block, :class:`compressjax.model.Llama` runs :func:`ggml_attention`.
+  """Within the block, :class:`compressjax.model.Llama` computes as llama.cpp's CPU backend:
+  :func:`ggml_attention`, :func:`ggml_rms_norm` and :func:`ggml_swiglu`.
 
-  A check-only switch (``experiments/check_llamacpp.py``): it swaps the model module's attention
-  function while the block runs (trace inside the block; jitted functions traced before keep the
-  attention they were traced with).
+  A check-only switch (``experiments/check_llamacpp.py``): it swaps the model module's attention,
+  RMSNorm and SwiGLU functions while the block runs (trace inside the block; jitted functions
+  traced before keep the functions they were traced with). The bit-exact norm and activation
+  matter: ggml quantizes their outputs to Q8 blocks, and activations from a quantized embedding
+  often sit exactly on a rounding tie, where a one-ulp difference flips the 8-bit value.
   """
   from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  saved = model_lib._attention  # pylint: disable=protected-access
-  model_lib._attention = ggml_attention  # pylint: disable=protected-access
+  saved = (model_lib._attention, model_lib._rms_norm, model_lib._swiglu)  # pylint: disable=protected-access
+  model_lib._attention, model_lib._rms_norm, model_lib._swiglu = (  # pylint: disable=protected-access
+      ggml_attention, ggml_rms_norm, ggml_swiglu)
   try:
     yield
   finally:
-    model_lib._attention = saved  # pylint: disable=protected-access
+    model_lib._attention, model_lib._rms_norm, model_lib._swiglu = saved  # pylint: disable=protected-access
+
+
+#: The same switch under a name that says what it does.
+emulate_ggml = emulate_attention

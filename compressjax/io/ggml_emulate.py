@@ -194,28 +194,67 @@ def unregister() -> None:
   dispatch.unregister_matmul(quantized.QuantizedArray, "ggml")
 
 
-def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):
-  """llama.cpp's non-flash attention with an F16 KV cache; same signature as the model's.
+def _lane_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``sum(a * b, axis=-1)`` as llamafile's tinyBLAS F16 kernel on AVX2 adds it: lane ``l`` of
+  an 8-lane float32 accumulator takes the products ``k = l, l + 8, ...`` in order (float16
+  operands: every product is exact, so each ``fmadd`` is one rounded add), then ``hsum``.
+  ``a`` and ``b`` broadcast against each other; the last axis is a multiple of 8."""
+  k = a.shape[-1]
+  a = a.reshape(*a.shape[:-1], k // 8, 8)
+  b = b.reshape(*b.shape[:-1], k // 8, 8)
+  acc = a[..., 0, :] * b[..., 0, :]
+  for c in range(1, k // 8):
+    acc = acc + a[..., c, :] * b[..., c, :]
+  return _hsum_float_8(acc[..., None])[..., 0]
 
-  ``kq = mul_mat(K_f16, Q)`` converts ``Q`` to float16 (F16's ``vec_dot_type``) and accumulates
-  in float32; ``soft_max_ext(kq, mask, 1/sqrt(hd))`` in float32; ``kqv = mul_mat(V_f16, kq)``
-  converts the probabilities to float16 and accumulates in float32. ``k`` and ``v`` are rounded
-  to float16 here too (the cache's type), so the function also serves a cache-less forward.
+
+def ggml_softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """ggml's ``soft_max_ext`` on the last axis (AVX2, ``ggml_compute_forward_soft_max_f32``):
+  ``w = s * scale`` (masked: ``-inf``), ``e = ggml_v_expf(w - max)``, the sum of each 8-chunk's
+  ``hsum`` added in double, ``p = e * (float)(1.0 / sum)``. The last axis is a multiple of 8."""
+  w = jnp.where(mask, scores * jnp.float32(scale), -jnp.inf)
+  e = ggml_expf(w - jnp.max(w, axis=-1, keepdims=True))
+  n = e.shape[-1]
+  ch = e.reshape(*e.shape[:-1], n // 8, 8)
+  hs = (((ch[..., 4] + ch[..., 0]) + (ch[..., 6] + ch[..., 2])) +
+        ((ch[..., 5] + ch[..., 1]) + (ch[..., 7] + ch[..., 3])))
+  with jax.enable_x64(True):
+    inv = (1.0 / jnp.sum(hs.astype(jnp.float64), axis=-1, keepdims=True)).astype(jnp.float32)
+  return e * inv
+
+
+def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):
+  """llama.cpp's non-flash attention with an F16 KV cache, bit for bit; the model's signature.
+
+  ``kq = mul_mat(K_f16, Q)`` converts ``Q`` to float16 (F16's ``vec_dot_type``) and runs
+  llamafile's tinyBLAS F16 kernel (:func:`_lane_dot` over ``head_dim``);
+  ``soft_max_ext(kq, mask, 1/sqrt(hd))`` as :func:`ggml_softmax`; ``kqv = mul_mat(V_f16, kq)``
+  converts the probabilities to float16 and adds over the key slots with the same kernel. ``k``
+  and ``v`` are rounded to float16 here too (the cache's type), so the function also serves a
+  cache-less forward. Key slot ``s`` must be llama.cpp's cache cell (position ``s`` of a fresh
+  single-sequence cache); slots are padded to a multiple of 8 with masked ones (llama.cpp pads
+  to 256; masked slots add exact zeros, so the padding itself does not matter).
   """
   del causal_chunks
   bsz, t, h, hd = q.shape
+  if hd % 8:
+    raise ValueError(f"ggml_attention: head_dim={hd} must be a multiple of 8")
+  if k.shape[1] % 8:  # pad with masked slots (position -1), as llama.cpp pads its KV view
+    pad = 8 - k.shape[1] % 8
+    k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+    k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
   s, kv = k.shape[1], k.shape[2]
   g = h // kv
-  qg = _f16(q).reshape(bsz, t, kv, g, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, _f16(k), precision=jax.lax.Precision.HIGHEST)
-  scores = scores * jnp.float32(1.0 / math.sqrt(hd))
+  qg = _f16(q).reshape(bsz, t, kv, g, hd).transpose(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
+  kk = _f16(k).transpose(0, 2, 1, 3)  # (B, KV, S, hd)
+  scores = _lane_dot(qg[..., :, None, :], kk[:, :, None, None])  # (B, KV, G, T, S)
   mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
   if sliding_window is not None:
     mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
-  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-  probs = _f16(jax.nn.softmax(scores, axis=-1))
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, _f16(v), precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(bsz, t, h * hd).astype(q.dtype)
+  probs = _f16(ggml_softmax(scores, mask[:, None, None], 1.0 / math.sqrt(hd)))
+  vv = _f16(v).transpose(0, 2, 3, 1)  # (B, KV, hd, S)
+  out = _lane_dot(probs[..., :, None, :], vv[:, :, None, None])  # (B, KV, G, T, hd)
+  return out.transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd).astype(q.dtype)
 
 
 def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -235,7 +274,8 @@ def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def ggml_expf(x: jax.Array) -> jax.Array:
-  """ggml's AVX2 ``ggml_v_expf`` (vec.h) bit for bit: ``exp(x)`` for float32 ``x``."""
+  """ggml's AVX2 ``ggml_v_expf`` (vec.h) bit for bit: ``exp(x)`` for float32 ``x``, except that
+  XLA's CPU backend flushes subnormal results (``x < -87.3``) to zero."""
   f32, i32 = jnp.float32, jnp.int32
   x = x.astype(f32)
   bits = lambda v: jax.lax.bitcast_convert_type(v, i32)

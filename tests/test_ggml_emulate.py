@@ -272,3 +272,32 @@ def test_emulate_ggml_swaps_norm_and_activation():
     assert model_lib._rms_norm is ge.ggml_rms_norm  # pylint: disable=protected-access
     assert model_lib._swiglu is ge.ggml_swiglu  # pylint: disable=protected-access
   assert (model_lib._rms_norm, model_lib._swiglu) == saved  # pylint: disable=protected-access
+
+
+def test_ggml_rope_bit_exact():
+  """ggml's RoPE: float32 theta recurrence, libm cosf/sinf, FMA-contracted pair rotation
+  (the variant that reproduced llama.cpp's roped Q of a real GGUF bit for bit)."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  libm = ctypes.CDLL("libm.so.6")
+  for fn, nargs in (("sinf", 1), ("cosf", 1), ("powf", 2)):
+    getattr(libm, fn).restype = ctypes.c_float
+    getattr(libm, fn).argtypes = [ctypes.c_float] * nargs
+  from compressjax.model import LlamaConfig  # pylint: disable=g-import-not-at-top
+  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, num_kv_heads=1, rope_theta=10000.0)
+  hd = cfg.head_dim
+  rng = np.random.default_rng(15)
+  x = rng.standard_normal((1, 7, 2, hd)).astype(F32)
+  pos = np.array([[0, 1, 2, 5, 17, 100, 1000]])
+  cos, sin = ge.ggml_rope_cos_sin(cfg, jnp.asarray(pos), 7)
+  y = np.asarray(ge.ggml_apply_rope(jnp.asarray(x), cos, sin))
+  ts = F32(libm.powf(F32(10000.0), F32(-2.0 / hd)))
+  for ti, p in enumerate(pos[0]):
+    theta = F32(p)
+    for i in range(hd // 2):
+      c, s = F32(libm.cosf(theta)), F32(libm.sinf(theta))
+      for hh in range(2):
+        x0, x1 = x[0, ti, hh, i], x[0, ti, hh, i + hd // 2]
+        assert y[0, ti, hh, i] == _fma_ref(x0, c, -F32(x1 * s))
+        assert y[0, ti, hh, i + hd // 2] == _fma_ref(x0, s, F32(x1 * c))
+      theta = F32(theta * ts)

@@ -17,10 +17,23 @@ This module reproduces that arithmetic in JAX so that a check of llama.cpp again
 * :func:`ggml_attention` -- the non-flash attention of llama.cpp with a float16 KV cache, a
   drop-in for the model's attention function (see :func:`emulate_attention`).
 
-Bit-exactness: the block quantization and the integer block sums are exact; the float32 sum over
-blocks runs in another order than ggml's 8-lane AVX2 accumulator (``fmadd`` then a horizontal
-add), so the result agrees to float32 summation-order rounding (a few ulp of the largest partial
-sum), not bit for bit.
+* :func:`ggml_rms_norm`, :func:`ggml_swiglu` (with :func:`ggml_expf`), ggml's RoPE
+  (:func:`ggml_rope_cos_sin`, :func:`ggml_apply_rope`) and :func:`ggml_softmax` -- the float ops
+  between the matmuls, swapped into the model by :func:`emulate_ggml`.
+
+Bit-exactness (issue 15): every op is reproduced bit for bit as llama-cpp-python 0.3.36 builds
+it here (x86 AVX2 + FMA + F16C, no AVX512, llamafile sgemm and CPU repack on, flash attention
+off), checked tensor by tensor against llama.cpp's own intermediates
+(``experiments/bisect_ggml.py --dump``). It has to be: the quantized activations often sit on an
+exact rounding tie (``x * 127 / amax == k + 0.5``, frequent when the embedding is itself
+quantized), so a one-ulp difference upstream flips an 8-bit value, and over 30 layers such flips
+grow into logit differences as large as the whole Q8 activation error. Hence: the FMA lanes and
+horizontal adds of the AVX2 vec-dots (Q4_1, Q8_0; tinyBLAS for Q8_0 batches has the same
+order), the repacked ``Q4_0_8x8`` column accumulation for Q4_0, the double sum of RMSNorm and
+softmax, ggml's polynomial ``expf``, glibc ``cosf``/``sinf`` with ggml's float32 theta
+recurrence, and tinyBLAS's F16 lane order in ``K·Q`` and ``V·softmax``. FMAs are computed through
+float64 (exact product, one extra rounding: differs from a true FMA in ~2**-29 of cases); XLA's
+CPU backend flushes float32 subnormals, which only ``expf`` of inputs below -87.3 produce.
 
 References:
   llama.cpp ``ggml/src/ggml-cpu/arch/x86/quants.c`` (``quantize_row_q8_0``,
@@ -32,6 +45,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -257,6 +271,60 @@ def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int 
   return out.transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd).astype(q.dtype)
 
 
+#: Positions :func:`ggml_rope_cos_sin` tabulates (the check's prompts and generations are shorter).
+ROPE_POSITIONS = 1024
+
+
+@functools.lru_cache(maxsize=4)
+def _rope_table(base: float, dim: int, n_pos: int):
+  """``(cos, sin)`` float32 tables ``(n_pos, dim // 2)`` as ggml's ``ggml_rope_cache_init``:
+  ``theta_scale = powf(base, -2.0f / dim)``, ``theta`` multiplied by it pair after pair in
+  float32, and glibc's ``cosf``/``sinf`` (this machine's libm, the one llama.cpp links)."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import ctypes.util  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+  for fn, nargs in (("sinf", 1), ("cosf", 1), ("powf", 2)):
+    getattr(libm, fn).restype = ctypes.c_float
+    getattr(libm, fn).argtypes = [ctypes.c_float] * nargs
+  ts = np.float32(libm.powf(np.float32(base), np.float32(-2.0 / dim)))
+  cos = np.empty((n_pos, dim // 2), np.float32)
+  sin = np.empty((n_pos, dim // 2), np.float32)
+  for p in range(n_pos):
+    theta = np.float32(p)
+    for i in range(dim // 2):
+      cos[p, i], sin[p, i] = libm.cosf(theta), libm.sinf(theta)
+      theta = np.float32(theta * ts)
+  return cos, sin
+
+
+def ggml_rope_cos_sin(cfg, positions: jax.Array, seq_len: int):
+  """Drop-in for :func:`compressjax.model.rope_cos_sin` (default RoPE only) returning ggml's
+  float32 ``cos``/``sin`` (:func:`_rope_table`) for ``positions < ROPE_POSITIONS``."""
+  del seq_len
+  if cfg.rope_type != "default":
+    raise NotImplementedError(f"ggml_rope_cos_sin: rope type {cfg.rope_type!r} is not emulated")
+  cos, sin = _rope_table(float(cfg.rope_theta), cfg.head_dim, ROPE_POSITIONS)
+  c = jnp.asarray(cos)[positions]
+  s = jnp.asarray(sin)[positions]
+  return jnp.concatenate([c, c], -1), jnp.concatenate([s, s], -1)
+
+
+def ggml_apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """ggml's ``rotate_pairs`` as compiled (FMA-contracted): ``y0 = fma(x0, c, -(x1 * s))``,
+  ``y1 = fma(x0, s, x1 * c)``, on the half-split layout of our unpermuted Q/K (ggml pairs the
+  same elements after its Q/K row permutation)."""
+  half = x.shape[-1] // 2
+  x0, x1 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  c = cos[:, :, None, :half].astype(jnp.float32)
+  s = sin[:, :, None, :half].astype(jnp.float32)
+  with jax.enable_x64(True):
+    y0 = _fma(x0, c, -(x1 * s))
+    y1 = _fma(x0, s, x1 * c)
+  return jnp.concatenate([y0, y1], -1).astype(x.dtype)
+
+
 def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """ggml's ``rms_norm`` then ``mul``, bit for bit (``ggml_compute_forward_rms_norm_f32``).
 
@@ -312,7 +380,8 @@ def ggml_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 @contextlib.contextmanager
 def emulate_attention():
   """Within the block, :class:`compressjax.model.Llama` computes as llama.cpp's CPU backend:
-  :func:`ggml_attention`, :func:`ggml_rms_norm` and :func:`ggml_swiglu`.
+  :func:`ggml_attention`, :func:`ggml_rms_norm`, :func:`ggml_swiglu` and ggml's RoPE
+  (:func:`ggml_rope_cos_sin`, :func:`ggml_apply_rope`).
 
   A check-only switch (``experiments/check_llamacpp.py``): it swaps the model module's attention,
   RMSNorm and SwiGLU functions while the block runs (trace inside the block; jitted functions
@@ -322,13 +391,16 @@ def emulate_attention():
   """
   from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  saved = (model_lib._attention, model_lib._rms_norm, model_lib._swiglu)  # pylint: disable=protected-access
-  model_lib._attention, model_lib._rms_norm, model_lib._swiglu = (  # pylint: disable=protected-access
-      ggml_attention, ggml_rms_norm, ggml_swiglu)
+  names = ("_attention", "_rms_norm", "_swiglu", "_apply_rope", "rope_cos_sin")
+  saved = [getattr(model_lib, n) for n in names]
+  for n, f in zip(names, (ggml_attention, ggml_rms_norm, ggml_swiglu, ggml_apply_rope,
+                          ggml_rope_cos_sin)):
+    setattr(model_lib, n, f)
   try:
     yield
   finally:
-    model_lib._attention, model_lib._rms_norm, model_lib._swiglu = saved  # pylint: disable=protected-access
+    for n, f in zip(names, saved):
+      setattr(model_lib, n, f)
 
 
 #: The same switch under a name that says what it does.

@@ -330,6 +330,19 @@ class Linear(nnx.Module):
     return y
 
 
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """``x / sqrt(mean(x**2) + eps) * scale`` in float32 (module-level so a check can swap it)."""
+  xf = x.astype(jnp.float32)
+  var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  y = xf * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """``silu(gate) * up`` (module-level so a check can swap it)."""
+  return jax.nn.silu(gate) * up
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, dtype=jnp.float32):
@@ -337,10 +350,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    y = xf * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
+    return _rms_norm(x, self.scale.get_value(), self.eps)
 
 
 class Attention(nnx.Module):
@@ -402,7 +412,7 @@ class MLP(nnx.Module):
                             implementation=cfg.matmul_implementation)
 
   def __call__(self, x, capture=None):
-    act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    act = _swiglu(self.gate_proj(x), self.up_proj(x))
     if capture is not None:
       capture["mlp/gate_up"] = x
       capture["mlp/down_proj"] = act

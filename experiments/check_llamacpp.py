@@ -15,7 +15,9 @@ its logits differ from ours by a little; greedy tokens may part at near-ties, wh
 
 ``--emulate-ggml`` also generates with llama.cpp's CPU arithmetic emulated
 (:mod:`compressjax.io.ggml_emulate`: activations quantized per block of 32 inside the quantized
-matmuls, the quantized ``token_embd`` as the LM head, an F16 KV cache and F16 attention operands)
+matmuls, the quantized ``token_embd`` as the LM head, an F16 KV cache and F16 attention operands,
+and every float op between the matmuls -- RMSNorm, SwiGLU, RoPE, softmax, the dots' FMA lanes --
+bit for bit as llama.cpp's x86 AVX2 build computes it)
 and reports both comparisons; then the exit status says whether the emulated run agrees on every
 token. Results of both sides are cached in ``--out-dir`` (``--rerun-llama`` runs llama.cpp again).
 

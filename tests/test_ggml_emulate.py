@@ -147,3 +147,158 @@ def test_ggml_attention_rounds_to_float16():
   with ge.emulate_attention():
     assert model_lib._attention is ge.ggml_attention  # pylint: disable=protected-access
   assert model_lib._attention is not ge.ggml_attention  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-exact claims (issue 15): transcriptions of the AVX2 kernels llama.cpp runs on x86, with the
+# FMA of ``_mm256_fmadd_ps`` computed exactly (float64 product and sum, one rounding to float32).
+# ---------------------------------------------------------------------------------------------
+
+F64 = np.float64
+
+
+def _fma_ref(a, b, c):
+  return F32(F64(F32(a)) * F64(F32(b)) + F64(F32(c)))
+
+
+def ref_vec_dot_exact(x, codes, scale, zero, qtype):
+  """x86 AVX2 ``ggml_vec_dot_q4_1_q8_1`` / ``_q8_0_q8_0`` (8 lanes of 4 products each, fmadd,
+  ``hsum_float_8``, Q4_1's ``summs`` FMA) and, for Q4_0, the repacked ``Q4_0_8x8`` gemv (one
+  float lane per column: fmadd of the whole block's integer sum)."""
+  qs, ds, ss = ref_quantize_q8(x)
+  off = {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128}[qtype]
+  lanes = 1 if qtype == "Q4_0" else 8
+  acc = [F32(0)] * lanes
+  summs = F32(0)
+  for b, (qx, dx) in enumerate(zip(qs, ds)):
+    qw = codes[32 * b:32 * b + 32].astype(np.int64) - off
+    d = F32(F32(np.float16(scale[b])) * F32(dx))
+    part = (qw * qx.astype(np.int64)).reshape(lanes, 32 // lanes).sum(-1)
+    acc = [_fma_ref(d, F32(p), a) for p, a in zip(part, acc)]
+    if qtype == "Q4_1":
+      summs = _fma_ref(F32(np.float16(zero[b])), F32(ss[b]), summs)
+  if lanes == 1:
+    return acc[0]
+  r = [F32(acc[4 + i] + acc[i]) for i in range(4)]
+  h = F32(F32(r[0] + r[2]) + F32(r[1] + r[3]))
+  return F32(h + summs)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_ggml_dot_bit_exact(qtype):
+  """The emulated product equals the kernel's float32 result bit for bit (checked against
+  llama.cpp's own tensors by experiments/bisect_ggml.py --dump)."""
+  t, k, n = 3, 128, 6
+  w, codes, scale, zero = _leaf(qtype, k, n, seed=11)
+  x = _activations(t, k, 12)
+  y = np.asarray(ge.ggml_dot(jnp.asarray(x), w))
+  ref = np.array([[ref_vec_dot_exact(x[i], codes[:, j], scale[:, j],
+                                     None if zero is None else zero[:, j], qtype)
+                   for j in range(n)] for i in range(t)], F32)
+  np.testing.assert_array_equal(y, ref)
+
+
+def ref_rms_norm(x, w, eps):
+  """``ggml_compute_forward_rms_norm_f32`` then ``mul``: double sum of float squares."""
+  out = []
+  for row in x:
+    s = 0.0
+    for v in row:
+      s += float(F32(v * v))
+    mean = F32(s / len(row))
+    scale = F32(F32(1.0) / F32(np.sqrt(F32(mean + F32(eps)))))
+    out.append((row * scale).astype(F32) * w)
+  return np.asarray(out, F32)
+
+
+def test_ggml_rms_norm_bit_exact():
+  rng = np.random.default_rng(13)
+  x = (rng.standard_normal((4, 96)) * rng.uniform(0.01, 30, (4, 1))).astype(F32)
+  w = rng.uniform(0.1, 3, 96).astype(F32)
+  y = np.asarray(ge.ggml_rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5))
+  np.testing.assert_array_equal(y, ref_rms_norm(x, w, 1e-5))
+
+
+def ref_expf(x):
+  """Scalar transcription of AVX2 ``ggml_v_expf`` (vec.h)."""
+  h = float.fromhex
+  i32 = lambda v: np.frombuffer(np.float32(v).tobytes(), np.int32)[0]
+  f32 = lambda i: np.frombuffer(np.int32(i).tobytes(), F32)[0]
+  x = F32(x)
+  r = F32(h("0x1.8p23"))
+  z = _fma_ref(x, h("0x1.715476p+0"), r)
+  n = F32(z - r)
+  b = _fma_ref(-n, h("0x1.7f7d1cp-20"), _fma_ref(-n, h("0x1.62e4p-1"), x))
+  wrap = lambda v: (v + 2 ** 31) % 2 ** 32 - 2 ** 31  # int32 arithmetic wraps
+  e = wrap(int(i32(z)) << 23)
+  k = f32(wrap(e + int(i32(F32(1)))))
+  u = F32(b * b)
+  j = _fma_ref(_fma_ref(_fma_ref(h("0x1.0e4020p-7"), b, h("0x1.573e2ep-5")), u,
+                        _fma_ref(h("0x1.555e66p-3"), b, h("0x1.fffdb6p-2"))),
+               u, F32(F32(h("0x1.ffffecp-1")) * b))
+  if not abs(n) > 126:
+    return _fma_ref(j, k, k)
+  g = -2113929216 if n <= 0 else 0  # 0x82000000 as int32
+  s1 = f32(wrap(g + 0x7f000000))
+  s2 = f32(wrap(e - g))
+  with np.errstate(over="ignore", under="ignore"):  # exp overflows to inf / underflows to 0
+    if abs(n) > 192:
+      return F32(s1 * s1)
+    return F32(_fma_ref(s2, j, s2) * s1)
+
+
+def test_ggml_expf_and_swiglu_bit_exact():
+  rng = np.random.default_rng(14)
+  x = np.concatenate([rng.standard_normal(400) * 6, rng.uniform(-100, 100, 100),
+                      [0.0, -0.0, 88.0, -87.5, 1e-8]]).astype(F32)
+  ours = np.asarray(ge.ggml_expf(jnp.asarray(x)))
+  ref = np.array([ref_expf(v) for v in x], F32)
+  # XLA's CPU backend flushes float32 subnormals to zero (exp(x) for x < -87.3); ggml keeps them.
+  sub = (ref != 0) & (np.abs(ref) < np.finfo(F32).tiny)
+  assert sub.sum() < 10 and np.all(ours[sub] == 0)
+  np.testing.assert_array_equal(ours[~sub], ref[~sub])
+  mid = np.abs(x) < 80
+  np.testing.assert_allclose(ours[mid], np.exp(x[mid].astype(F64)), rtol=3e-7)
+  up = rng.standard_normal(x.shape).astype(F32)
+  sw = np.asarray(ge.ggml_swiglu(jnp.asarray(x), jnp.asarray(up)))
+  ref = np.array([F32(F32(v / F32(F32(1) + ref_expf(F32(0) - v))) * u) for v, u in zip(x, up)],
+                 F32)
+  np.testing.assert_array_equal(sw, ref)  # x / (1 + subnormal) == x: no flush shows here
+
+
+def test_emulate_ggml_swaps_norm_and_activation():
+  from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
+  saved = (model_lib._rms_norm, model_lib._swiglu)  # pylint: disable=protected-access
+  with ge.emulate_ggml():
+    assert model_lib._rms_norm is ge.ggml_rms_norm  # pylint: disable=protected-access
+    assert model_lib._swiglu is ge.ggml_swiglu  # pylint: disable=protected-access
+  assert (model_lib._rms_norm, model_lib._swiglu) == saved  # pylint: disable=protected-access
+
+
+def test_ggml_rope_bit_exact():
+  """ggml's RoPE: float32 theta recurrence, libm cosf/sinf, FMA-contracted pair rotation
+  (the variant that reproduced llama.cpp's roped Q of a real GGUF bit for bit)."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  libm = ctypes.CDLL("libm.so.6")
+  for fn, nargs in (("sinf", 1), ("cosf", 1), ("powf", 2)):
+    getattr(libm, fn).restype = ctypes.c_float
+    getattr(libm, fn).argtypes = [ctypes.c_float] * nargs
+  from compressjax.model import LlamaConfig  # pylint: disable=g-import-not-at-top
+  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, num_kv_heads=1, rope_theta=10000.0)
+  hd = cfg.head_dim
+  rng = np.random.default_rng(15)
+  x = rng.standard_normal((1, 7, 2, hd)).astype(F32)
+  pos = np.array([[0, 1, 2, 5, 17, 100, 1000]])
+  cos, sin = ge.ggml_rope_cos_sin(cfg, jnp.asarray(pos), 7)
+  y = np.asarray(ge.ggml_apply_rope(jnp.asarray(x), cos, sin))
+  ts = F32(libm.powf(F32(10000.0), F32(-2.0 / hd)))
+  for ti, p in enumerate(pos[0]):
+    theta = F32(p)
+    for i in range(hd // 2):
+      c, s = F32(libm.cosf(theta)), F32(libm.sinf(theta))
+      for hh in range(2):
+        x0, x1 = x[0, ti, hh, i], x[0, ti, hh, i + hd // 2]
+        assert y[0, ti, hh, i] == _fma_ref(x0, c, -F32(x1 * s))
+        assert y[0, ti, hh, i + hd // 2] == _fma_ref(x0, s, F32(x1 * c))
+      theta = F32(theta * ts)

@@ -112,3 +112,31 @@ def test_bench_solver_tiny(tmp_path):
     assert set(r["per_shape"]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert r["block_s"] > 0 and abs(r["model_s"] - 30 * r["block_s"]) < 1e-9
     assert r["commit"] and r["date"] and r["machine"]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits=4, group_size=64, act_order=True, static_groups=True),
+    dict(bits=3, group_size=None, symmetric=False),
+    dict(bits=4, group_size=32, act_order=False, static_groups=False)])
+def test_gptq_fused_equals_per_layer(kw):
+  """q/k/v-like weights sharing one H: the fused solve gives each weight's own codes and scales."""
+  k = 192
+  h = jnp.asarray(_hessian(k, 7))
+  rng = np.random.default_rng(3)
+  ws = [jnp.asarray(rng.standard_normal((k, n)).astype(np.float32) * s)
+        for n, s in ((96, 0.05), (32, 0.1), (32, 1.0))]
+  fused, finfo = jax.jit(lambda ws, h: gptq_core.gptq_quantize_fused(ws, h, blocksize=64,
+                                                                     **kw))(ws, h)
+  loss = 0.0
+  for w, qf in zip(ws, fused):
+    q1, info = jax.jit(lambda w, h: gptq_core.gptq_quantize(w, h, blocksize=64, **kw))(w, h)
+    assert qf.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(qf.codes()), np.asarray(q1.codes()))
+    np.testing.assert_array_equal(np.asarray(qf.scale), np.asarray(q1.scale))
+    if q1.zero is not None:
+      np.testing.assert_array_equal(np.asarray(qf.zero), np.asarray(q1.zero))
+    np.testing.assert_array_equal(np.asarray(qf.materialize()), np.asarray(q1.materialize()))
+    loss += float(info["loss"])
+  np.testing.assert_allclose(float(finfo["loss"]), loss, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"Ws\[1\] must be a \(K=192, N\)"):
+    gptq_core.gptq_quantize_fused([ws[0], ws[1][:-1]], h, **kw)

@@ -140,3 +140,39 @@ def test_gptq_fused_equals_per_layer(kw):
   np.testing.assert_allclose(float(finfo["loss"]), loss, rtol=1e-5)
   with pytest.raises(ValueError, match=r"Ws\[1\] must be a \(K=192, N\)"):
     gptq_core.gptq_quantize_fused([ws[0], ws[1][:-1]], h, **kw)
+
+
+def test_engine_fuses_shared_input_gptq_and_matches_per_layer(monkeypatch):
+  """Under the engine, q/k/v and gate/up are solved as one GPTQ sweep each (one compiled fused
+  solve per group shape, reused by every block) and the compressed model equals the per-layer
+  solves exactly."""
+  import tiny  # pylint: disable=import-outside-toplevel
+  from compressjax import calibration, transforms as T  # pylint: disable=import-outside-toplevel
+  from compressjax.transforms.selection import leaves_with_paths  # pylint: disable=import-outside-toplevel
+
+  real = gptq_core.gptq_quantize_fused
+  calls = []
+
+  def counting(ws, h, **kw):
+    calls.append(tuple(w.shape for w in ws))
+    return real(ws, h, **kw)
+
+  def per_layer(ws, h, **kw):  # what the engine did before: one solve per weight
+    outs = [gptq_core.gptq_quantize(w, h, **kw) for w in ws]
+    return [q for q, _ in outs], {"loss": sum(i["loss"] for _, i in outs)}
+
+  model = tiny.tiny_model(seed=4)
+  windows = np.random.default_rng(0).integers(0, 300, (4, 16)).astype(np.int32)
+  kw = dict(bits=4, group_size=16, act_order=True, static_groups=True, blocksize=16)
+  res = {}
+  for name, impl in (("fused", counting), ("per_layer", per_layer)):
+    monkeypatch.setattr(gptq_core, "gptq_quantize_fused", impl)
+    q, _ = calibration.run_sequential(model, windows, T.gptq(**kw), batch_size=4, progress=False)
+    res[name] = dict(leaves_with_paths(q))
+  # Traced (compiled) once per group shape, then reused by every block.
+  assert model.cfg.num_layers == 2
+  assert sorted(len(c) for c in calls) == [2, 3], calls
+  assert res["fused"].keys() == res["per_layer"].keys()
+  for p, a in res["fused"].items():
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(res["per_layer"][p])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)

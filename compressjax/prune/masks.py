@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_sparsity", "check_nm", "ranks", "unstructured_mask", "nm_mask", "wanda_score",
-           "lamp_score", "parse_pattern", "global_threshold_masks"]
+__all__ = ["check_sparsity", "check_nm", "ranks", "smallest", "unstructured_mask", "nm_mask",
+           "wanda_score", "lamp_score", "parse_pattern", "global_threshold_masks"]
 
 
 def check_sparsity(sparsity) -> float:
@@ -58,6 +58,41 @@ def ranks(score: jax.Array, axis: int | None = None) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(flat.size)).reshape(score.shape)
   order = jnp.argsort(score, axis=axis, stable=True)
   return jnp.argsort(order, axis=axis, stable=True)
+
+
+def _sortable_key(score: jax.Array) -> jax.Array:
+  """int32 keys ordered as the float32 values (``-0.0`` as ``0.0``; NaNs above ``+inf``)."""
+  x = score.astype(jnp.float32)
+  x = jnp.where(x == 0, jnp.zeros((), x.dtype), jnp.where(jnp.isnan(x), jnp.nan, x))
+  b = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return b ^ ((b >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def smallest(score: jax.Array, n) -> jax.Array:
+  """Mask of the ``n`` smallest entries of ``score`` (ties: lower flat index first).
+
+  Exactly ``ranks(score) < n`` (``n`` may be traced), without sorting: the ``n``-th smallest
+  value is found by bisection over the 32-bit keys of the floats (33 counting passes), and ties
+  at it are taken in flat order with a cumulative sum. A sort of a SparseGPT block's
+  ``blocksize x N`` saliencies costs about ten times as much on CPU.
+  """
+  key = _sortable_key(score).reshape(-1)
+  n = jnp.asarray(n, jnp.int32)
+
+  def body(_, lohi):  # invariant: count(key <= lo) < n <= count(key <= hi)
+    lo, hi = lohi
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+    enough = jnp.sum(key <= mid, dtype=jnp.int32) >= n
+    return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+  i32 = jnp.iinfo(jnp.int32)
+  _, v = jax.lax.fori_loop(0, 33, body, (jnp.asarray(i32.min, jnp.int32),
+                                          jnp.asarray(i32.max, jnp.int32)))
+  below = key < v
+  at = key == v
+  take = jnp.logical_or(below, jnp.logical_and(
+      at, jnp.cumsum(at, dtype=jnp.int32) <= n - jnp.sum(below, dtype=jnp.int32)))
+  return jnp.logical_and(take, n > 0).reshape(score.shape)
 
 
 def unstructured_mask(score: jax.Array, sparsity: float, *, per_output: bool = False) -> jax.Array:

@@ -88,7 +88,7 @@ def _sparsegpt(W, H, *, sparsity, nm, blocksize, percdamp, axis_name=None):
     sal = obs_core.gather_columns(jnp.where(real1[:, None], W1**2 / d[:, None]**2, jnp.inf),
                                   axis_name)  # the whole block, all outputs
     n_prune = jnp.round(sparsity * jnp.sum(real1) * sal.shape[1]).astype(jnp.int32)
-    kb = obs_core.local_columns(masks.ranks(sal) >= n_prune, N, axis_name)
+    kb = obs_core.local_columns(jnp.logical_not(masks.smallest(sal, n_prune)), N, axis_name)
     return jax.lax.dynamic_update_slice_in_dim(keep, kb, i1, axis=0)
 
   def rule(st, keep):

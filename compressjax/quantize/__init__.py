@@ -1,6 +1,6 @@
 """Quantization algorithms (pure math in ``*_core`` modules)."""
 
-from compressjax.quantize.gptq_core import gptq_quantize
+from compressjax.quantize.gptq_core import gptq_quantize, gptq_quantize_fused
 from compressjax.quantize.gptq_core import gptq_reference
 from compressjax.quantize.rtn_core import RTN_BITS
 from compressjax.quantize.spqr_core import owq_quantize
@@ -15,6 +15,7 @@ from compressjax.quantize.gptvq_core import gptvq_quantize
 __all__ = [
     "RTN_BITS",
     "gptq_quantize",
+    "gptq_quantize_fused",
     "gptq_reference",
     "owq_quantize",
     "owq_sensitivity",

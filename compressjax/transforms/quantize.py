@@ -7,16 +7,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compressjax.formats import BitmaskSparse, CompressedArray, NMSparse, QuantizedArray
 from compressjax.formats.sparse import compact_nm
 from compressjax.quantize import gptq_core, rtn_core, spqr_core
-from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
+from compressjax.transforms.base import (DEFAULT_WHERE, Transform, _real_stats, _visible,
+                                         leaves_with_paths_marked, leafwise)
 from compressjax.transforms.selection import Selector
 
 __all__ = ["rtn", "gptq", "spqr", "owq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+
+#: Widest concatenation of output columns GPTQ solves in one fused sweep: q/k/v of the reference
+#: model (960) measured 1.9x less CPU time fused, gate+up (3072) 1.2x more
+#: (``experiments/bench_solver.py --fused``), so wider groups are solved per layer.
+_FUSE_MAX_COLUMNS = 2048
 
 
 def check_positive_int(name: str, arg: str, value, *, optional: bool = False) -> None:
@@ -165,10 +172,64 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
       gptq_core.gptq_masked, bits=bits, group_size=group_size, symmetric=symmetric,
       scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
       static_groups=static_groups))
+  quant_fused = jax.jit(functools.partial(
+      gptq_core.gptq_quantize_fused, bits=bits, group_size=group_size, symmetric=symmetric,
+      scale_dtype=scale_dtype, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+      static_groups=static_groups))
   name = f"gptq(bits={bits}, group_size={group_size})"
 
-  def fn(path, w, stats):
-    del path
+  def shared_input_solves(params, paths, stats) -> dict:
+    """Solves the selected dense kernels that share one Hessian (the engine hands the linears
+    reading the same input one statistics array: q/k/v, gate/up) as one GPTQ sweep each group
+    (:func:`gptq_core.gptq_quantize_fused`: the same codes and scales as per-layer solves).
+    Returns ``{path: QuantizedArray}``; everything else is left to the per-leaf path."""
+    if not _real_stats(stats) or not isinstance(stats, dict):
+      return {}
+    groups: dict[tuple, list[tuple[str, jax.Array]]] = {}
+    selected = set(paths)
+    for path, w in leaves_with_paths_marked(params):
+      st = stats.get(path)
+      if (path not in selected or not _visible(w) or st is None
+          or not isinstance(w, (jax.Array, np.ndarray)) or w.ndim != 2
+          or getattr(st, "columns", None) is not None or getattr(st, "hessian", None) is None
+          or (group_size is not None and w.shape[0] % group_size)):
+        continue
+      groups.setdefault((id(st.hessian), id(st.n), w.dtype), []).append((path, w))
+    out = {}
+    for group in groups.values():
+      # Up to _FUSE_MAX_COLUMNS output columns per sweep (wider ones measured slower on CPU).
+      chunks, cur = [], []
+      for pw in group:
+        if cur and sum(w.shape[1] for _, w in cur) + pw[1].shape[1] > _FUSE_MAX_COLUMNS:
+          chunks.append(cur)
+          cur = []
+        cur.append(pw)
+      chunks.append(cur)
+      out.update(solve_chunks([c for c in chunks if len(c) > 1], stats))
+    return out
+
+  def solve_chunks(chunks, stats) -> dict:
+    out = {}
+    for members in chunks:
+      h = stats[members[0][0]].gptq_hessian()
+      if not bool(jnp.all(jnp.isfinite(h))) or not all(
+          bool(jnp.all(jnp.isfinite(w))) for _, w in members):
+        continue  # the per-leaf path raises its clear error
+      qs, info = quant_fused([w for _, w in members], h)
+      if not jnp.isfinite(info["loss"]):
+        raise ValueError(f"{name} at parameters {[p for p, _ in members]}: the GPTQ solver's "
+                         "loss is not finite (a degenerate Hessian?)")
+      out.update({p: q for (p, _), q in zip(members, qs)})
+    return out
+
+  def make_fn(solved: dict):
+    def fn(path, w, stats):
+      if path in solved:
+        return solved[path]
+      return solve_one(w, stats)
+    return fn
+
+  def solve_one(w, stats):
     sparse = _sparse_input(w, "gptq")
     if group_size is not None and w.shape[0] % group_size:
       rtn_core.quantize_rtn(jax.ShapeDtypeStruct(w.shape, w.dtype), bits=bits,
@@ -198,7 +259,14 @@ def gptq(bits: int, group_size: int | None = None, *, symmetric: bool = True,
     return BitmaskSparse.from_codes(codes, keep, scale, zero, bits=bits, group_size=gs,
                                     symmetric=bool(symmetric), dtype=sparse.dtype, nnz=sparse.nnz)
 
-  return leafwise(fn, where, name=name, with_stats=True)
+  per_leaf = leafwise(make_fn({}), where, name=name, with_stats=True)
+
+  def update(params, state, stats=None):
+    solved = shared_input_solves(params, state.paths, stats)
+    return leafwise(make_fn(solved), where, name=name, with_stats=True).update(params, state,
+                                                                                stats)
+
+  return Transform(per_leaf.init, update)
 
 
 def spqr(bits: int = 3, group_size: int = 16, *, symmetric: bool = False,

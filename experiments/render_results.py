@@ -33,6 +33,7 @@ COMMANDS = {
     "bench_peer": "python experiments/bench_peer.py",
     "bench_large": "python experiments/bench_large.py",
     "profile_engine": "python experiments/profile_engine.py",
+    "bench_solver": "python experiments/bench_solver.py",
 }
 INTRO = """# Results
 
@@ -154,6 +155,30 @@ def render_extreme(all_recs):
       "entries + scales for GPTVQ, float16 for AQLM), per-output scales, Hadamard sign bits.", "",
       table(["setting", "method", "bits/param", "ppl wiki", "ppl austen", "compress s",
              "peak RSS MiB"], rows), ""])
+
+
+def render_solver(name, recs):
+  """Per-block solver micro-benchmark (issue 12, item 2): the 7 reference-model shapes. Every
+  record (labelled before/after rounds), not only the latest per setting."""
+  del recs
+  rows = []
+  with open(os.path.join(RESULTS, name + ".jsonl")) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  for r in recs:
+    cpu = r.get("block_cpu_s")
+    rows.append([r["method"], r.get("label", "-"), fmt(r["block_s"], 2),
+                 fmt(r.get("block_min_s"), 2), fmt(cpu, 2) if cpu is not None else "-",
+                 fmt(r["model_s"], 1), fmt(r.get("compile_block_s"), 1), r.get("commit", "-"),
+                 r["date"][:16]])
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS[name]}`", "",
+      "Per-layer solves of GPTQ w4g64 (act-order, static groups) and SparseGPT 50% on the "
+      "reference model's 7 linear shapes (random correlated Hessian from 4096 tokens), jitted, "
+      "compile excluded; per block: median wall s, min wall s, process CPU s (median; the "
+      "comparison when the machine is loaded), x30 blocks, compile s. Measured on a machine "
+      "shared with other jobs (load 5-10): wall times vary up to 3x between rounds.", "",
+      table(["method", "code", "block wall s", "block min s", "block CPU s", "model s (x30)",
+             "compile s", "commit", "date"], rows), ""])
 
 
 def _latest_by_method(all_recs, names):
@@ -565,6 +590,8 @@ def main():
       parts.append(render_kernels(name, recs))
     elif name == "profile_engine":
       parts.append(render_profile(name, recs))
+    elif name == "bench_solver":
+      parts.append(render_solver(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

@@ -142,6 +142,7 @@ def test_gptq_fused_equals_per_layer(kw):
     gptq_core.gptq_quantize_fused([ws[0], ws[1][:-1]], h, **kw)
 
 
+@pytest.mark.slow  # ~60-110 s: two engine runs (the fused solve is checked bit for bit in test_gptq_fused_equals_per_layer)
 def test_engine_fuses_shared_input_gptq_and_matches_per_layer(monkeypatch):
   """Under the engine, q/k/v and gate/up are solved as one GPTQ sweep each (one compiled fused
   solve per group shape, reused by every block) and the compressed model equals the per-layer

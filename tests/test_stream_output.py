@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 
 import tiny
+from test_calibration import _windows
 from compressjax import calibration, checkpoint, checkpoint_stream, pipeline, transforms as T
-
-
-def _windows(n=6, t=24, seed=0):
-  return np.random.default_rng(seed).integers(0, 300, (n, t)).astype(np.int32)
 
 
 def _same(a, b):
@@ -193,6 +190,7 @@ def test_writer_refuses_misuse(tmp_path):
                                progress=False)
 
 
+@pytest.mark.slow  # ~70 s: two whole compress jobs (streaming itself runs in every default compress test)
 def test_run_compress_streamed_equals_unstreamed(tiny_gguf, tiny_data, tmp_path):
   """Kept and saved at the end vs streamed (with a resume directory, so its blocks are linked):
   the same evaluation, the same checkpoint."""

@@ -62,17 +62,18 @@ def obs_solver_flops(k: int, n: int, blocksize: int = 128) -> float:
 
   Counts what :mod:`compressjax.quantize.obs_core` executes (GPTQ, SparseGPT, SpQR, OWQ):
 
-  * ``Hinv`` (:func:`~compressjax.quantize.obs_core.hinv_cholesky`): Cholesky of ``H``
-    (``K^3 / 3``), ``cho_solve`` against the identity (two triangular solves with ``K``
-    right-hand sides, ``2 K^3``), the upper Cholesky of the inverse (``K^3 / 3``): ``8 K^3 / 3``
-    (one damping attempt);
+  * ``Hinv`` (:func:`~compressjax.quantize.obs_core.hinv_cholesky` through
+    :func:`~compressjax.quantize.obs_core.hinv_factor`): one Cholesky of the reversed ``H``
+    (``K^3 / 3``) and the triangular inverse of its factor (``K^3 / 3``): ``2 K^3 / 3`` (one
+    damping attempt; the references' Cholesky + ``cholesky_inverse`` + second Cholesky, which
+    this module executed before, is ``8 K^3 / 3``);
   * the recursion (:func:`~compressjax.quantize.obs_core.sweep`, ``B = min(blocksize, K)``):
     each row's rank-1 update of its block (``2 B N`` per row: ``2 K B N``) and after each block
     the lazy batch update ``Hinv[i1:i2, :]^T Err1`` over all ``K`` rows (``2 K B N`` per block:
     ``2 K^2 N``); GPTQ's group-grid refits read ``rows()`` (about another ``2 K B N``).
 
   Not counted: the rounding/pruning rule itself (``O(K N)``), permutations, dead-input fixes.
-  Total: ``8 K^3 / 3 + 2 K^2 N + 4 K B N``. The useful work of the paper's algorithm is less
+  Total: ``2 K^3 / 3 + 2 K^2 N + 4 K B N``. The useful work of the paper's algorithm is less
   (``K^3 / 3`` + ``K^2 N``); this is the executed count, which a speed-up may lower.
 
   Args:
@@ -84,7 +85,7 @@ def obs_solver_flops(k: int, n: int, blocksize: int = 128) -> float:
     The FLOP count as a float.
   """
   b = min(blocksize, k)
-  return 8.0 * k**3 / 3.0 + 2.0 * k * k * n + 4.0 * k * b * n
+  return 2.0 * k**3 / 3.0 + 2.0 * k * k * n + 4.0 * k * b * n
 
 
 def _union(spans: list[tuple[float, float]]) -> float:

@@ -422,7 +422,8 @@ def render_profile(name, recs):
          "profiled run is a little slower than `compress`). `compile s`: XLA tracing + lowering + "
          "compiling inside the phase (part of its seconds); `GFLOP/s`: the phase's FLOPs (XLA "
          "cost analysis of the jitted passes; the solver: the analytic OBS count "
-         "`8K^3/3 + 2K^2N + 4KBN` per layer) over its seconds less its compile seconds; `of "
+         "`2K^3/3 + 2K^2N + 4KBN` per layer since the one-Cholesky `hinv_factor`; `8K^3/3 + ...` in "
+         "records before it) over its seconds less its compile seconds; `of "
          "matmul`: that rate over a plain float32 matmul's on the same machine. No perplexity is "
          "measured (quality: bench_peer)."]
   for r in sorted(recs, key=lambda r: r["date"]):

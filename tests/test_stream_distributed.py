@@ -50,8 +50,9 @@ WORKER = textwrap.dedent("""
                                         progress=False, **kw)
 
     def gathered(a):
-      return np.asarray(a if a.is_fully_addressable
-                        else multihost_utils.process_allgather(a, tiled=True))
+      if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+      return np.asarray(a)
 
     def same(a, b):
       fa, ta = jax.tree_util.tree_flatten(a)

@@ -19,6 +19,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 import tiny
 from compressjax import calibration, checkpoint, transforms as T
@@ -149,6 +150,7 @@ def _same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # four engine runs in two processes (+ one in this one): heavier than ~40 s
 def test_two_processes_stream_like_one(tmp_path):
   out = str(tmp_path)
   _spawn(out)

@@ -345,7 +345,9 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       finished block: peak memory does not grow with depth); at the end the parameters outside
       the blocks are written and the writer is finalized (every block's checksums checked,
       manifest complete); the caller commits it (:meth:`~compressjax.checkpoint_stream.
-      StreamWriter.commit`) or aborts it. With ``resume_dir`` the blocks that the resume
+      StreamWriter.commit`) or aborts it. With several processes every process passes a
+      writer of the same path (each writes its shards of every block; module docstring of
+      :mod:`compressjax.checkpoint_stream`). With ``resume_dir`` the blocks that the resume
       directory writes are hard-linked into the output, not written twice; on resume the
       finished blocks are linked, never read into memory. ``None`` (default): the finished
       blocks are kept and returned.

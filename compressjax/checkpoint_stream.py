@@ -26,8 +26,25 @@ where the two directories lie on different file systems). The resume directory's
 never modified in place (a rewrite is a new directory renamed over the old one), so the linked
 files stay valid however the resume directory changes later.
 
-One process only: with ``jax.process_count() > 1`` the constructor raises (save the returned
-tree with :func:`compressjax.checkpoint.save` instead).
+**Several processes** (``jax.distributed``: a TPU pod, several GPU hosts, or processes on one
+machine with CPU collectives): every process creates the writer with the same path and makes
+the same calls in the same order (the engine does: :func:`compressjax.calibration.run_sequential`
+with the same arguments everywhere). Process 0 creates the temporary directory (its name is
+broadcast); each finished block is written by :func:`compressjax.checkpoint.save`'s
+several-process path (every process writes the shards it holds of the block's arrays, split
+over the processes or not, and process 0 merges the shards' checksums into the part's
+manifest once every process is done), so a part exists only when all processes finished the
+block; linking a resume directory's part and every other file operation is process 0's, each
+step followed by an all-gather of every process's success (a barrier), so a failure that any
+process catches makes every process raise. The leaves outside the blocks are saved the same
+way and moved to ``arrays/``; :meth:`StreamWriter.finalize` verifies every part in every
+process (each reads it in full, one part at a time) and process 0 writes the manifest;
+:meth:`StreamWriter.commit` is process 0's rename, its success gathered by all. With a resume
+directory, the resume point is written by every process together after each block
+(:func:`compressjax.checkpoint.save`), so a resumed run continues after the last block that
+every process completed. A process that dies leaves the others waiting in the next barrier
+until the distributed runtime's timeout; :meth:`StreamWriter.abort` then removes the temporary
+directory (process 0). The path must be on a file system all processes share.
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compressjax import checkpoint
 from compressjax.blocks import unflatten
@@ -67,6 +85,34 @@ def abstract_leaves(path: str, manifest: dict[str, Any] | None = None) -> dict[s
           entry["tree"], children, path, manifest["format_version"])
     checkpoint._set(tree, p, leaf)  # pylint: disable=protected-access
   return tree
+
+
+class _NotMine:
+  """The swap of a process other than 0 with several processes: it knows the temporary
+  directory (process 0's, broadcast) and never creates, renames or removes anything."""
+
+  def __init__(self, path: str, tmp: str):
+    self.path, self.parent, self.tmp = path, os.path.dirname(path), tmp
+
+  def install(self, overwrite: bool) -> None:
+    del overwrite
+    self.tmp = None
+
+  def undo(self) -> None:
+    self.tmp = None
+
+
+def _sync(ok: bool, error: BaseException | None, where: str) -> None:
+  """Every process's success of the step just done (an all-gather: also a barrier); raises in
+  every process if any failed (its own error where it had one)."""
+  oks = checkpoint._all_ok(ok)  # pylint: disable=protected-access
+  if oks.all():
+    return
+  if error is not None:
+    raise error  # this process's own failure, as it was raised
+  raise checkpoint.CheckpointError(f"{where} failed in process(es) "
+                                   f"{[int(i) for i in np.flatnonzero(oks == 0)]} (see their "
+                                   "errors)")
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -115,30 +161,102 @@ class StreamWriter:
 
   Raises:
     CheckpointExistsError: ``path`` may not be replaced.
-    CheckpointError: the parent cannot be written.
-    ValueError: several processes (``jax.distributed``).
+    CheckpointError: the parent cannot be written; with several processes, a failure in
+      another process or different paths in different processes (every process raises).
   """
 
   def __init__(self, path: str, *, overwrite: bool = False, forbidden=()):
-    if jax.process_count() > 1:
-      raise ValueError("StreamWriter writes from one process; with several processes "
-                       "(jax.distributed) save the returned tree with checkpoint.save")
-    self.path = checkpoint.check_output_path(path, overwrite=overwrite, forbidden=forbidden)
+    self._multi = jax.process_count() > 1
+    if self._multi:
+      self._open_processes(path, overwrite, forbidden)
+    else:
+      self.path = checkpoint.check_output_path(path, overwrite=overwrite, forbidden=forbidden)
+      self._swap = checkpoint._Swap(self.path)  # pylint: disable=protected-access
+      try:
+        self._swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-",
+                                          dir=self._swap.parent)
+        os.mkdir(os.path.join(self._swap.tmp, "blocks"))
+      except BaseException:
+        self._swap.undo()
+        raise
     self.overwrite = overwrite
-    self._swap = checkpoint._Swap(self.path)  # pylint: disable=protected-access
-    try:
-      self._swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-",
-                                        dir=self._swap.parent)
-      os.mkdir(os.path.join(self._swap.tmp, "blocks"))
-    except BaseException:
-      self._swap.undo()
-      raise
     self._entries: dict[str, dict[str, Any]] = {}  # full leaf path -> manifest entry
     self._parts: dict[int, str] = {}  # block -> part ("blocks/00003")
     self._added: dict[int, dict[str, Any]] = {}  # block -> its part's manifest entries
     self._outside: dict[str, Any] | None = None  # manifest of the outside leaves
     self._metadata: dict[str, Any] = {}
     self._state = "open"
+
+  def _open_processes(self, path, overwrite, forbidden) -> None:
+    """The constructor with several processes: every process checks the path; process 0
+    creates the temporary directory and broadcasts its name."""
+    # pylint: disable=protected-access
+    import zlib  # pylint: disable=g-import-not-at-top
+    where = f"StreamWriter({os.path.abspath(os.fspath(path))!r})"
+    error = None
+    try:
+      self.path = checkpoint.check_output_path(path, overwrite=overwrite, forbidden=forbidden)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self.path, error = os.path.abspath(os.fspath(path)), e
+    token = (zlib.crc32(self.path.encode()) & 0x3FFFFFFF) + 1
+    got = checkpoint._all_ok(error is None, token)
+    if not got[:, 0].all():
+      if error is not None:
+        raise error
+      raise checkpoint.CheckpointError(
+          f"{where} failed in process(es) {[int(i) for i in np.flatnonzero(got[:, 0] == 0)]} "
+          "(see their errors); nothing was written")
+    if (got[:, 1] != token).any():
+      raise checkpoint.CheckpointError(
+          f"{where}: the processes passed different paths (process {jax.process_index()}: "
+          f"{self.path!r}); every process must write the same path, on a file system they share")
+    name = swap = None
+    if jax.process_index() == 0:
+      try:
+        swap = checkpoint._Swap(self.path)
+        swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-",
+                                    dir=swap.parent)
+        os.mkdir(os.path.join(swap.tmp, "blocks"))
+        name = os.path.basename(swap.tmp)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e
+        if swap is not None:
+          swap.undo()
+    name = checkpoint._broadcast_name(name)
+    if name is None:
+      if error is not None:
+        raise checkpoint.CheckpointError(checkpoint._failure_message(
+            self.path, os.path.dirname(self.path), error)) from error
+      raise checkpoint.CheckpointError(f"{where} failed: process 0 could not create the "
+                                       "temporary directory (see its error)")
+    self._swap = swap if swap is not None else _NotMine(
+        self.path, os.path.join(os.path.dirname(self.path), name))
+
+  def _step(self, fn, what: str):
+    """``fn()`` on process 0 only (with several processes; then a barrier that raises in every
+    process if it failed), or here with one process."""
+    if not self._multi:
+      return fn()
+    ok, error, out = True, None, None
+    if jax.process_index() == 0:
+      try:
+        out = fn()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        ok, error = False, e
+    _sync(ok, error, f"StreamWriter({self.path!r}): {what}")
+    return out
+
+  def _everywhere(self, fn, what: str):
+    """``fn()`` in every process, then a barrier that raises in every process if any failed."""
+    if not self._multi:
+      return fn()
+    ok, error, out = True, None, None
+    try:
+      out = fn()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      ok, error = False, e
+    _sync(ok, error, f"StreamWriter({self.path!r}): {what}")
+    return out
 
   # -- context manager: a failure removes everything written ------------------------------------
   def __enter__(self) -> "StreamWriter":
@@ -184,8 +302,8 @@ class StreamWriter:
     dst = os.path.join(self.tmp, part)
     if source is not None:
       checkpoint.read_manifest(source)  # a checkpoint at all?
-      _link_tree(source, dst)
-    else:
+      self._step(lambda: _link_tree(source, dst), f"linking block {i} from {source!r}")
+    else:  # several processes: each writes its shards, the part appears when all are done
       checkpoint.save(dst, unflatten(dict(block)), metadata={"block": i})
     manifest = checkpoint.read_manifest(dst)
     for p, entry in manifest["leaves"].items():
@@ -207,6 +325,19 @@ class StreamWriter:
     if clash:
       raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): leaves {clash[:4]} were "
                                        "written with a block already")
+    if self._multi:  # saved by every process together, then moved to arrays/ by process 0
+      staged = os.path.join(self.tmp, ".outside")
+      checkpoint.save(staged, unflatten(dict(leaves)))
+      outside = self._everywhere(lambda: checkpoint.read_manifest(staged)["leaves"],
+                                 "reading the outside leaves' manifest")
+
+      def move():
+        os.rename(os.path.join(staged, "arrays"), os.path.join(self.tmp, "arrays"))
+        shutil.rmtree(staged)
+
+      self._step(move, "moving the outside leaves into arrays/")
+      self._outside = outside
+      return
     # pylint: disable=protected-access
     manifest, _, arrays = checkpoint._prepare(self.path, unflatten(dict(leaves)), None,
                                               self.overwrite)
@@ -242,20 +373,23 @@ class StreamWriter:
             f"StreamWriter({self.path!r}): the written leaves are not the model's: missing "
             f"{missing[:4]}, not in the model {extra[:4]}")
       entries = {p: entries[p] for p in order}
-    if verify:
+    if verify:  # several processes: every process reads every part (one at a time)
       for i, part in sorted(self._parts.items()):
-        where = os.path.join(self.tmp, part)
-        sums = lambda leaves: {p: (e["crc32"], e["index"]) for p, e in leaves.items()}
-        if sums(checkpoint.read_manifest(where)["leaves"]) != sums(self._added[i]):
-          raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): block {i}'s part "
-                                           f"{where!r} changed since it was added")
-        checkpoint.restore(where)  # every array against its checksum; dropped at once
+        self._everywhere(lambda i=i, part=part: self._verify(i, part), f"verifying block {i}")
     self._metadata = dict(metadata or {})
     self._manifest = {"format_version": checkpoint.FORMAT_VERSION, "leaves": entries,
                       "metadata": self._metadata}
-    self._write_manifest(None)
+    self._step(lambda: self._write_manifest(None), "writing the manifest")
     self._state = "finalized"
     return self.tmp
+
+  def _verify(self, i: int, part: str) -> None:
+    where = os.path.join(self.tmp, part)
+    sums = lambda leaves: {p: (e["crc32"], e["index"]) for p, e in leaves.items()}
+    if sums(checkpoint.read_manifest(where)["leaves"]) != sums(self._added[i]):
+      raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): block {i}'s part "
+                                       f"{where!r} changed since it was added")
+    checkpoint.restore(where)  # every array against its checksum; dropped at once
 
   def _write_manifest(self, tokenizer) -> None:
     try:
@@ -266,7 +400,8 @@ class StreamWriter:
     checkpoint._write_rest(self.tmp, text, tokenizer)  # pylint: disable=protected-access
 
   def restore(self, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``checkpoint.restore`` of the finalized (not yet installed) checkpoint."""
+    """``checkpoint.restore`` of the finalized (not yet installed) checkpoint (with several
+    processes: called by every process, as :func:`~compressjax.checkpoint.restore` is)."""
     self._need("finalized")
     return checkpoint.restore(self.tmp, **kwargs)
 
@@ -275,6 +410,8 @@ class StreamWriter:
     there, with ``overwrite``, is replaced only once this one is complete); ``metadata`` and
     ``tokenizer`` replace / add to what :meth:`finalize` wrote. Returns :attr:`path`."""
     self._need("finalized")
+    if self._multi:
+      return self._commit_processes(metadata, tokenizer)
     try:
       if metadata is not None or tokenizer is not None:
         if metadata is not None:
@@ -290,8 +427,37 @@ class StreamWriter:
     self._state = "committed"
     return self.path
 
+  def _commit_processes(self, metadata, tokenizer) -> str:
+    """:meth:`commit` with several processes: process 0 writes and renames (its ``metadata``
+    and ``tokenizer`` count); every process learns whether it worked."""
+    ok, error = True, None
+    if jax.process_index() == 0:
+      try:
+        if metadata is not None or tokenizer is not None:
+          if metadata is not None:
+            self._manifest["metadata"] = dict(metadata)
+          self._write_manifest(tokenizer)
+        self._swap.install(self.overwrite)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        ok, error = False, e
+    oks = checkpoint._all_ok(ok)  # pylint: disable=protected-access
+    if not oks.all():
+      self.abort()
+      if isinstance(error, (checkpoint.CheckpointError, TypeError)):
+        raise error
+      if error is not None:
+        raise checkpoint.CheckpointError(checkpoint._failure_message(  # pylint: disable=protected-access
+            self.path, self._swap.parent, error)) from error
+      raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): process 0 could not "
+                                       "install the checkpoint (see its error); the path is "
+                                       "unchanged")
+    self._swap.tmp = None
+    self._state = "committed"
+    return self.path
+
   def abort(self) -> None:
-    """Removes everything written; ``path`` stays as it was. Safe to call more than once."""
+    """Removes everything written; ``path`` stays as it was. Safe to call more than once.
+    With several processes it is process 0's (no barrier: it also runs after a failure)."""
     if self._state in ("committed", "aborted"):
       return
     self._swap.undo()

@@ -368,11 +368,12 @@ def run_compress(cfg) -> dict[str, Any]:
 
 
 def _stream_output(cfg) -> bool:
-  """``calibration.stream_output`` (default on), with one process (the writer's limit)."""
+  """``calibration.stream_output`` (default on; with several processes too: every process
+  writes its shards of each block, :mod:`compressjax.checkpoint_stream`)."""
   on = cfg.calibration.get("stream_output", True)
   if not isinstance(on, bool):
     raise ValueError(f"calibration.stream_output must be a bool, got {on!r}")
-  return on and jax.process_count() == 1
+  return on
 
 
 def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, windows,

@@ -392,6 +392,9 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
   compress_s = time.perf_counter() - t0
   del params
   if writer is not None:  # the compressed model as written (checksums verified)
+    # The engine's result holds only the outside leaves (embedding, head, norms) as arrays:
+    # dropped before the restore reads them back with the rest, so they are not held twice.
+    del new_params
     new_params, _ = writer.restore()
   after_size = accounting.size_report(new_params)
   cmodel = build_model(model_cfg, new_params, dtype=dtype)

@@ -80,7 +80,10 @@ def test_kernel_matches_reference(bits, gs, sym, rows, k, n, sdtype):
 
 def test_scalar_fallback_matches_reference():
   lib = builder.load(variant="scalar")
-  assert not lib.simd and builder.load().simd == (lib.simd or builder.load().simd)
+  assert not lib.simd
+  flags = set(builder._cpu_flags().split())  # pylint: disable=protected-access
+  if {"avx2", "fma"} <= flags:  # -march=native must have taken the AVX2/FMA path
+    assert builder.load().simd
   rng = np.random.default_rng(3)
   for bits, gs, sym, rows, k, n in [(3, 40, False, 3, 120, 37), (4, 32, True, 2, 64, 20)]:
     w = _quantized(rng, k, n, bits, gs, sym)

@@ -5,7 +5,7 @@
 registers next to the multiply (AVX2/FMA, 8 columns per register; a portable scalar loop on
 other CPUs), accumulated in float32 per scale group, and each group's scale is folded once:
 ``y += s_g * sum_k x_k (q_k - c)`` (plus ``(z_g + c s_g) * sum_k x_k`` when asymmetric). Output
-columns are split over XLA's intra-op thread pool.
+columns can be split over XLA's intra-op thread pool (``threads``; one by default).
 
 It applies to float32 activations with at most :data:`MAX_ROWS` rows (decode shapes) and plain
 array scales/zeros in float32, float16 or bfloat16; :func:`can_use` is the dispatch predicate.
@@ -34,11 +34,17 @@ from compressjax.formats import dispatch
 from compressjax.formats import quantized
 from compressjax.kernels.cpu import builder as _build
 
-__all__ = ["MAX_ROWS", "can_use", "cpu_matmul", "quant_gemv", "supports"]
+__all__ = ["DEFAULT_THREADS", "MAX_ROWS", "can_use", "cpu_matmul", "quant_gemv", "supports"]
 
 #: Largest number of activation rows (product of the leading dims) the kernel takes; above it
 #: dispatch uses the XLA path (tiled decode + XLA's GEMM, better at prefill sizes).
 MAX_ROWS = 16
+
+#: Default ``threads``: 1. Measured on the 2-core host (load ~2.5, medians of 15, ms, 4-bit g64,
+#: one thread / XLA's pool): 576x576 1 row 0.028 / 0.051, 8 rows 0.077 / 0.101; 576x1536 1 row
+#: 0.063 / 0.065, 8 rows 0.194 / 0.221; 1536x576 1 row 0.064 / 0.087, 8 rows 0.196 / 0.117:
+#: splitting the columns over the second core did not pay at these sizes except once.
+DEFAULT_THREADS = 1
 
 _STAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
@@ -129,7 +135,7 @@ def _gemv_bwd(threads, variant, res, g):
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-def quant_gemv(x: jax.Array, w: quantized.QuantizedArray, *, threads: int = 0,
+def quant_gemv(x: jax.Array, w: quantized.QuantizedArray, *, threads: int = DEFAULT_THREADS,
                variant: str = "native") -> jax.Array:
   """``x @ w`` with the C++ CPU kernel.
 
@@ -137,7 +143,8 @@ def quant_gemv(x: jax.Array, w: quantized.QuantizedArray, *, threads: int = 0,
     x: float32 activations ``(..., K)`` with at most :data:`MAX_ROWS` rows in all.
     w: a ``(K, N)`` :class:`~compressjax.formats.QuantizedArray` (2, 3, 4 or 8 bits, plain
       float32/float16/bfloat16 scales and zeros).
-    threads: threads to split the output columns over; ``0``: XLA's intra-op pool size.
+    threads: threads to split the output columns over (:data:`DEFAULT_THREADS`); ``0``: as
+      many as XLA's intra-op pool has (the calling thread works too).
     variant: ``"native"`` or ``"scalar"`` (the portable loop; see :func:`builder.load`).
 
   Returns:

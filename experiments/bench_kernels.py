@@ -17,11 +17,21 @@ Usage: ``python experiments/bench_kernels.py --shapes 576x1536,1536x576 --rows 1
 leaf of the same shapes (``decode_aqlm2x8_random``, speed only). Tokens/s is ``new_tokens``
 over the median time of ``--reps`` generate calls (a 16-token prompt's prefill included, as the
 issue's baseline), interleaved over the methods. Usage: ``python experiments/bench_kernels.py --decode``.
+
+The C++ CPU kernel (``compressjax.kernels.cpu``, implementation ``"cpu"``): in the per-layer table
+it is timed with float32 activations (it takes no other) at rows <= ``cpu.MAX_ROWS``, as
+``"cpu"`` (the default, one thread) and ``"cpu_allthreads"`` (XLA's intra-op pool); ``--decode`` runs every RTN method
+twice, ``decode_rtn4_g64`` (every layer forced to the XLA path, ``matmul_implementation="xla"``)
+and ``decode_rtn4_g64_cpukernel`` (``matmul_implementation="cpu"``), likewise for 2 bits.
+Usage: ``python experiments/bench_kernels.py --decode --methods
+dense_f32,rtn4_g64,rtn4_g64_cpukernel,rtn2_g64,rtn2_g64_cpukernel`` and
+``python experiments/bench_kernels.py --shapes 576x576,576x1536,1536x576 --rows 1,8``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -37,6 +47,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from compressjax import formats  # pylint: disable=g-import-not-at-top
+from compressjax.kernels import cpu as cpu_kernel  # pylint: disable=g-import-not-at-top
 
 SHAPES = ("576x576", "576x192", "576x1536", "1536x576", "4096x4096", "4096x11008", "11008x4096",
           "8192x28672")
@@ -101,16 +112,29 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
       dense_bf16 = _median_time(mm, x, wd.astype(jnp.bfloat16), reps=reps)
       dense_f32 = _median_time(mm, x.astype(jnp.float32), wd, reps=reps)
       for name, w in leaves.items():
+        runs = []
         for impl in formats.implementations(type(w)):
           if impl.name.endswith("_interpret") and not with_interpret:
             continue  # the Pallas interpreter: a correctness tool, not a speed path
-          fn = jax.jit(lambda x, w, _n=impl.name: formats.dot(x, w, implementation=_n))
-          try:
-            t = _median_time(fn, x, w, reps=reps)
-          except NotImplementedError as e:
-            print(f"skip {name} {impl.name} {shape} rows={rows}: {e}")
+          if impl.name == "cpu":  # the C++ kernel: float32 activations only
+            if rows > cpu_kernel.MAX_ROWS:
+              continue
+            xf = x.astype(jnp.float32)
+            runs.append(("cpu", lambda x, w: formats.dot(x, w, implementation="cpu"), xf))
+            runs.append(("cpu_allthreads", lambda x, w: cpu_kernel.quant_gemv(x, w, threads=0),
+                         xf))
             continue
-          rec = dict(method=name, settings={"implementation": impl.name, "dtype": "bfloat16",
+          runs.append((impl.name,
+                       lambda x, w, _n=impl.name: formats.dot(x, w, implementation=_n), x))
+        for impl_name, f, xin in runs:
+          fn = jax.jit(f)
+          try:
+            t = _median_time(fn, xin, w, reps=reps)
+          except NotImplementedError as e:
+            print(f"skip {name} {impl_name} {shape} rows={rows}: {e}")
+            continue
+          rec = dict(method=name, settings={"implementation": impl_name,
+                                            "dtype": str(xin.dtype),
                                             "weight_nbytes": int(w.nbytes),
                                             "dense_f32_time_s": dense_f32},
                      shape=shape, rows=rows, time_s=t, dense_time_s=dense_bf16,
@@ -118,7 +142,7 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
                      bw_fraction=w.nbytes / t / bandwidth, device=device, date=date,
                      commit=commit, machine=machine)
           records.append(rec)
-          print(f"{name:10s} {impl.name:7s} {shape:>11s} rows={rows:4d} {t * 1e3:8.3f} ms  "
+          print(f"{name:10s} {impl_name:11s} {shape:>11s} rows={rows:4d} {t * 1e3:8.3f} ms  "
                 f"bf16 {dense_bf16 * 1e3:8.3f} ms  f32 {dense_f32 * 1e3:8.3f} ms  "
                 f"x{rec['speedup']:.2f}  {rec['bw_fraction']:.1%} of bw", flush=True)
   if out_path:
@@ -129,7 +153,17 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
   return records
 
 
-DECODE_METHODS = ("dense_f32", "rtn4_g64", "rtn2_g64", "aqlm2x8_random")
+DECODE_METHODS = ("dense_f32", "rtn4_g64", "rtn4_g64_cpukernel", "rtn2_g64", "rtn2_g64_cpukernel",
+                  "aqlm2x8_random")
+
+
+def decode_implementation(method):
+  """The model-wide ``matmul_implementation`` of a decode method: ``"cpu"`` for ``*_cpukernel``,
+  ``"xla"`` for the other RTN methods (so they measure the XLA path, not the kernel that
+  ``formats.dot`` picks on CPU by default), ``None`` (automatic) otherwise."""
+  if method.endswith("_cpukernel"):
+    return "cpu"
+  return "xla" if method.startswith("rtn") else None
 
 
 def decode_params(params, method, seed=0):
@@ -138,7 +172,7 @@ def decode_params(params, method, seed=0):
   if method == "dense_f32":
     return params
   if method.startswith("rtn"):
-    bits = int(method[3])
+    bits = int(method[3])  # "rtn4_g64" and "rtn4_g64_cpukernel" compress alike
     return T.apply(T.select((r".*_proj/kernel", T.rtn(bits=bits, group_size=64))), params)[0]
   if method == "aqlm2x8_random":
     rng = np.random.default_rng(seed)
@@ -171,7 +205,8 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
   models = {}
   for m in methods:
     p = decode_params(params, m)
-    models[m] = (build_model(cfg, p), formats.tree_nbytes(p))
+    mcfg = dataclasses.replace(cfg, matmul_implementation=decode_implementation(m))
+    models[m] = (build_model(mcfg, p), formats.tree_nbytes(p))
     G.generate(models[m][0], prompt, new_tokens)  # compile prefill and decode step
   times = {m: [] for m in methods}
   for _ in range(reps):
@@ -191,6 +226,7 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
                settings={"model": model_name, "batch": 1, "prompt_len": prompt_len,
                          "new_tokens": new_tokens, "reps": reps, "kv_cache": True,
                          "params_nbytes": int(models[m][1]),
+                         "matmul_implementation": decode_implementation(m),
                          "generate_s": med[m],
                          "load_avg_1m": os.getloadavg()[0]},
                shape="model", rows=1, time_s=step, tokens_per_s=tps,

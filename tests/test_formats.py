@@ -225,7 +225,7 @@ def test_registry_priority_fallback_and_forcing():
   x = jnp.ones((2, 64))
   # Unregistered subclass inherits QuantizedArray's implementations.
   assert [i.name for i in formats.implementations(_ToyFormat)] == [
-      "pallas", "xla", "pallas_interpret"]
+      "pallas", "cpu", "xla", "pallas_interpret"]
   calls = []
 
   def fast(x, w):
@@ -261,9 +261,10 @@ def test_registry_priority_fallback_and_forcing():
   # Names known elsewhere but not registered for this format.
   with pytest.raises(ValueError, match="not registered"):
     formats.dot(x, qa, implementation="marked")
-  # The base class registration is untouched (pallas_kernels registers its two kernels).
+  # The base class registration is untouched (pallas_kernels registers its two kernels, the
+  # C++ CPU kernel "cpu").
   assert [i.name for i in formats.implementations(formats.QuantizedArray)] == [
-      "pallas", "xla", "pallas_interpret"]
+      "pallas", "cpu", "xla", "pallas_interpret"]
 
 
 def test_no_implementation_applies():

@@ -96,3 +96,4 @@ __all__ = [
 ]
 
 import pallas_kernels  # noqa: E402,F401  registers the "pallas" / "pallas_interpret" matmuls
+import compressjax.kernels.cpu  # noqa: E402,F401  registers the "cpu" matmul (C++ FFI kernel)

@@ -1,0 +1,1 @@
+"""Native kernels for compressed weights (``compressjax.kernels.cpu``: XLA FFI custom calls)."""

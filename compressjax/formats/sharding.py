@@ -73,6 +73,12 @@ def _specs(x, ia, oa, sizes):
     o = _fit(oa, x.shape[1], sizes)
     return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes), o, None),
                                codebooks=P(), scales=P(o))
+  from compressjax.formats import vq  # pylint: disable=g-import-not-at-top
+  if isinstance(x, vq.VQArray):  # codes (rows, N) like W; codebooks (Gk, Gn, E, d) by block
+    o = _fit(oa, x.shape[1] // x.out_block, sizes)
+    return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes),
+                                          _fit(oa, x.codes.shape[1], sizes)),
+                               codebook=P(None, o, None, None), scale=P(None, o))
   from compressjax.formats import e8p  # pylint: disable=g-import-not-at-top
   if isinstance(x, (e8p.E8PArray, e8p.E81BArray)):  # codes (K // 8, N) like W; scalar scale
     return dataclasses.replace(x, codes=P(_fit(ia, x.codes.shape[0], sizes),

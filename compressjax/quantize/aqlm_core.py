@@ -32,6 +32,18 @@ Outputs are independent given ``C`` (the objective is a sum over columns). The s
 rounds. Costs per round for one layer: beam search ``~2 M K^2 N beam`` flops, each CG iteration
 ``~2 K^2 N``; memory of the candidate scores is bounded by processing columns in chunks.
 
+Split over a mesh (``aqlm_quantize(split=...)``, :mod:`compressjax.quantize.obs_core`): the
+codebooks are shared by all outputs, the rest is per output column. With ``W``'s columns split
+over the devices, each device keeps its columns' codes and scales and runs, on them, the beam
+search (per column given ``C``, ``s``), the scale update (closed form per column), the k-means
+assignments and the decoding. What is all-reduced (``psum``): the k-means sums and counts per
+centroid, the codebook update's normal equations (``A^T XTX A c`` and ``A^T XTX W`` are sums
+over the columns, as is the Jacobi diagonal), the k-means initial points (chosen by global
+index from the same key: each device contributes the points it holds, the others zeros) and
+the reported errors. Every device thus holds the same codebooks; the sums are added in
+another order than on one device (float32 rounding), so the codebooks agree within rounding
+and the codes agree except at near-ties.
+
 References:
   Egiazarian, Panferov, Kuznedelev, Frantar, Babenko, Alistarh, "Extreme Compression of Large
   Language Models via Additive Quantization" (AQLM), arXiv:2401.06118 (Sec. 3, Alg. 1);
@@ -76,9 +88,10 @@ def objective(W: jax.Array, What: jax.Array, XTX: jax.Array) -> jax.Array:
   return jnp.sum(dW * (XTX @ dW))
 
 
-def relative_error(W, What, XTX) -> jax.Array:
-  """``||X (W - What)||^2 / ||X W||^2``."""
-  return objective(W, What, XTX) / jnp.maximum(jnp.sum(W * (XTX @ W)), 1e-30)
+def relative_error(W, What, XTX, axis_name=None) -> jax.Array:
+  """``||X (W - What)||^2 / ||X W||^2`` (both summed over the devices of ``axis_name``)."""
+  return (obs_core.psum(objective(W, What, XTX), axis_name)
+          / jnp.maximum(obs_core.psum(jnp.sum(W * (XTX @ W)), axis_name), 1e-30))
 
 
 def _chunked_argmin(points: jax.Array, C: jax.Array) -> jax.Array:
@@ -96,47 +109,77 @@ def _chunked_argmin(points: jax.Array, C: jax.Array) -> jax.Array:
   return jax.lax.map(one, pts).reshape(-1)[:P]
 
 
-def kmeans(points: jax.Array, k: int, iters: int, key: jax.Array):
+def _pick(points: jax.Array, idx: jax.Array, layout, axis_name) -> jax.Array:
+  """``points[idx]`` of the global point set ``p = i * N + n`` (group ``i``, output ``n``);
+  under ``axis_name`` ``points`` holds this device's outputs ``[start, start + n_local)`` as
+  ``i * n_local + (n - start)`` and every device contributes the points it holds."""
+  if axis_name is None:
+    return points[idx]
+  _, N, start, n_local = layout
+  i, n = idx // N, idx % N
+  own = (n >= start) & (n < start + n_local)
+  loc = jnp.where(own, i * n_local + n - start, 0)
+  return obs_core.psum(jnp.where(own[:, None], points[loc], 0), axis_name)
+
+
+def kmeans(points: jax.Array, k: int, iters: int, key: jax.Array, *, axis_name=None,
+           layout=None):
   """Lloyd's k-means of ``points`` ``(P, g)`` into ``k`` centroids.
 
   Centroids start at ``k`` random points (with a little noise when ``P < k``); an empty
   cluster keeps its centroid. Returns ``(centroids (k, g), assignment (P,) int32)``.
+
+  With ``axis_name`` (:func:`aqlm_quantize`'s split) ``points`` are this device's share,
+  ``layout = (I, N, start, n_local)`` places them in the global set (:func:`_pick`): the
+  initial points are picked by global index, the assignments are local and the sums and
+  counts per centroid are summed over the devices.
   """
   P, g = points.shape
+  Pg = P if axis_name is None else layout[0] * layout[1]
   kc, kn = jax.random.split(key)
-  if P >= k:
-    C = points[jax.random.choice(kc, P, (k,), replace=False)]
+  if Pg >= k:
+    C = _pick(points, jax.random.choice(kc, Pg, (k,), replace=False), layout, axis_name)
   else:
-    C = points[jax.random.choice(kc, P, (k,), replace=True)]
-    C = C + 1e-3 * jnp.std(points) * jax.random.normal(kn, C.shape, C.dtype)
+    C = _pick(points, jax.random.choice(kc, Pg, (k,), replace=True), layout, axis_name)
+    if axis_name is None:
+      std = jnp.std(points)
+    else:
+      mean = obs_core.psum(jnp.sum(points), axis_name) / (Pg * g)
+      std = jnp.sqrt(obs_core.psum(jnp.sum((points - mean)**2), axis_name) / (Pg * g))
+    C = C + 1e-3 * std * jax.random.normal(kn, C.shape, C.dtype)
 
   def body(_, C):
     a = _chunked_argmin(points, C)
-    sums = jax.ops.segment_sum(points, a, num_segments=k)
-    cnt = jax.ops.segment_sum(jnp.ones((P,), points.dtype), a, num_segments=k)
+    sums = obs_core.psum(jax.ops.segment_sum(points, a, num_segments=k), axis_name)
+    cnt = obs_core.psum(jax.ops.segment_sum(jnp.ones((P,), points.dtype), a, num_segments=k),
+                        axis_name)
     return jnp.where(cnt[:, None] > 0, sums / jnp.maximum(cnt, 1.0)[:, None], C)
 
   C = jax.lax.fori_loop(0, iters, body, C)
   return C, _chunked_argmin(points, C)
 
 
-def init_aq_kmeans(W: jax.Array, *, M: int, B: int, g: int, iters: int, key: jax.Array):
+def init_aq_kmeans(W: jax.Array, *, M: int, B: int, g: int, iters: int, key: jax.Array,
+                   axis_name=None, n_dev: int = 1):
   """Residual k-means initialisation (the reference ``init_aq_kmeans``).
 
   Scales are the per-output RMS of ``W``; the scaled vectors are clustered into codebook 0,
-  what it leaves into codebook 1, and so on.
+  what it leaves into codebook 1, and so on. With ``axis_name`` ``W`` is this device's share
+  of ``n_dev`` equal column blocks (:func:`kmeans`).
 
   Returns ``(b (I, N, M) int32, C (M, 2**B, g), s (N,))``.
   """
   K, N = W.shape
   I = K // g
+  r = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  layout = (I, N * n_dev, r * N, N)
   rms = jnp.sqrt(jnp.mean(W * W, axis=0))
   s = jnp.where(rms > 0, rms, 1.0)
   resid = jnp.swapaxes((W / s[None, :]).reshape(I, g, N), 1, 2).reshape(I * N, g)
   Cs, bs = [], []
   for m, km in enumerate(jax.random.split(key, M)):
     del m
-    C, a = kmeans(resid, 2**B, iters, km)
+    C, a = kmeans(resid, 2**B, iters, km, axis_name=axis_name, layout=layout)
     resid = resid - C[a]
     Cs.append(C)
     bs.append(a.reshape(I, N))
@@ -224,13 +267,17 @@ def beam_search_codes(W: jax.Array, XTX: jax.Array, C: jax.Array, s: jax.Array, 
   return out.transpose(1, 0, 2, 3).reshape(b.shape[0], N + pad, -1)[:, :N]
 
 
-def update_codebooks(W, XTX, C, s, b, *, iters: int, ridge: float = 1e-4) -> jax.Array:
+def update_codebooks(W, XTX, C, s, b, *, iters: int, ridge: float = 1e-4,
+                     axis_name=None) -> jax.Array:
   """Least-squares codebooks given codes and scales, by ``iters`` steps of preconditioned CG.
 
   ``What = A(C)`` is linear in ``C``; the minimiser of ``tr((W - A C)^T XTX (W - A C))``
   solves ``A^T XTX A C = A^T XTX W``. CG starts from the current ``C`` (unused codewords keep
   their value) with the Jacobi preconditioner ``diag(A^T XTX A)``, on the system damped by
   ``ridge`` times the mean of that diagonal (a proximal term around the current ``C``).
+
+  With ``axis_name`` the columns are split over its devices: ``A^T XTX A c``, ``A^T XTX W``
+  and the diagonal are sums over columns, summed over the devices (``C`` replicated).
   """
   I, N, M = b.shape
   g = C.shape[2]
@@ -239,14 +286,14 @@ def update_codebooks(W, XTX, C, s, b, *, iters: int, ridge: float = 1e-4) -> jax
   _, AT = jax.vjp(A, C)
   dH = jnp.diag(XTX).reshape(I, g)
   val = (s * s)[None, :, None] * dH[:, None, :]  # (I, N, g)
-  d = jnp.stack([jax.ops.segment_sum(val.reshape(I * N, g), b[:, :, m].reshape(-1),
-                                     num_segments=nq) for m in range(M)])
+  d = obs_core.psum(jnp.stack([jax.ops.segment_sum(val.reshape(I * N, g), b[:, :, m].reshape(-1),
+                                     num_segments=nq) for m in range(M)]), axis_name)
   # A has a null space for M > 1 (a shift of one codebook undone by another): a ridge
   # lam ||c - C||^2 keeps the system positive definite (CG stays stable in float32) and does
   # not change the guarantee f(new) <= f(new) + lam ||new - C||^2 <= f(C).
   lam = ridge * jnp.sum(d) / jnp.maximum(jnp.sum(d > 0), 1)
-  matvec = lambda c: AT(XTX @ A(c))[0] + lam * c
-  rhs = AT(XTX @ W)[0] + lam * C
+  matvec = lambda c: obs_core.psum(AT(XTX @ A(c))[0], axis_name) + lam * c
+  rhs = obs_core.psum(AT(XTX @ W)[0], axis_name) + lam * C
   dinv = 1.0 / (d + lam + (lam == 0))
   vdot = lambda x, y: jnp.sum(x * y)
 
@@ -282,7 +329,8 @@ def update_scales(W, XTX, C, s, b) -> jax.Array:
 def aqlm_quantize(W: jax.Array, XTX: jax.Array, *, num_codebooks: int = 2, nbits: int = 8,
                   in_group_size: int = 8, beam_size: int = 1, iterations: int = 4,
                   kmeans_iters: int = 10, cg_iters: int = 8, seed: int = 0,
-                  codebook_dtype: Any = jnp.float16, scale_dtype: Any = jnp.float16):
+                  codebook_dtype: Any = jnp.float16, scale_dtype: Any = jnp.float16,
+                  split: obs_core.ColumnSplit | None = None):
   """AQLM of one layer: residual k-means, then ``iterations`` rounds of beam search, codebook
   (CG) and scale updates.
 
@@ -300,6 +348,12 @@ def aqlm_quantize(W: jax.Array, XTX: jax.Array, *, num_codebooks: int = 2, nbits
     seed: seed of the k-means initialisation.
     codebook_dtype, scale_dtype: storage dtypes; the returned codebooks and scales are rounded
       to them and the reported errors are those of the rounded values.
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`, e.g. ``obs_core.column_split(W)``):
+      codes, scales, beam search and scale updates per device, the k-means sums and the
+      codebook normal equations summed over the devices (module docstring). ``b`` then comes
+      back split ``P(None, axis, None)``, ``s`` ``P(axis)``, ``C`` and ``info`` replicated.
+      ``None``: one device (jittable; the split path places arrays and is not).
 
   Returns:
     ``(b, C, s, info)``: codes ``(I, N, M)`` ``int32``, codebooks ``(M, 2**B, g)``, scales
@@ -311,18 +365,44 @@ def aqlm_quantize(W: jax.Array, XTX: jax.Array, *, num_codebooks: int = 2, nbits
   g = in_group_size
   if K % g:
     raise ValueError(f"in_group_size={g} must divide the kernel's input width K={K}")
+  kw = dict(num_codebooks=num_codebooks, nbits=nbits, in_group_size=in_group_size,
+            beam_size=beam_size, iterations=iterations, kmeans_iters=kmeans_iters,
+            cg_iters=cg_iters, seed=seed, codebook_dtype=jnp.dtype(codebook_dtype),
+            scale_dtype=jnp.dtype(scale_dtype))
+  if split is None:
+    return _aqlm(W, XTX, **kw)
+  obs_core.check_split(N, split, "AQLM")
+  fn = _split_solver(split, tuple(sorted(kw.items())))
+  return fn(obs_core.place(W, split.sharding()), obs_core.place(XTX, split.replicated()))
+
+
+@functools.lru_cache(maxsize=64)
+def _split_solver(split: obs_core.ColumnSplit, kw: tuple):
+  """The jitted ``shard_map`` of :func:`_aqlm` over ``split`` (cached per split and settings)."""
+  P = jax.sharding.PartitionSpec
+  fn = functools.partial(_aqlm, axis_name=split.axis, n_dev=split.size, **dict(kw))
+  return jax.jit(jax.shard_map(fn, mesh=split.mesh, in_specs=(P(None, split.axis), P()),
+                               out_specs=(P(None, split.axis, None), P(), P(split.axis), P()),
+                               check_vma=False))
+
+
+def _aqlm(W, XTX, *, num_codebooks, nbits, in_group_size, beam_size, iterations, kmeans_iters,
+          cg_iters, seed, codebook_dtype, scale_dtype, axis_name=None, n_dev=1):
+  """:func:`aqlm_quantize` of ``W`` (this device's columns under ``axis_name``)."""
+  g = in_group_size
   W = W.astype(jnp.float32)
   W, XTX, _ = obs_core.drop_dead(W, XTX.astype(jnp.float32))
   b, C, s = init_aq_kmeans(W, M=num_codebooks, B=nbits, g=g, iters=kmeans_iters,
-                           key=jax.random.PRNGKey(seed))
-  errs = [relative_error(W, decode(b, C, s), XTX)]
+                           key=jax.random.PRNGKey(seed), axis_name=axis_name, n_dev=n_dev)
+  rel = functools.partial(relative_error, axis_name=axis_name)
+  errs = [rel(W, decode(b, C, s), XTX)]
   for _ in range(iterations):
     b = beam_search_codes(W, XTX, C, s, b, beam_size=beam_size)
     if cg_iters:
-      C = update_codebooks(W, XTX, C, s, b, iters=cg_iters)
+      C = update_codebooks(W, XTX, C, s, b, iters=cg_iters, axis_name=axis_name)
     s = update_scales(W, XTX, C, s, b)
-    errs.append(relative_error(W, decode(b, C, s), XTX))
+    errs.append(rel(W, decode(b, C, s), XTX))
   C = C.astype(codebook_dtype)
   s = s.astype(scale_dtype)
-  errs[-1] = relative_error(W, decode(b, C.astype(jnp.float32), s.astype(jnp.float32)), XTX)
+  errs[-1] = rel(W, decode(b, C.astype(jnp.float32), s.astype(jnp.float32)), XTX)
   return b, C, s, {"rel_err": jnp.stack(errs)}

@@ -34,6 +34,25 @@ Algorithm (van Baalen et al. 2024, Algorithm 1; reference ``gptq.py::GPTQ.faster
    on the float centroids against ``tr((W - Q)^T H (W - Q))`` (``H`` undamped), kept only if it
    lowers that loss, then the centroids are rounded to integers again.
 
+Split over a mesh (``gptvq_quantize(split=...)``, :mod:`compressjax.quantize.obs_core`): a
+codebook is shared by the ``out_block`` outputs (and ``group_size`` rows) of its block, so it is
+the *output* axis the codebooks are shared over; with ``W``'s output columns split over the
+devices each device sees, per input group, the vectors of its own columns. What is local:
+the OBS recursion and its error feedback (per output column, ``Hinv`` replicated), every
+assignment (E-step, and the exact-loss assignment of each step), the decoding. What is
+all-reduced (``psum``): the k-means M-step's weighted sums and weights per centroid (each
+device scatters its partial sums into the ``(Gn, E, d)`` codebooks and the sums are added over
+the devices, so every device holds the same centroids), the M-step's (``lut_m_step``) gradient
+and losses, and the reported losses. What is computed on gathered data: the Mahalanobis
+initialisation (it picks the points at evenly spaced ranks of a sort over all the vectors of a
+codebook), so each group's rows ``(group_size, N)`` are all-gathered once and every device runs
+the one-device initialisation on them (bit-for-bit the same centroids). A device's columns may
+straddle codebooks (``N / devices`` not a multiple of ``out_block``): it works on "slots", the
+codebooks its columns touch, with the foreign columns of a slot weighted 0. When every
+device's columns hold whole codebooks the sums come from one device only and the split equals
+one device's bit for bit; otherwise the sums are added in another order (float32 rounding; the
+codes then agree except at exact ties).
+
 References:
   van Baalen, Kuzmin, Nagel, Couperus, Bastoul, Mahurin, Blankevoort, Whatmough, "GPTVQ: The
   Blessing of Dimensionality for LLM Quantization", arXiv:2402.15319 (Algorithm 1, eq. 4-6).
@@ -42,7 +61,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +125,47 @@ def _to_vectors(rows: jax.Array, d: int, ob: int) -> jax.Array:
   return x.transpose(2, 0, 3, 1).reshape(N // ob, (gs // d) * ob, d)
 
 
+def _num_slots(n_local: int, ob: int, n_dev: int) -> int:
+  """How many codebooks (of ``ob`` outputs) the ``n_local`` columns of one device touch, at most
+  over the ``n_dev`` devices (static)."""
+  return max((r * n_local + n_local - 1) // ob - (r * n_local) // ob + 1 for r in range(n_dev))
+
+
+class _Slots(NamedTuple):
+  """This device's columns laid out by codebook (traced; see the module docstring).
+
+  ``cb`` ``(S,)``: the global codebook index of each slot (clipped to ``Gn - 1``); ``idx``
+  ``(S, ob)``: the local column at each position of a slot (clipped); ``valid`` ``(S, ob)``:
+  whether that column is this device's; ``pos`` ``(n_local,)``: each local column's flat
+  position ``slot * ob + offset``; ``start``: this device's first global column.
+  """
+
+  cb: jax.Array
+  idx: jax.Array
+  valid: jax.Array
+  pos: jax.Array
+  start: jax.Array
+
+
+def _slots(n_local: int, ob: int, Gn: int, n_dev: int, axis_name) -> _Slots:
+  S = Gn if axis_name is None else _num_slots(n_local, ob, n_dev)
+  r = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  start = jnp.asarray(r * n_local, jnp.int32)
+  cb0 = start // ob
+  cb = cb0 + jnp.arange(S)
+  lc = cb[:, None] * ob + jnp.arange(ob)[None, :] - start
+  n = start + jnp.arange(n_local)
+  return _Slots(jnp.minimum(cb, Gn - 1), jnp.clip(lc, 0, n_local - 1),
+                (lc >= 0) & (lc < n_local) & (cb[:, None] < Gn), (n // ob - cb0) * ob + n % ob,
+                start)
+
+
+def _slot_vectors(x: jax.Array, d: int) -> jax.Array:
+  """``(gs, S, ob)`` rows by slot -> ``(S, gs / d * ob, d)`` vectors (as :func:`_to_vectors`)."""
+  gs, S, ob = x.shape
+  return x.reshape(gs // d, d, S, ob).transpose(2, 0, 3, 1).reshape(S, (gs // d) * ob, d)
+
+
 def decode(codes: jax.Array, C: jax.Array, *, group_size: int, out_block: int) -> jax.Array:
   """Dense ``(K, N)`` weight from ``(K / d, N)`` integer codes and ``(Gk, Gn, E, d)`` centroids.
 
@@ -118,6 +179,19 @@ def decode(codes: jax.Array, C: jax.Array, *, group_size: int, out_block: int) -
               + jnp.arange(Gn)[None, None, :, None]) * E
   vals = jnp.take(C.reshape(Gk * Gn * E, d), base_idx + c, axis=0)  # (Gk, vpg, Gn, ob, d)
   return vals.transpose(0, 1, 4, 2, 3).reshape(V * d, N)
+
+
+def _decode_columns(codes: jax.Array, C: jax.Array, start, *, group_size: int,
+                    out_block: int) -> jax.Array:
+  """:func:`decode` of the columns ``[start, start + n)`` of a wider weight (codes ``(V, n)``,
+  all the codebooks ``C``): column ``c`` uses codebook ``(start + c) // out_block``."""
+  V, n = codes.shape
+  Gk, Gn, E, d = C.shape
+  g = (jnp.arange(V) * d) // group_size
+  h = (start + jnp.arange(n)) // out_block
+  flat = (g[:, None] * Gn + h[None, :]) * E + codes.astype(jnp.int32)
+  vals = jnp.take(C.reshape(Gk * Gn * E, d), flat, axis=0)  # (V, n, d)
+  return vals.transpose(0, 2, 1).reshape(V * d, n)
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,14 +310,125 @@ def output_loss(W: jax.Array, Q: jax.Array, H: jax.Array) -> jax.Array:
   return jnp.sum(dW * (H.astype(jnp.float32) @ dW))
 
 
+def _fit_slots(rows, dg, sl: _Slots, *, d, ob, E, iters, codebook_bits, scale_dtype,
+               axis_name):
+  """Codebooks ``(Gn, E, d)`` (int8 + scales + decoded float) for one input group.
+
+  ``rows`` ``(gs, n_local)`` are this device's columns (all of them on one device); the
+  initialisation runs on the gathered rows, the EM iterations on the device's slots with the
+  M-step's sums all-reduced (module docstring).
+  """
+  full = obs_core.gather_columns(rows, axis_name)  # (gs, N)
+  C = jax.lax.map(lambda X: mahalanobis_init(X, E), _to_vectors(full, d, ob))  # (Gn, E, d)
+  X = _slot_vectors(rows[:, sl.idx], d)  # (S, n, d)
+  Wt = _slot_vectors(jnp.where(sl.valid[None], dg[:, None, None], 0).astype(rows.dtype), d)
+
+  def sums(a):
+    Xs, Ws, Cs = a
+    k = assign(Xs, Ws, Cs)
+    return (jax.ops.segment_sum(Ws * Xs, k, num_segments=E),
+            jax.ops.segment_sum(Ws, k, num_segments=E))
+
+  def body(_, C):
+    num, den = jax.lax.map(sums, (X, Wt, C[sl.cb]))
+    if axis_name is not None:  # this device's partial sums into all codebooks, summed
+      num = obs_core.psum(jnp.zeros_like(C).at[sl.cb].add(num), axis_name)
+      den = obs_core.psum(jnp.zeros_like(C).at[sl.cb].add(den), axis_name)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), C)
+
+  C = jax.lax.fori_loop(0, iters, body, C)
+  q, scale = quantize_centroids(C, codebook_bits, scale_dtype)
+  return q, scale, q.astype(rows.dtype) * scale.astype(rows.dtype)[:, None, None]
+
+
+def _gptvq(W, H, *, d, gs, ob, E, kmeans_iters, codebook_bits, blocksize, percdamp,
+           m_step_iters, m_step_lr, scale_dtype, axis_name=None, n_dev=1):
+  """GPTVQ of ``W`` (this device's columns under ``axis_name``; see :func:`gptvq_quantize`)."""
+  K, N = W.shape  # N: this device's columns
+  Gk = K // gs
+  Gn = N * n_dev // ob
+  ctype = jnp.float32
+  W0 = W.astype(ctype)
+  H0 = H.astype(ctype)
+  Wd, Hd, dead = obs_core.drop_dead(W0, H0)
+  Hinv, _, damp, ok = obs_core.hinv_cholesky(Hd, percdamp)
+  dinv = 1.0 / jnp.diag(Hinv)**2  # OBS weight of each coordinate
+  Kp = obs_core.padded_length(K, blocksize)
+  dinv_p = jnp.pad(dinv, (0, Kp - K), constant_values=1.0)
+  sl = _slots(N, ob, Gn, n_dev, axis_name)
+  S = sl.cb.shape[0]
+
+  def rule(st, carry):
+    codes, q_all, s_all, C = carry
+    j = st.j
+    g = jnp.minimum(j // gs, Gk - 1)
+
+    def fit():
+      rows = st.rows(j, gs)
+      dg = jax.lax.dynamic_slice_in_dim(dinv_p, j, gs)
+      q, s, Cf = _fit_slots(rows, dg, sl, d=d, ob=ob, E=E, iters=kmeans_iters,
+                            codebook_bits=codebook_bits, scale_dtype=scale_dtype,
+                            axis_name=axis_name)
+      return (jax.lax.dynamic_update_index_in_dim(q_all, q, g, 0),
+              jax.lax.dynamic_update_index_in_dim(s_all, s, g, 0), Cf)
+
+    new_group = jnp.logical_and(j % gs == 0, j < K)
+    q_all, s_all, C = jax.lax.cond(new_group, fit, lambda: (q_all, s_all, C))
+    # Exact step loss ||U^{-T}(w - c)||^2: transform the vectors and the codewords.
+    Ut = st.U.T
+    Cs = C[sl.cb]  # (S, E, d): the codebooks of this device's slots
+    z = jax.scipy.linalg.solve_triangular(Ut, st.w, lower=True)  # (d, N)
+    zc = jax.scipy.linalg.solve_triangular(
+        Ut, Cs.reshape(S * E, d).T, lower=True).T.reshape(S, E, d)
+    zv = z.T[sl.idx]  # (S, ob, d)
+    dist = (jnp.sum(zc * zc, -1)[:, None, :]
+            - 2 * jnp.einsum("god,ged->goe", zv, zc))  # (S, ob, E)
+    a = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # (S, ob)
+    qv = jnp.take_along_axis(Cs, a[..., None], axis=1)  # (S, ob, d)
+    q = qv.reshape(S * ob, d)[sl.pos].T
+    codes = jax.lax.dynamic_update_index_in_dim(codes, a.reshape(S * ob)[sl.pos], j // d, 0)
+    return q, (codes, q_all, s_all, C)
+
+  init = (jnp.zeros((Kp // d, N), jnp.int32), jnp.zeros((Gk, Gn, E, d), jnp.int8),
+          jnp.ones((Gk, Gn), scale_dtype), jnp.zeros((Gn, E, d), ctype))
+  _, (codes, cq, cs, _), loss = obs_core.sweep(Wd, Hinv, rule, init, blocksize=blocksize,
+                                               step=d, keep_values=False)
+  codes = codes[:K // d]
+  Cf = cq.astype(ctype) * cs.astype(ctype)[..., None, None]
+  if axis_name is None:
+    Q = decode(codes, Cf, group_size=gs, out_block=ob)
+  else:
+    Q = _decode_columns(codes, Cf, sl.start, group_size=gs, out_block=ob)
+  before = obs_core.psum(output_loss(W0, Q, H0), axis_name)
+  after = before
+  if m_step_iters:
+    cq, cs, after = lut_m_step(W0, H0, codes, Cf, group_size=gs, out_block=ob,
+                               iters=m_step_iters, lr=m_step_lr, codebook_bits=codebook_bits,
+                               scale_dtype=scale_dtype, baseline=before, axis_name=axis_name,
+                               col_start=sl.start)
+  info = {"loss": obs_core.psum(loss, axis_name), "output_loss": after,
+          "output_loss_before_m_step": before, "damp": damp,
+          "dead": jnp.sum(dead.astype(jnp.int32)), "cholesky_ok": ok}
+  return codes, cq, cs, info
+
+
+@functools.lru_cache(maxsize=64)
+def _split_solver(split: obs_core.ColumnSplit, kw: tuple):
+  """The jitted ``shard_map`` of :func:`_gptvq` over ``split`` (cached per split and settings)."""
+  fn = functools.partial(_gptvq, axis_name=split.axis, n_dev=split.size, **dict(kw))
+  return jax.jit(obs_core.split_columns(fn, split, in_specs=("cols", None),
+                                        out_specs=("cols", None, None, None)))
+
+
 def gptvq_quantize(W: jax.Array, H: jax.Array, *, dim: int = 2, bits: float = 2,
                    group_size: int | None = None, out_block: int | None = None,
                    kmeans_iters: int = 10, codebook_bits: int = 8, blocksize: int = 128,
                    percdamp: float = 0.01, m_step_iters: int = 0, m_step_lr: float = 1e-3,
-                   scale_dtype: Any = jnp.float16):
+                   scale_dtype: Any = jnp.float16,
+                   split: obs_core.ColumnSplit | None = None):
   """GPTVQ-quantizes a ``(K, N)`` weight given its input Hessian (module docstring).
 
-  Jittable with every keyword argument static.
+  Jittable with every keyword argument static (without ``split``).
 
   Args:
     W: ``(K, N)`` floating weight.
@@ -259,6 +444,13 @@ def gptvq_quantize(W: jax.Array, H: jax.Array, *, dim: int = 2, bits: float = 2,
     m_step_iters: Adam steps of the codebook M-step (0: none).
     m_step_lr: its learning rate (relative to each codebook's scale).
     scale_dtype: dtype of the stored codebook scales.
+    split: solve with ``W``'s output columns split over mesh axes
+      (:class:`~compressjax.quantize.obs_core.ColumnSplit`, e.g. ``obs_core.column_split(W)``):
+      each device runs the recursion, the assignments and its share of the k-means sums on its
+      ``N / devices`` columns; the k-means and M-step sums are all-reduced and the
+      initialisation runs on the gathered group rows (module docstring), so every device
+      holds the same codebooks. ``codes`` come back split ``P(None, axis)``, the codebooks,
+      scales and ``info`` replicated. ``None``: one device. Not jittable (it places arrays).
 
   Returns:
     ``(codes, codebook, scale, info)``: ``int32`` codes ``(K / dim, N)``, ``int8`` centroids
@@ -267,75 +459,30 @@ def gptvq_quantize(W: jax.Array, H: jax.Array, *, dim: int = 2, bits: float = 2,
     ``output_loss_before_m_step``; ``damp``; ``dead``; ``cholesky_ok``). Decoding with
     :func:`decode` gives exactly the ``Q`` whose error was fed back (before the M-step).
 
+  Raises:
+    ValueError: invalid arguments (:func:`check_vq_args`), or with ``split`` output columns
+      that do not split evenly over its devices.
+
   References:
     van Baalen et al. 2024, GPTVQ, arXiv:2402.15319, Algorithm 1.
   """
   K, N = W.shape
-  d = dim
   gs, ob = check_vq_args(K, N, dim=dim, bits=bits, group_size=group_size, out_block=out_block,
                          codebook_bits=codebook_bits, kmeans_iters=kmeans_iters,
                          blocksize=blocksize)
-  E = codebook_entries(dim, bits)
-  Gk, Gn = K // gs, N // ob
-  ctype = jnp.float32
-  W0 = W.astype(ctype)
-  H0 = H.astype(ctype)
-  Wd, Hd, dead = obs_core.drop_dead(W0, H0)
-  Hinv, _, damp, ok = obs_core.hinv_cholesky(Hd, percdamp)
-  dinv = 1.0 / jnp.diag(Hinv)**2  # OBS weight of each coordinate
-  Kp = obs_core.padded_length(K, blocksize)
-  dinv_p = jnp.pad(dinv, (0, Kp - K), constant_values=1.0)
-
-  def rule(st, carry):
-    codes, q_all, s_all, C = carry
-    j = st.j
-    g = jnp.minimum(j // gs, Gk - 1)
-
-    def fit():
-      rows = st.rows(j, gs)
-      dg = jax.lax.dynamic_slice_in_dim(dinv_p, j, gs)
-      q, s, Cf = _fit_codebooks(rows, dg, d=d, ob=ob, E=E, iters=kmeans_iters,
-                                codebook_bits=codebook_bits, scale_dtype=scale_dtype)
-      return (jax.lax.dynamic_update_index_in_dim(q_all, q, g, 0),
-              jax.lax.dynamic_update_index_in_dim(s_all, s, g, 0), Cf)
-
-    new_group = jnp.logical_and(j % gs == 0, j < K)
-    q_all, s_all, C = jax.lax.cond(new_group, fit, lambda: (q_all, s_all, C))
-    # Exact step loss ||U^{-T}(w - c)||^2: transform the vectors and the codewords.
-    Ut = st.U.T
-    z = jax.scipy.linalg.solve_triangular(Ut, st.w, lower=True)  # (d, N)
-    zc = jax.scipy.linalg.solve_triangular(
-        Ut, C.reshape(Gn * E, d).T, lower=True).T.reshape(Gn, E, d)
-    zv = z.T.reshape(Gn, ob, d)
-    dist = (jnp.sum(zc * zc, -1)[:, None, :]
-            - 2 * jnp.einsum("god,ged->goe", zv, zc))  # (Gn, ob, E)
-    a = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # (Gn, ob)
-    qv = jnp.take_along_axis(C, a[..., None], axis=1)  # (Gn, ob, d)
-    q = qv.reshape(N, d).T
-    codes = jax.lax.dynamic_update_index_in_dim(codes, a.reshape(N), j // d, 0)
-    return q, (codes, q_all, s_all, C)
-
-  init = (jnp.zeros((Kp // d, N), jnp.int32), jnp.zeros((Gk, Gn, E, d), jnp.int8),
-          jnp.ones((Gk, Gn), scale_dtype), jnp.zeros((Gn, E, d), ctype))
-  _, (codes, cq, cs, _), loss = obs_core.sweep(Wd, Hinv, rule, init, blocksize=blocksize,
-                                               step=d, keep_values=False)
-  codes = codes[:K // d]
-  Cf = cq.astype(ctype) * cs.astype(ctype)[..., None, None]
-  Q = decode(codes, Cf, group_size=gs, out_block=ob)
-  before = output_loss(W0, Q, H0)
-  after = before
-  if m_step_iters:
-    cq, cs, after = lut_m_step(W0, H0, codes, Cf, group_size=gs, out_block=ob,
-                               iters=m_step_iters, lr=m_step_lr, codebook_bits=codebook_bits,
-                               scale_dtype=scale_dtype, baseline=before)
-  info = {"loss": loss, "output_loss": after, "output_loss_before_m_step": before,
-          "damp": damp, "dead": jnp.sum(dead.astype(jnp.int32)), "cholesky_ok": ok}
-  return codes, cq, cs, info
+  kw = dict(d=dim, gs=gs, ob=ob, E=codebook_entries(dim, bits), kmeans_iters=kmeans_iters,
+            codebook_bits=codebook_bits, blocksize=blocksize, percdamp=percdamp,
+            m_step_iters=m_step_iters, m_step_lr=m_step_lr, scale_dtype=jnp.dtype(scale_dtype))
+  if split is None:
+    return _gptvq(W, H, **kw)
+  obs_core.check_split(N, split, "GPTVQ")
+  fn = _split_solver(split, tuple(sorted(kw.items())))
+  return fn(obs_core.place(W, split.sharding()), obs_core.place(H, split.replicated()))
 
 
 def lut_m_step(W, H, codes, C, *, group_size: int, out_block: int, iters: int = 25,
                lr: float = 1e-3, codebook_bits: int = 8, scale_dtype: Any = jnp.float16,
-               baseline=None):
+               baseline=None, axis_name=None, col_start=0):
   """Codebook M-step: Adam on the centroids against ``tr((W - Q)^T H (W - Q))``, codes fixed.
 
   Reference ``gptq.py::GPTQ.lut_m_step`` (25 Adam steps, lr ``1e-3``). The step size is relative
@@ -343,20 +490,30 @@ def lut_m_step(W, H, codes, C, *, group_size: int, out_block: int, iters: int = 
   to ``codebook_bits`` integers again and kept only if its loss is below ``baseline`` (the loss
   of ``C``), else ``C`` is returned re-encoded unchanged.
 
+  With ``axis_name`` (inside :func:`gptvq_quantize`'s split) ``W`` and ``codes`` are the
+  columns ``[col_start, col_start + n)`` of the layer and ``C`` all its codebooks: the
+  gradient and the losses are summed over the devices, so every device takes the same steps.
+
   Returns:
     ``(q, scale, loss)``: int8 centroids, scales and the loss of the decoded result.
   """
   s0 = jnp.max(jnp.abs(C), axis=(-2, -1), keepdims=True)
   s0 = jnp.where(s0 > 0, s0, 1.0)
+  if axis_name is None:
+    dec_fn = functools.partial(decode, group_size=group_size, out_block=out_block)
+  else:
+    dec_fn = functools.partial(_decode_columns, start=col_start, group_size=group_size,
+                               out_block=out_block)
+  total = lambda W, Z: obs_core.psum(output_loss(W, dec_fn(codes, Z), H), axis_name)
 
   def loss_fn(Z):
-    return output_loss(W, decode(codes, Z * s0, group_size=group_size, out_block=out_block), H)
+    return output_loss(W, dec_fn(codes, Z * s0), H)
 
   b1, b2, eps = 0.9, 0.999, 1e-8
 
   def body(t, carry):
     Z, m, v = carry
-    g = jax.grad(loss_fn)(Z)
+    g = obs_core.psum(jax.grad(loss_fn)(Z), axis_name)
     g = g / (jnp.sqrt(jnp.mean(g * g)) + 1e-30)  # scale-free objective
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
@@ -369,10 +526,8 @@ def lut_m_step(W, H, codes, C, *, group_size: int, out_block: int, iters: int = 
   q_new, s_new = quantize_centroids(Z * s0, codebook_bits, scale_dtype)
   q_old, s_old = quantize_centroids(C, codebook_bits, scale_dtype)
   dec = lambda q, s: q.astype(C.dtype) * s.astype(C.dtype)[..., None, None]
-  l_new = output_loss(W, decode(codes, dec(q_new, s_new), group_size=group_size,
-                                out_block=out_block), H)
-  l_old = (output_loss(W, decode(codes, dec(q_old, s_old), group_size=group_size,
-                                 out_block=out_block), H) if baseline is None else baseline)
+  l_new = total(W, dec(q_new, s_new))
+  l_old = total(W, dec(q_old, s_old)) if baseline is None else baseline
   better = l_new < l_old
   return (jnp.where(better, q_new, q_old), jnp.where(better, s_new, s_old),
           jnp.where(better, l_new, l_old))

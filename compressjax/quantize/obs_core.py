@@ -21,9 +21,12 @@ replicated ``H``/``Hinv``. The per-column arithmetic is the same as on one devic
 computes *across* columns (SparseGPT's block mask, SpQR's outlier threshold, the loss) it does
 with a collective over ``axis_name`` (:func:`gather_columns`, ``jax.lax.psum``); what it needs
 from the whole layer before the recursion (OWQ's kept rows, E8P's layer scale) it computes from
-the whole ``W`` first (:func:`whole`), by the one-device program. GPTVQ and AQLM are not split:
-their codebooks are fitted to (and updated from) all output columns at once, so a split would
-need every codebook update all-reduced across the devices; they solve each layer whole.
+the whole ``W`` first (:func:`whole`), by the one-device program. GPTVQ and AQLM fit codebooks
+shared by many output columns: their k-means sums, GPTVQ's M-step gradient and AQLM's codebook
+normal equations are summed over ``axis_name`` (``psum``) so every device holds the same
+codebooks, and GPTVQ's Mahalanobis initialisation (a sort over all of a codebook's vectors) runs
+on the gathered rows (see :mod:`~compressjax.quantize.gptvq_core`,
+:mod:`~compressjax.quantize.aqlm_core`).
 
 The recursion (:func:`sweep`), with lazy batch updates over blocks of ``blocksize`` rows
 ``[i1, i2)`` and steps of ``step`` rows ``S = [i, i + step)`` inside a block:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.formats import AdditiveCodebookArray
-from compressjax.quantize import aqlm_core
+from compressjax.quantize import aqlm_core, obs_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.quantize import _check_dense_2d
 from compressjax.transforms.selection import Selector
@@ -75,11 +75,10 @@ def aqlm(num_codebooks: int = 2, nbits: int = 8, in_group_size: int = 8, *,
   _check_int("seed", seed, 0)
   codebook_dtype = _dtype("codebook_dtype", codebook_dtype)
   scale_dtype = _dtype("scale_dtype", scale_dtype)
-  quant = jax.jit(functools.partial(
-      aqlm_core.aqlm_quantize, num_codebooks=num_codebooks, nbits=nbits,
-      in_group_size=in_group_size, beam_size=beam_size, iterations=iterations,
-      kmeans_iters=kmeans_iters, cg_iters=cg_iters, seed=seed, codebook_dtype=codebook_dtype,
-      scale_dtype=scale_dtype))
+  kw = dict(num_codebooks=num_codebooks, nbits=nbits, in_group_size=in_group_size,
+            beam_size=beam_size, iterations=iterations, kmeans_iters=kmeans_iters,
+            cg_iters=cg_iters, seed=seed, codebook_dtype=codebook_dtype, scale_dtype=scale_dtype)
+  quant = jax.jit(functools.partial(aqlm_core.aqlm_quantize, **kw))
   name = f"aqlm({num_codebooks}x{nbits}, in_group_size={in_group_size})"
 
   def fn(path, w, stats):
@@ -88,10 +87,19 @@ def aqlm(num_codebooks: int = 2, nbits: int = 8, in_group_size: int = 8, *,
     if w.shape[0] % in_group_size:
       raise ValueError(f"aqlm: in_group_size={in_group_size} must divide the kernel's input "
                        f"width {w.shape[0]}")
-    b, C, s, info = quant(w, stats.gptq_hessian())
+    # On a mesh (``stats.columns``): each device solves its share of the output columns, the
+    # codebook statistics all-reduced; codes and scales stay split by output column.
+    split = getattr(stats, "columns", None)
+    if split is not None and w.shape[1] % split.size:
+      split = None
+    if split is None:
+      b, C, s, info = quant(w, stats.gptq_hessian())
+    else:
+      b, C, s, info = aqlm_core.aqlm_quantize(w, stats.gptq_hessian(), split=split, **kw)
     err = info["rel_err"][-1]
     if not isinstance(err, jax.core.Tracer) and not jnp.isfinite(err):
       raise ValueError("the AQLM solver's output error is not finite (a degenerate Hessian?)")
-    return AdditiveCodebookArray.from_codes(b, C, s, nbits=nbits, dtype=w.dtype)
+    return obs_core.place_leaf(AdditiveCodebookArray.from_codes(b, C, s, nbits=nbits,
+                                                                dtype=w.dtype), split)
 
   return leafwise(fn, where, name=name, with_stats=True)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.formats import VQArray
-from compressjax.quantize import gptvq_core
+from compressjax.quantize import gptvq_core, obs_core
 from compressjax.transforms.base import DEFAULT_WHERE, Transform, leafwise
 from compressjax.transforms.quantize import _check_dense_2d, check_damping, check_positive_int
 from compressjax.transforms.selection import Selector
@@ -70,11 +70,11 @@ def gptvq(dim: int = 2, bits: float = 2, group_size: int | None = 64, *,
   if isinstance(codebook_bits, bool) or not isinstance(codebook_bits, int) or not (
       2 <= codebook_bits <= 8):
     raise ValueError(f"{name}: codebook_bits must be an int in 2..8, got {codebook_bits!r}")
-  quant = jax.jit(functools.partial(
-      gptvq_core.gptvq_quantize, dim=dim, bits=bits, group_size=group_size,
-      out_block=out_block, kmeans_iters=kmeans_iters, codebook_bits=codebook_bits,
-      blocksize=blocksize, percdamp=percdamp, m_step_iters=m_step_iters, m_step_lr=m_step_lr,
-      scale_dtype=scale_dtype))
+  kw = dict(dim=dim, bits=bits, group_size=group_size, out_block=out_block,
+            kmeans_iters=kmeans_iters, codebook_bits=codebook_bits, blocksize=blocksize,
+            percdamp=percdamp, m_step_iters=m_step_iters, m_step_lr=m_step_lr,
+            scale_dtype=scale_dtype)
+  quant = jax.jit(functools.partial(gptvq_core.gptvq_quantize, **kw))
   label = f"gptvq(dim={dim}, bits={bits}, group_size={group_size}, out_block={out_block})"
 
   def fn(path, w, stats):
@@ -84,10 +84,19 @@ def gptvq(dim: int = 2, bits: float = 2, group_size: int | None = 64, *,
     gs, ob = gptvq_core.check_vq_args(k, n, dim=dim, bits=bits, group_size=group_size,
                                       out_block=out_block, codebook_bits=codebook_bits,
                                       kmeans_iters=kmeans_iters, blocksize=blocksize, name=name)
-    codes, codebook, scale, info = quant(w, stats.gptq_hessian())
+    # On a mesh (``stats.columns``): each device solves its share of the output columns, the
+    # codebook statistics all-reduced; the leaf's codes stay split P(None, axes).
+    split = getattr(stats, "columns", None)
+    if split is not None and n % split.size:
+      split = None
+    if split is None:
+      codes, codebook, scale, info = quant(w, stats.gptq_hessian())
+    else:
+      codes, codebook, scale, info = gptvq_core.gptvq_quantize(w, stats.gptq_hessian(),
+                                                               split=split, **kw)
     if not isinstance(info["loss"], jax.core.Tracer) and not jnp.isfinite(info["loss"]):
       raise ValueError("the GPTVQ solver's loss is not finite (a degenerate Hessian?)")
-    return VQArray.from_codes(codes, codebook, scale, dim=dim, group_size=gs, out_block=ob,
-                              dtype=w.dtype)
+    return obs_core.place_leaf(VQArray.from_codes(codes, codebook, scale, dim=dim, group_size=gs,
+                                                  out_block=ob, dtype=w.dtype), split)
 
   return leafwise(fn, where, name=label, with_stats=True)

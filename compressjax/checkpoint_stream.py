@@ -235,26 +235,21 @@ class StreamWriter:
   def _step(self, fn, what: str):
     """``fn()`` on process 0 only (with several processes; then a barrier that raises in every
     process if it failed), or here with one process."""
+    return self._synced(fn, what, everywhere=False)
+
+  def _everywhere(self, fn, what: str):
+    """``fn()`` in every process, then a barrier that raises in every process if any failed."""
+    return self._synced(fn, what, everywhere=True)
+
+  def _synced(self, fn, what: str, *, everywhere: bool):
     if not self._multi:
       return fn()
     ok, error, out = True, None, None
-    if jax.process_index() == 0:
+    if everywhere or jax.process_index() == 0:
       try:
         out = fn()
       except Exception as e:  # pylint: disable=broad-exception-caught
         ok, error = False, e
-    _sync(ok, error, f"StreamWriter({self.path!r}): {what}")
-    return out
-
-  def _everywhere(self, fn, what: str):
-    """``fn()`` in every process, then a barrier that raises in every process if any failed."""
-    if not self._multi:
-      return fn()
-    ok, error, out = True, None, None
-    try:
-      out = fn()
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      ok, error = False, e
     _sync(ok, error, f"StreamWriter({self.path!r}): {what}")
     return out
 

@@ -222,11 +222,14 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
     tps = 1.0 / step
     if m == "dense_f32":
       dense_tps = tps
-    rec = dict(method=f"decode_{m}",
+    threads = cpu_kernel.default_threads() if m.endswith("_cpukernel") else None
+    suffix = "" if threads in (None, cpu_kernel.DEFAULT_THREADS) else f"_threads{threads}"
+    rec = dict(method=f"decode_{m}{suffix}",
                settings={"model": model_name, "batch": 1, "prompt_len": prompt_len,
                          "new_tokens": new_tokens, "reps": reps, "kv_cache": True,
                          "params_nbytes": int(models[m][1]),
                          "matmul_implementation": decode_implementation(m),
+                         "cpu_kernel_threads": threads,
                          "generate_s": med[m],
                          "load_avg_1m": os.getloadavg()[0]},
                shape="model", rows=1, time_s=step, tokens_per_s=tps,

@@ -179,3 +179,18 @@ def test_broken_compiler_gives_clear_error(tmp_path):
   assert "exit status 3" in msg and "fatal: unsupported -march" in msg and cxx in msg
   assert "quant_gemv.cc" in msg and "COMPRESSJAX_CPU_KERNEL=0" in msg
   assert os.listdir(tmp_path / "b") == []  # the temporary output is removed
+
+
+def test_threads_from_environment(monkeypatch):
+  """``$COMPRESSJAX_CPU_KERNEL_THREADS`` sets the automatic dispatch's threads (0: XLA's pool,
+  same result up to summation order); anything but an integer >= 0 is refused by name."""
+  monkeypatch.delenv("COMPRESSJAX_CPU_KERNEL_THREADS", raising=False)
+  assert cpu.default_threads() == cpu.DEFAULT_THREADS
+  monkeypatch.setenv("COMPRESSJAX_CPU_KERNEL_THREADS", "0")
+  assert cpu.default_threads() == 0
+  w = _quantized(np.random.default_rng(1), 64, 48, 4, 32, symmetric=False)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64)), jnp.float32)
+  _check(cpu.cpu_matmul(x, w), x, w)
+  monkeypatch.setenv("COMPRESSJAX_CPU_KERNEL_THREADS", "two")
+  with pytest.raises(ValueError, match="COMPRESSJAX_CPU_KERNEL_THREADS"):
+    cpu.default_threads()

@@ -15,19 +15,23 @@ from compressjax.kernels.cpu.builder import CpuKernelBuildError
 from compressjax.kernels.cpu.builder import build
 from compressjax.kernels.cpu.builder import enabled
 from compressjax.kernels.cpu.builder import load
+from compressjax.kernels.cpu.quant_gemv import DEFAULT_THREADS
 from compressjax.kernels.cpu.quant_gemv import MAX_ROWS
 from compressjax.kernels.cpu.quant_gemv import can_use
 from compressjax.kernels.cpu.quant_gemv import cpu_matmul
+from compressjax.kernels.cpu.quant_gemv import default_threads
 from compressjax.kernels.cpu.quant_gemv import quant_gemv
 from compressjax.kernels.cpu.quant_gemv import register
 from compressjax.kernels.cpu.quant_gemv import supports
 
 __all__ = [
     "CpuKernelBuildError",
+    "DEFAULT_THREADS",
     "MAX_ROWS",
     "build",
     "can_use",
     "cpu_matmul",
+    "default_threads",
     "enabled",
     "load",
     "quant_gemv",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import jax
@@ -34,7 +35,8 @@ from compressjax.formats import dispatch
 from compressjax.formats import quantized
 from compressjax.kernels.cpu import builder as _build
 
-__all__ = ["DEFAULT_THREADS", "MAX_ROWS", "can_use", "cpu_matmul", "quant_gemv", "supports"]
+__all__ = ["DEFAULT_THREADS", "MAX_ROWS", "can_use", "cpu_matmul", "default_threads", "quant_gemv",
+           "supports"]
 
 #: Largest number of activation rows (product of the leading dims) the kernel takes; above it
 #: dispatch uses the XLA path (tiled decode + XLA's GEMM, better at prefill sizes).
@@ -45,6 +47,18 @@ MAX_ROWS = 16
 #: 0.063 / 0.065, 8 rows 0.194 / 0.221; 1536x576 1 row 0.064 / 0.087, 8 rows 0.196 / 0.117:
 #: splitting the columns over the second core did not pay at these sizes except once.
 DEFAULT_THREADS = 1
+
+
+def default_threads() -> int:
+  """``threads`` of the automatic ``"cpu"`` dispatch: ``$COMPRESSJAX_CPU_KERNEL_THREADS`` (read at
+  trace time; ``0``: XLA's intra-op pool) or :data:`DEFAULT_THREADS`."""
+  v = os.environ.get("COMPRESSJAX_CPU_KERNEL_THREADS", "").strip()
+  if not v:
+    return DEFAULT_THREADS
+  if not v.isdigit():
+    raise ValueError(f"COMPRESSJAX_CPU_KERNEL_THREADS={v!r}: expected an integer >= 0 "
+                     "(0: XLA's intra-op thread pool)")
+  return int(v)
 
 _STAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
@@ -184,7 +198,7 @@ def cpu_matmul(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
       warnings.warn(f"compressjax CPU kernel unavailable, using the XLA path: {e}",
                     RuntimeWarning, stacklevel=2)
     raise NotImplementedError(str(e)) from e
-  return quant_gemv(x, w)
+  return quant_gemv(x, w, threads=default_threads())
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ issue's baseline), interleaved over the methods. Usage: ``python experiments/ben
 
 The C++ CPU kernel (``compressjax.kernels.cpu``, implementation ``"cpu"``): in the per-layer table
 it is timed with float32 activations (it takes no other) at rows <= ``cpu.MAX_ROWS``, as
-``"cpu"`` (the default, one thread) and ``"cpu_allthreads"`` (XLA's intra-op pool); ``--decode`` runs every RTN method
+``"cpu"`` (the default: XLA's intra-op pool; before 2026-12-07 09:00 one thread, the pool then named ``"cpu_allthreads"``) and ``"cpu_1thread"``; ``--decode`` runs every RTN method
 twice, ``decode_rtn4_g64`` (every layer forced to the XLA path, ``matmul_implementation="xla"``)
 and ``decode_rtn4_g64_cpukernel`` (``matmul_implementation="cpu"``), likewise for 2 bits.
 Usage: ``python experiments/bench_kernels.py --decode --methods
@@ -120,9 +120,10 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
             if rows > cpu_kernel.MAX_ROWS:
               continue
             xf = x.astype(jnp.float32)
+            # "cpu": the dispatched kernel at its default threads (the pool since 2026-12-07
+            # 09:00; records before: one thread, and the pool was "cpu_allthreads")
             runs.append(("cpu", lambda x, w: formats.dot(x, w, implementation="cpu"), xf))
-            runs.append(("cpu_allthreads", lambda x, w: cpu_kernel.quant_gemv(x, w, threads=0),
-                         xf))
+            runs.append(("cpu_1thread", lambda x, w: cpu_kernel.quant_gemv(x, w, threads=1), xf))
             continue
           runs.append((impl.name,
                        lambda x, w, _n=impl.name: formats.dot(x, w, implementation=_n), x))

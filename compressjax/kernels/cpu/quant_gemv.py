@@ -5,7 +5,7 @@
 registers next to the multiply (AVX2/FMA, 8 columns per register; a portable scalar loop on
 other CPUs), accumulated in float32 per scale group, and each group's scale is folded once:
 ``y += s_g * sum_k x_k (q_k - c)`` (plus ``(z_g + c s_g) * sum_k x_k`` when asymmetric). Output
-columns can be split over XLA's intra-op thread pool (``threads``; one by default).
+columns are split over XLA's intra-op thread pool (``threads``; ``0``, the pool, by default).
 
 It applies to float32 activations with at most :data:`MAX_ROWS` rows (decode shapes) and plain
 array scales/zeros in float32, float16 or bfloat16; :func:`can_use` is the dispatch predicate.
@@ -42,11 +42,13 @@ __all__ = ["DEFAULT_THREADS", "MAX_ROWS", "can_use", "cpu_matmul", "default_thre
 #: dispatch uses the XLA path (tiled decode + XLA's GEMM, better at prefill sizes).
 MAX_ROWS = 16
 
-#: Default ``threads``: 1. Measured on the 2-core host (load ~2.5, medians of 15, ms, 4-bit g64,
-#: one thread / XLA's pool): 576x576 1 row 0.028 / 0.051, 8 rows 0.077 / 0.101; 576x1536 1 row
-#: 0.063 / 0.065, 8 rows 0.194 / 0.221; 1536x576 1 row 0.064 / 0.087, 8 rows 0.196 / 0.117:
-#: splitting the columns over the second core did not pay at these sizes except once.
-DEFAULT_THREADS = 1
+#: Default ``threads``: 0 (XLA's intra-op pool). In one-layer loops (2-core host, load ~2.5,
+#: medians of 15, ms, 4-bit g64, one thread / pool) one thread was faster on the reference
+#: model's shapes (576x576 1 row 0.028 / 0.051; 576x1536 0.063 / 0.065; 1536x576 0.064 / 0.087),
+#: but in the whole decode step the pool wins (reference model, batch 1: 29.8 -> 38.2 tokens/s at
+#: 4 bits, 39.3 -> 48.5 at 2 bits; `bench_kernels --decode`, 2026-12-07) and on Llama-7B shapes
+#: it reads at 60-72% of the copy bandwidth against 34-41% for one thread.
+DEFAULT_THREADS = 0
 
 
 def default_threads() -> int:

@@ -106,8 +106,9 @@ def test_generate_does_not_recompile_on_a_second_call():
   from compressjax import generate as gen
   model = tiny.tiny_model(seed=6)
   generate(model, [1, 2, 3], 4)
-  graphdef = nnx.graphdef(model)
-  step = gen._cached_step(graphdef, 0.0)
+  graphdef, state = nnx.split(model)
+  state_def = jax.tree.structure(state)
+  step = gen._cached_step(graphdef, state_def, 0.0)
   compiled = step._cache_size()
   generate(model, [7, 8, 9], 4)  # same shapes: no new trace or compile
-  assert gen._cached_step(graphdef, 0.0) is step and step._cache_size() == compiled
+  assert gen._cached_step(graphdef, state_def, 0.0) is step and step._cache_size() == compiled

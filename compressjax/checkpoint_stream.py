@@ -408,11 +408,7 @@ class StreamWriter:
     if self._multi:
       return self._commit_processes(metadata, tokenizer)
     try:
-      if metadata is not None or tokenizer is not None:
-        if metadata is not None:
-          self._manifest["metadata"] = dict(metadata)
-        self._write_manifest(tokenizer)
-      self._swap.install(self.overwrite)
+      self._install(metadata, tokenizer)
     except BaseException as e:
       self.abort()
       if isinstance(e, (checkpoint.CheckpointError, TypeError)) or not isinstance(e, Exception):
@@ -422,17 +418,21 @@ class StreamWriter:
     self._state = "committed"
     return self.path
 
+  def _install(self, metadata, tokenizer) -> None:
+    """Writes the final manifest (with ``metadata`` / ``tokenizer`` when given) and renames."""
+    if metadata is not None or tokenizer is not None:
+      if metadata is not None:
+        self._manifest["metadata"] = dict(metadata)
+      self._write_manifest(tokenizer)
+    self._swap.install(self.overwrite)
+
   def _commit_processes(self, metadata, tokenizer) -> str:
     """:meth:`commit` with several processes: process 0 writes and renames (its ``metadata``
     and ``tokenizer`` count); every process learns whether it worked."""
     ok, error = True, None
     if jax.process_index() == 0:
       try:
-        if metadata is not None or tokenizer is not None:
-          if metadata is not None:
-            self._manifest["metadata"] = dict(metadata)
-          self._write_manifest(tokenizer)
-        self._swap.install(self.overwrite)
+        self._install(metadata, tokenizer)
       except Exception as e:  # pylint: disable=broad-exception-caught
         ok, error = False, e
     oks = checkpoint._all_ok(ok)  # pylint: disable=protected-access

@@ -194,3 +194,12 @@ def test_threads_from_environment(monkeypatch):
   monkeypatch.setenv("COMPRESSJAX_CPU_KERNEL_THREADS", "two")
   with pytest.raises(ValueError, match="COMPRESSJAX_CPU_KERNEL_THREADS"):
     cpu.default_threads()
+
+
+def test_unwritable_cache_directory_is_a_build_error(tmp_path):
+  """A cache folder that cannot be created is a CpuKernelBuildError naming it (so automatic
+  dispatch falls back to the XLA path), not a bare OSError."""
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(builder.CpuKernelBuildError, match="cache directory"):
+    builder.build(directory=blocker / "sub")

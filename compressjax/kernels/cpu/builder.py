@@ -127,8 +127,14 @@ def build(*, cxx: str | None = None, flags: tuple[str, ...] | None = None,
   out = directory / f"quant_gemv-{_key(cxx, flags)}.so"
   if out.exists():
     return out
-  directory.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=directory)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=directory)
+  except OSError as e:
+    raise CpuKernelBuildError(
+        f"cannot write the compressjax CPU kernel's cache directory {str(directory)!r}: {e}. "
+        "Set COMPRESSJAX_CACHE_DIR to a writable folder, or COMPRESSJAX_CPU_KERNEL=0 to use the "
+        "XLA path.") from e
   os.close(fd)
   cmd = shlex.split(cxx) + list(flags) + ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
   try:

@@ -30,10 +30,9 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import tiny
-    from compressjax import calibration, formats, transforms as T
+    from compressjax import transforms as T
     from compressjax.prune import sparsegpt_core
     from compressjax.quantize import gptq_core, obs_core
-    from compressjax.transforms.selection import leaves_with_paths
 
     assert jax.device_count() == 8
     X = jax.random.normal(jax.random.key(0), (256, 64))
@@ -76,15 +75,9 @@ SCRIPT = textwrap.dedent("""
     # The engine on a mesh (one block: the claim is per layer): the solvers see the split and
     # return split leaves; the result equals the same run with shard_solvers=False (the same
     # summed statistics, every device solving every layer whole).
-    model = tiny.tiny_model(seed=2, num_layers=1)
-    w = np.random.default_rng(0).integers(0, 300, (8, 16)).astype(np.int32)
     emesh = jax.make_mesh((8,), ("data",))
     t = T.gptq(bits=4, group_size=32, act_order=True, static_groups=True)
-    res = {}
-    for on in (True, False):
-      q, _ = calibration.run_sequential(model, w, t, batch_size=8, progress=False, mesh=emesh,
-                                        shard_solvers=on)
-      res[on] = {p: v for p, v in leaves_with_paths(q) if isinstance(v, formats.CompressedArray)}
+    res = tiny.engine_split_and_whole(t, emesh)
     assert res[True].keys() == res[False].keys() and len(res[True]) == 7
     for p, leaf in res[True].items():
       ref = res[False][p]

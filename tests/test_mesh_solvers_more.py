@@ -32,9 +32,8 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import tiny
-    from compressjax import calibration, formats, transforms as T
+    from compressjax import transforms as T
     from compressjax.quantize import e8p_core, obs_core, spqr_core
-    from compressjax.transforms.selection import leaves_with_paths
 
     assert jax.device_count() == 8
     X = jax.random.normal(jax.random.key(0), (256, 64)) * jnp.linspace(0.2, 2.0, 64)
@@ -94,17 +93,11 @@ SCRIPT = textwrap.dedent("""
 
     # The engine on a mesh (one block; the claim is per layer): split vs shard_solvers=False,
     # one kernel per solver (each kernel shape compiles its own split solver).
-    model = tiny.tiny_model(seed=2, num_layers=1)
-    w = np.random.default_rng(0).integers(0, 300, (8, 16)).astype(np.int32)
     emesh = jax.make_mesh((8,), ("data",))
     up, q = ".*mlp/up_proj/kernel", ".*attn/q_proj/kernel"
     t = T.chain(T.incoherence(seed=0, where=up), T.e8p(blocksize=32, where=up),
                 T.spqr(bits=3, group_size=16, stats_group_size=4, where=q))
-    res = {}
-    for on in (True, False):
-      qm, _ = calibration.run_sequential(model, w, t, batch_size=8, progress=False, mesh=emesh,
-                                         shard_solvers=on)
-      res[on] = {p: v for p, v in leaves_with_paths(qm) if isinstance(v, formats.CompressedArray)}
+    res = tiny.engine_split_and_whole(t, emesh)
     assert res[True].keys() == res[False].keys() and len(res[True]) == 2, res[True].keys()
     for p, leaf in res[True].items():
       leaves_equal(leaf, res[False][p], p)

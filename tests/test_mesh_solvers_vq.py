@@ -36,9 +36,8 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import tiny
-    from compressjax import calibration, formats, transforms as T
+    from compressjax import formats, transforms as T
     from compressjax.quantize import aqlm_core, gptvq_core, obs_core
-    from compressjax.transforms.selection import leaves_with_paths
 
     assert jax.device_count() == 8
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -95,29 +94,22 @@ SCRIPT = textwrap.dedent("""
     assert bs.addressable_shards[0].data.shape == (8, 4, 2)
 
     # The engine on a mesh (one block; the claim is per layer): split vs shard_solvers=False.
-    model = tiny.tiny_model(seed=2, num_layers=1)
-    w = np.random.default_rng(0).integers(0, 300, (8, 16)).astype(np.int32)
     emesh = jax.make_mesh((8,), ("data",))
     up, q = ".*mlp/up_proj/kernel", ".*attn/q_proj/kernel"
     t = T.chain(T.gptvq(dim=2, bits=2, group_size=32, out_block=32, blocksize=32, where=up),
                 T.aqlm(num_codebooks=1, nbits=6, in_group_size=8, iterations=1, kmeans_iters=3,
                        cg_iters=3, where=q))
-    res = {}
-    for on in (True, False):
-      qm, _ = calibration.run_sequential(model, w, t, batch_size=8, progress=False, mesh=emesh,
-                                         shard_solvers=on)
-      res[on] = {p: v for p, v in leaves_with_paths(qm) if isinstance(v, formats.CompressedArray)}
+    res = tiny.engine_split_and_whole(t, emesh)
     assert res[True].keys() == res[False].keys() and len(res[True]) == 2, res[True].keys()
     for p, leaf in res[True].items():
       ref = res[False][p]
       axes = lambda e: (e,) if isinstance(e, str) else tuple(e or ())  # 'data' or ('data',)
       eq(leaf.code_values(), ref.code_values(), p)
+      codes = leaf.codes
       if isinstance(leaf, formats.VQArray):
         eq(leaf.codebook, ref.codebook, p); eq(leaf.scale, ref.scale, p)
-        codes = leaf.codes
       else:
         close(leaf.codebooks, ref.codebooks, 1e-3, p); close(leaf.scales, ref.scales, 1e-3, p)
-        codes = leaf.codes
         assert axes(leaf.scales.sharding.spec[0]) == ("data",), (p, leaf.scales.sharding)
       assert axes(codes.sharding.spec[1]) == ("data",), (p, codes.sharding)
       assert codes.addressable_shards[0].data.shape[1] == leaf.shape[1] // 8, p

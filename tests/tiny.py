@@ -133,3 +133,19 @@ def write_tiny_corpora(root: str, words_per_file: int = 3000, seed: int = 0) -> 
     with open(path, "w") as f:
       f.write(" ".join(rng.choice(WORDS, size=words_per_file)))
   return root
+
+
+def engine_split_and_whole(transform, mesh, *, seed: int = 2) -> dict[bool, dict]:
+  """``calibration.run_sequential`` of ``transform`` on a one-block tiny model over ``mesh``
+  with the solvers split (``True``) and whole (``False``, ``shard_solvers=False``), on the same
+  windows: ``{split: {path: compressed leaf}}`` (for the mesh-solver tests' subprocesses)."""
+  from compressjax import calibration, formats  # pylint: disable=g-import-not-at-top
+  from compressjax.transforms.selection import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  model = tiny_model(seed=seed, num_layers=1)
+  w = np.random.default_rng(0).integers(0, 300, (8, 16)).astype(np.int32)
+  res = {}
+  for on in (True, False):
+    out, _ = calibration.run_sequential(model, w, transform, batch_size=8, progress=False,
+                                        mesh=mesh, shard_solvers=on)
+    res[on] = {p: v for p, v in leaves_with_paths(out) if isinstance(v, formats.CompressedArray)}
+  return res

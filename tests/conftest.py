@@ -66,18 +66,45 @@ def require_reference_model() -> str:
                 f"scripts/setup.sh): {e}", pytrace=False)
 
 
+def _script_env() -> dict:
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+              JAX_PLATFORMS="cpu")
+
+
 def run_script(script: str, marker: str, timeout: int = 600) -> str:
   """Runs ``script`` in a fresh CPU-only interpreter (the repo and tests/ on its path) and
   asserts it exits 0 printing ``marker``; returns its stdout. For tests that need a device
   count fixed at JAX start-up (``--xla_force_host_platform_device_count`` set by the script)."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                     timeout=timeout)
+  r = subprocess.run([sys.executable, "-c", script], env=_script_env(), capture_output=True,
+                     text=True, timeout=timeout)
   assert r.returncode == 0 and marker in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
   return r.stdout
+
+
+def run_two_processes(script: str, out: str | None = None, *, timeout: int = 600,
+                      marker: str = "WORKER_OK") -> None:
+  """Runs ``script`` as processes 0 and 1 of a ``jax.distributed`` job on localhost (argv: the
+  process id, a free coordinator port, then ``out`` or ``out`` formatted with ``{i}``), and
+  asserts both exit 0 printing ``marker``; both are killed if either hangs past ``timeout``."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i), port]
+                            + ([] if out is None else [out.format(i=i)]),
+                            env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0 and marker in o, o[-2000:] + e[-4000:]
 
 
 # COMPRESSJAX_CPU_TIMES=file: append, per test, the CPU seconds (user+sys, this process and its

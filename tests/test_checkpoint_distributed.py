@@ -8,16 +8,13 @@ be replaced, or a failure in one process only, makes every process raise and wri
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 
 from compressjax import checkpoint, formats
-from conftest import REPO
+from conftest import run_two_processes
 
 BUILD = textwrap.dedent("""
     import jax, numpy as np
@@ -100,28 +97,10 @@ WORKER = BUILD + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_save_one_restores(tmp_path):
   (tmp_path / "taken").mkdir()
   (tmp_path / "taken" / "notes.txt").write_text("not a checkpoint")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0 and "WORKER_OK" in out, out[-2000:] + err[-4000:]
+  run_two_processes(WORKER, str(tmp_path), timeout=300)
 
   path = str(tmp_path / "ckpt")
   # Nothing left beside it (temporaries, per-process checksum files), nothing in "taken".

@@ -4,10 +4,6 @@ split over the 4 devices (so over both processes), killed after the first block 
 from the resume point both wrote (each process its own windows and columns), and give the same
 compressed model as one process; both save it together and one process restores it."""
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,7 +11,7 @@ import numpy as np
 import tiny
 from compressjax import calibration, checkpoint, formats, transforms as T
 from compressjax.transforms.selection import leaves_with_paths
-from conftest import REPO
+from conftest import run_two_processes
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -69,26 +65,8 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_compress_like_one(tmp_path):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port,
-                             str(tmp_path / f"out{i}.npz")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0 and "WORKER_OK" in out, out[-2000:] + err[-4000:]
+  run_two_processes(WORKER, str(tmp_path / "out{i}.npz"), timeout=600)
   got = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
   saved, _ = checkpoint.restore(str(tmp_path / "model"))  # one process reads it all
   saved = {p.replace("/", "."): np.asarray(v.materialize()) for p, v in leaves_with_paths(saved)

@@ -13,8 +13,6 @@ processes (in full, and straight into the saved layout, each process reading its
 and in one process."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -24,8 +22,7 @@ import pytest
 import tiny
 from compressjax import calibration, checkpoint, transforms as T
 from compressjax.transforms.selection import leaves_with_paths
-from conftest import REPO
-from test_engine_distributed import _free_port
+from conftest import run_two_processes
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -125,22 +122,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _spawn(out: str) -> None:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-             JAX_PLATFORMS="cpu")
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, out], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0 and "WORKER_OK" in o, o[-2000:] + e[-4000:]
-
-
 def _same(a, b):
   fa, ta = jax.tree_util.tree_flatten(a)
   fb, tb = jax.tree_util.tree_flatten(b)
@@ -153,7 +134,7 @@ def _same(a, b):
 @pytest.mark.slow  # four engine runs in two processes (+ one in this one): heavier than ~40 s
 def test_two_processes_stream_like_one(tmp_path):
   out = str(tmp_path)
-  _spawn(out)
+  run_two_processes(WORKER, out)
   assert sorted(os.listdir(out)) == ["resume", "resumed", "saved", "streamed", "whole"]
   for name in ("streamed", "resumed", "whole"):
     assert sorted(os.listdir(tmp_path / name)) == ["arrays", "blocks", "manifest.json"], name

@@ -102,6 +102,10 @@ def bandwidth() -> tuple[str, float | None]:
   return kind, None
 
 
+def _impl_names(w) -> set[str]:
+  return {impl.name for impl in formats.dispatch.implementations(type(w))}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--formats", default=",".join(FORMATS))
@@ -165,9 +169,15 @@ def main(argv=None) -> int:
         wbytes = w.nbytes + 2 * (rows * k + rows * n)
         ref = jax.jit(REFERENCE[type(w)])(x, w).astype(jnp.float32)
         scale = float(jnp.max(jnp.abs(ref))) or 1.0
-        for impl in (kernel_impl, "xla"):
+        impls = (kernel_impl, "xla")
+        # The Mosaic GPU (Hopper) 4-bit kernel, as rows of its own (kind "mgpu").
+        if not a.smoke and "pallas_mgpu" in _impl_names(w) and pk.quant_matmul_mgpu.supports(x, w):
+          impls += ("pallas_mgpu",)
+        for impl in impls:
           rec = dict(event="result", shape=sname, K=k, N=n, rows=rows, format=fname, impl=impl,
                      bits_per_param=w.bits_per_param, bytes=wbytes)
+          if impl == "pallas_mgpu":
+            rec["kind"] = "mgpu"
           try:
             f = jax.jit(lambda x, w, impl=impl: formats.dot(x, w, implementation=impl))
             y = f(x, w).astype(jnp.float32)

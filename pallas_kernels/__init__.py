@@ -39,6 +39,7 @@ from pallas_kernels.e8p_matmul import e8p_matmul
 from pallas_kernels.e8p_matmul_ref import e8p_matmul_ref
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.quant_matmul_ref import quant_matmul_ref
+from pallas_kernels import quant_matmul_mgpu  # pylint: disable=g-bad-import-order
 
 __all__ = [
     "CONFIGS",
@@ -49,6 +50,7 @@ __all__ = [
     "e8p_matmul",
     "e8p_matmul_ref",
     "quant_matmul",
+    "quant_matmul_mgpu",
     "quant_matmul_ref",
     "register",
 ]
@@ -77,6 +79,12 @@ def register() -> None:
     dispatch.register_matmul(
         fmt, "pallas_interpret", functools.partial(fn, interpret=True),
         can_use=supports, priority=INTERPRET_PRIORITY)
+  # Mosaic GPU (Hopper) 4-bit kernel: only on request (below "xla", so never chosen
+  # automatically: not yet run on a GPU), e.g. formats.dot(x, w, implementation="pallas_mgpu");
+  # it needs a Hopper GPU to run (lowering for cuda works anywhere).
+  dispatch.register_matmul(
+      quantized.QuantizedArray, "pallas_mgpu", quant_matmul_mgpu.quant_matmul_mgpu,
+      can_use=quant_matmul_mgpu.supports, priority=INTERPRET_PRIORITY)
 
 
 register()

@@ -160,7 +160,7 @@ def test_dispatch_rules_on_cpu():
   w = _quantized(rng, 128, 130, 2, 64, True)
   x = jnp.asarray(rng.normal(size=(1, 128)), jnp.float32)
   names = [i.name for i in formats.implementations(formats.QuantizedArray)]
-  assert names == ["pallas", "cpu", "xla", "pallas_interpret"], names
+  assert names == ["pallas", "cpu", "xla", "pallas_interpret", "pallas_mgpu"], names
   for fmt in (formats.AdditiveCodebookArray, formats.E8PArray):
     assert {"pallas", "pallas_interpret"} <= {i.name for i in formats.implementations(fmt)}
   if jax.default_backend() == "cpu":

@@ -57,3 +57,15 @@ def test_unsupported_shapes_are_refused():
   assert not qm.supports(x, w3)
   with pytest.raises(NotImplementedError, match="N % 64"):
     qm.quant_matmul_mgpu(x, _weight(512, 96, 128, True))
+
+
+def test_registered_on_request_only():
+  names = [i.name for i in formats.dispatch.implementations(formats.QuantizedArray)]
+  assert "pallas_mgpu" in names
+  w = _weight(512, 256, 128, True)
+  x = jnp.ones((1, 512), jnp.bfloat16)
+  # Never chosen automatically (here: CPU, and below "xla" in priority everywhere).
+  assert names.index("pallas_mgpu") > names.index("xla")
+  text = jax.jit(lambda x, w: formats.dot(x, w, implementation="pallas_mgpu")).trace(
+      x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.custom_call @mosaic_gpu" in text

@@ -20,6 +20,19 @@ hopper_mixed_type_matmul_mgpu.py`` does, so a Mosaic GPU ``quant_matmul`` means 
 dequantize-to-SMEM + wgmma kernel (weights as the 64-row A operand, ``y^T = W^T x^T``), not a
 port of the Triton body.
 
+Later (branch mgpu): the dequantize + wgmma kernel lowers, ``pallas_kernels/quant_matmul_mgpu.py``.
+What made it lower: load the ``(kw, 64)`` word tile (SMEM, tiled ``(8, 32)``, swizzle 128)
+through ``plgpu.transpose_ref`` with ``Layout.WGMMA_TRANSPOSED`` and ``layout_cast`` it to
+``WGMMA`` (an untransformed tile stops at ``TransferPlanDerivationError: Failed to synthesize
+a transfer pattern that avoids bank conflicts``); broadcast the scales with
+``jax.lax.broadcast_in_dim`` from ``Layout.WGMMA.reduce(1)`` / ``.reduce(0)`` vectors (``v[:,
+None]`` is a reshape to ``(64, 1)`` and fails: ``Tiling ... does not apply to shape (64, 1)``);
+copies of fewer than 128 bytes are refused (``Only copies transferring a number of bytes
+divisible by the warpgroup size``); ``(256, 512)`` bf16 activation tiles exceed shared memory
+(626704 > 232448 bytes), hence ``MgpuConfig.x_stage_bytes``. Not verified: running on a GPU.
+jax 0.10.2's Mosaic GPU interpreter rejects the kernel (non-trivial BlockSpec windows), and
+``pl.pallas_call`` for Mosaic GPU is deprecated in favour of ``plgpu.kernel`` (a warning).
+
 Usage: ``python experiments/probe_mgpu_quant4.py --rows 1 --tk 1024``.
 """
 

@@ -332,12 +332,15 @@ def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   ``s = 1.0f / sqrtf(mean + eps)``, ``y = (x * s) * w`` in float32. The double sum runs in
   another order than ggml's sequential loop; its error (< K * 2**-53 relative) changes the
   float32 ``mean`` only when the exact value lies that close to a float32 rounding boundary.
+  Bit-exact under ``jax.jit`` too (``1 / sqrt`` is kept from becoming ``rsqrt``).
   """
   xf = x.astype(jnp.float32)
   with jax.enable_x64(True):
     ssq = jnp.sum((xf * xf).astype(jnp.float64), axis=-1, keepdims=True)
     mean = (ssq / x.shape[-1]).astype(jnp.float32)
-  s = jnp.float32(1.0) / jnp.sqrt(mean + jnp.float32(eps))
+  # The barrier keeps XLA's algebraic simplifier from fusing ``1 / sqrt`` into ``rsqrt`` under
+  # jit, which rounds differently in about a third of the cases (eager ops are never fused).
+  s = jnp.float32(1.0) / jax.lax.optimization_barrier(jnp.sqrt(mean + jnp.float32(eps)))
   return ((xf * s) * scale.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -316,3 +316,31 @@ def test_ggml_rope_bit_exact():
         assert y[0, ti, hh, i] == _fma_ref(x0, c, -F32(x1 * s))
         assert y[0, ti, hh, i + hd // 2] == _fma_ref(x0, s, F32(x1 * c))
       theta = F32(theta * ts)
+
+
+def ref_f16_lane_dot(a, b):
+  """tinyBLAS F16 on AVX2 for one pair of float16 rows: lane ``l`` of 8 float32 lanes adds the
+  exact products ``a[k] * b[k]``, ``k = l, l + 8, ...`` in order, then ``hsum_float_8``."""
+  acc = np.zeros(8, F32)
+  for c in range(len(a) // 8):
+    acc = (acc + (a[8 * c:8 * c + 8].astype(F32) * b[8 * c:8 * c + 8].astype(F32))).astype(F32)
+  r = (acc[4:8] + acc[0:4]).astype(F32)
+  return F32(F32(r[0] + r[2]) + F32(r[1] + r[3]))
+
+
+def test_ggml_kq_dot_adds_in_llamacpp_head_order():
+  """K.Q of one head: llama.cpp's rows are GGUF-permuted (``gguf.permute_qk``), so its lanes sum
+  other elements than our half-split layout would; the emulation reorders first (the gap found
+  on a 17-token prompt: same values, differently rounded sums)."""
+  from compressjax.io import gguf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(21)
+  hd, n = 64, 4000
+  q = rng.standard_normal((n, hd)).astype(np.float16)
+  k = (rng.standard_normal((n, hd)) * 3).astype(np.float16)
+  ref = np.asarray([ref_f16_lane_dot(gguf.permute_qk(q[i], 1), gguf.permute_qk(k[i], 1))
+                    for i in range(n)], F32)
+  qj, kj = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+  ours = np.asarray(ge._lane_dot(ge._ggml_head_order(qj), ge._ggml_head_order(kj)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(ours, ref)
+  unordered = np.asarray(ge._lane_dot(qj, kj))  # pylint: disable=protected-access
+  assert (unordered != ref).sum() > 0  # the order matters: the test can fail

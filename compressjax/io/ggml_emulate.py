@@ -237,11 +237,21 @@ def ggml_softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
   return e * inv
 
 
+def _ggml_head_order(x: jax.Array) -> jax.Array:
+  """Q or K heads from our half-split layout (Hugging Face's: element ``i`` pairs with
+  ``i + hd/2`` in RoPE) to llama.cpp's (GGUF's Q/K row permutation: pairs ``(2i, 2i+1)``): the
+  same values, in the order its lane-wise K.Q dot adds them."""
+  h2 = x.shape[-1] // 2
+  return jnp.stack([x[..., :h2], x[..., h2:]], axis=-1).reshape(x.shape)
+
+
 def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):
   """llama.cpp's non-flash attention with an F16 KV cache, bit for bit; the model's signature.
 
   ``kq = mul_mat(K_f16, Q)`` converts ``Q`` to float16 (F16's ``vec_dot_type``) and runs
-  llamafile's tinyBLAS F16 kernel (:func:`_lane_dot` over ``head_dim``);
+  llamafile's tinyBLAS F16 kernel (:func:`_lane_dot` over ``head_dim``, its elements put in
+  llama.cpp's order first: GGUF stores Q/K rows permuted, so its lanes hold other elements than
+  ours would and round the partial sums differently);
   ``soft_max_ext(kq, mask, 1/sqrt(hd))`` as :func:`ggml_softmax`; ``kqv = mul_mat(V_f16, kq)``
   converts the probabilities to float16 and adds over the key slots with the same kernel. ``k``
   and ``v`` are rounded to float16 here too (the cache's type), so the function also serves a
@@ -259,8 +269,8 @@ def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int 
     k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
   s, kv = k.shape[1], k.shape[2]
   g = h // kv
-  qg = _f16(q).reshape(bsz, t, kv, g, hd).transpose(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
-  kk = _f16(k).transpose(0, 2, 1, 3)  # (B, KV, S, hd)
+  qg = _ggml_head_order(_f16(q)).reshape(bsz, t, kv, g, hd).transpose(0, 2, 3, 1, 4)  # (B,KV,G,T,hd)
+  kk = _ggml_head_order(_f16(k)).transpose(0, 2, 1, 3)  # (B, KV, S, hd)
   scores = _lane_dot(qg[..., :, None, :], kk[:, :, None, None])  # (B, KV, G, T, S)
   mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
   if sliding_window is not None:

@@ -344,3 +344,24 @@ def test_ggml_kq_dot_adds_in_llamacpp_head_order():
   np.testing.assert_array_equal(ours, ref)
   unordered = np.asarray(ge._lane_dot(qj, kj))  # pylint: disable=protected-access
   assert (unordered != ref).sum() > 0  # the order matters: the test can fail
+
+
+def test_ggml_f32_dot_is_tinyblas_lane_order():
+  """F32 x F32 (a tied float32 head): tinyBLAS' 8 FMA lanes over ``K`` then ``hsum_float_8``."""
+  rng = np.random.default_rng(22)
+  t, k, n = 3, 64, 24
+  x = rng.standard_normal((t, k)).astype(F32)
+  w = rng.standard_normal((k, n)).astype(F32)
+  ref = np.zeros((t, n), F32)
+  for r in range(t):
+    for c in range(n):
+      acc = [F32(0)] * 8
+      for step in range(k // 8):
+        acc = [_fma_ref(w[8 * step + l, c], x[r, 8 * step + l], acc[l]) for l in range(8)]
+      h = [F32(acc[i + 4] + acc[i]) for i in range(4)]
+      ref[r, c] = F32(F32(h[0] + h[2]) + F32(h[1] + h[3]))
+  ours = np.asarray(ge.ggml_f32_dot(jnp.asarray(x), jnp.asarray(w)))
+  np.testing.assert_array_equal(ours, ref)
+  assert (np.asarray(jnp.asarray(x) @ jnp.asarray(w)) != ref).any()  # the order matters
+  with pytest.raises(ValueError, match="multiple of 8"):
+    ge.ggml_f32_dot(jnp.ones((1, 12)), jnp.ones((12, 4)))

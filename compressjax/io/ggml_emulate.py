@@ -55,7 +55,7 @@ from compressjax.formats import dispatch
 from compressjax.formats import quantized
 
 __all__ = ["QK", "can_use_ggml", "emulate_attention", "emulate_ggml", "ggml_attention", "ggml_dot",
-           "ggml_expf", "ggml_rms_norm", "ggml_swiglu", "ggml_type", "quantize_q8"]
+           "ggml_expf", "ggml_f32_dot", "ggml_rms_norm", "ggml_swiglu", "ggml_type", "quantize_q8"]
 
 #: ggml's block length along ``K`` for Q4_0, Q4_1, Q8_0, Q8_0 and Q8_1.
 QK = 32
@@ -190,6 +190,39 @@ def ggml_dot(x: jax.Array, w: quantized.QuantizedArray) -> jax.Array:
       y = y + summs
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   return y.reshape(*lead, n).astype(out_dtype)
+
+
+def ggml_f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ W`` for a dense float32 ``W`` as llama.cpp's CPU backend computes an F32 matmul on
+  AVX2 (llamafile's ``tinyBLAS<8, __m256, ...>``, which takes every F32 x F32 product whose
+  weight rows are a multiple of 4): per output, one 8-lane float32 accumulator takes
+  ``fmadd(w[k], x[k], acc)`` for ``k = l, l + 8, ...`` in lane ``l``, then ``hsum_float_8``.
+  The FMA goes through float64 (:func:`_fma`). ``K`` must be a multiple of 8."""
+  k, n = w.shape
+  if k % 8:
+    raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 8 (tinyBLAS' lanes)")
+  lead = x.shape[:-1]
+  xl = x.astype(jnp.float32).reshape(-1, k // 8, 8).transpose(1, 0, 2)  # (K/8, T, 8)
+  wl = w.astype(jnp.float32).reshape(k // 8, 8, n)  # (K/8, 8, N)
+  with jax.enable_x64(True):
+    def body(acc, blk):
+      xb, wb = blk
+      return _fma(xb[:, :, None], wb[None], acc), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((xl.shape[1], 8, n), jnp.float32), (xl, wl))
+  return _hsum_float_8(acc).reshape(*lead, n)
+
+
+def _ggml_logits(self, h: jax.Array) -> jax.Array:
+  """``Llama.logits`` under :func:`emulate_ggml`: a tied dense float32 head as ggml's F32 matmul
+  (:func:`ggml_f32_dot`); anything else as before."""
+  emb = self.embed.embedding.get_value()
+  if self.lm_head is None and emb.dtype == jnp.float32 and emb.shape[1] % 8 == 0:
+    return ggml_f32_dot(h, emb.T)
+  return _PLAIN_LOGITS(self, h)
+
+
+_PLAIN_LOGITS = None
 
 
 def register() -> None:
@@ -393,8 +426,9 @@ def ggml_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 @contextlib.contextmanager
 def emulate_attention():
   """Within the block, :class:`compressjax.model.Llama` computes as llama.cpp's CPU backend:
-  :func:`ggml_attention`, :func:`ggml_rms_norm`, :func:`ggml_swiglu` and ggml's RoPE
-  (:func:`ggml_rope_cos_sin`, :func:`ggml_apply_rope`).
+  :func:`ggml_attention`, :func:`ggml_rms_norm`, :func:`ggml_swiglu`, ggml's RoPE
+  (:func:`ggml_rope_cos_sin`, :func:`ggml_apply_rope`) and, for a tied float32 embedding, the
+  LM head as ggml's F32 matmul (:func:`ggml_f32_dot`, through ``Llama.logits``).
 
   A check-only switch (``experiments/check_llamacpp.py``): it swaps the model module's attention,
   RMSNorm and SwiGLU functions while the block runs (trace inside the block; jitted functions
@@ -404,16 +438,21 @@ def emulate_attention():
   """
   from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
 
+  global _PLAIN_LOGITS
   names = ("_attention", "_rms_norm", "_swiglu", "_apply_rope", "rope_cos_sin")
   saved = [getattr(model_lib, n) for n in names]
+  saved_logits = model_lib.Llama.logits
+  _PLAIN_LOGITS = saved_logits
   for n, f in zip(names, (ggml_attention, ggml_rms_norm, ggml_swiglu, ggml_apply_rope,
                           ggml_rope_cos_sin)):
     setattr(model_lib, n, f)
+  model_lib.Llama.logits = _ggml_logits
   try:
     yield
   finally:
     for n, f in zip(names, saved):
       setattr(model_lib, n, f)
+    model_lib.Llama.logits = saved_logits
 
 
 #: The same switch under a name that says what it does.

@@ -130,7 +130,7 @@ def ggml_model(cfg, params, gguf_path):
 
 def ggml_generate(model, prompts, new_tokens):
   """Per prompt: greedy tokens and the first step's logits, with a float16 KV cache and ggml's
-  attention (one compiled one-token step serves every prompt)."""
+  attention (the prompt as one batch, then one compiled one-token step)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -148,11 +148,11 @@ def ggml_generate(model, prompts, new_tokens):
 
     max_len = max(128, max(len(p) for p in prompts) + new_tokens)
     for prompt in prompts:
-      # Unused cache slots are masked exactly. The prompt goes in one token at a time (llama.cpp's
-      # batched prompt quantizes each row the same way; only float summation order differs).
+      # Unused cache slots are masked exactly. The prompt goes in as one batch, then one token
+      # per step, as llama.cpp evaluates them: its products take other kernels (other summation
+      # orders) for one activation row than for several, and the emulation follows the shape.
       cache = init_cache(model.cfg, 1, max_len, dtype=jnp.float16)
-      for t in prompt:
-        lg, cache = step(state, jnp.asarray([[t]], jnp.int32), cache)
+      lg, cache = step(state, jnp.asarray([prompt], jnp.int32), cache)
       first = np.asarray(lg[0], np.float32)
       out = []
       for i in range(new_tokens):

@@ -365,3 +365,44 @@ def test_ggml_f32_dot_is_tinyblas_lane_order():
   assert (np.asarray(jnp.asarray(x) @ jnp.asarray(w)) != ref).any()  # the order matters
   with pytest.raises(ValueError, match="multiple of 8"):
     ge.ggml_f32_dot(jnp.ones((1, 12)), jnp.ones((12, 4)))
+
+
+def ref_vec_dot_avx2(a, b, fma):
+  """``ggml_vec_dot_f16`` / ``_f32`` on AVX2: 4 accumulators of 8 lanes per 32 elements
+  (``fmadd``), ``GGML_F32x8_REDUCE``, leftovers added in double."""
+  n = len(a)
+  m = n - n % 32
+  acc = [[F32(0)] * 8 for _ in range(4)]
+  for i in range(0, m, 32):
+    for j in range(4):
+      for l in range(8):
+        e = i + 8 * j + l
+        acc[j][l] = _fma_ref(a[e], b[e], acc[j][l]) if fma else F32(acc[j][l] + F32(a[e] * b[e]))
+  s0 = [F32(F32(acc[0][l] + acc[2][l]) + F32(acc[1][l] + acc[3][l])) for l in range(8)]
+  t0 = [F32(s0[l] + s0[l + 4]) for l in range(4)]
+  res = F32(F32(t0[0] + t0[1]) + F32(t0[2] + t0[3]))
+  tot = F64(res)
+  for e in range(m, n):
+    tot += F64(F32(a[e] * b[e]))
+  return F32(tot)
+
+
+def test_ggml_one_row_products_take_vec_dot_order():
+  """One activation row: llama.cpp's ``llamafile_sgemm`` refuses ``n < 2``, so K.Q and V.p take
+  ``ggml_vec_dot_f16`` and a float32 head ``ggml_vec_dot_f32`` (the gap found in decode steps
+  after a batched prompt: exact at every position of a 48-token generation once emulated)."""
+  rng = np.random.default_rng(23)
+  for n in (64, 72):  # 72: eight leftovers after two 32-element steps
+    a = rng.standard_normal((300, n)).astype(np.float16).astype(F32)
+    b = (rng.standard_normal((300, n)) * 4).astype(np.float16).astype(F32)
+    ref = np.asarray([ref_vec_dot_avx2(a[i], b[i], False) for i in range(300)], F32)
+    ours = np.asarray(ge._vec_dot(jnp.asarray(a), jnp.asarray(b)))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ours, ref)
+    assert (np.asarray(ge._lane_dot(jnp.asarray(a[:, :64]), jnp.asarray(b[:, :64])))  # pylint: disable=protected-access
+            != np.asarray([ref_vec_dot_avx2(a[i, :64], b[i, :64], False) for i in range(300)])).any()
+  x = rng.standard_normal((1, 96)).astype(F32)
+  w = rng.standard_normal((96, 40)).astype(F32)
+  ref = np.asarray([[ref_vec_dot_avx2(w[:, c], x[0], True) for c in range(40)]], F32)
+  np.testing.assert_array_equal(np.asarray(ge.ggml_f32_dot(jnp.asarray(x), jnp.asarray(w))), ref)
+  with pytest.raises(ValueError, match="multiple of 32"):
+    ge.ggml_f32_dot(jnp.ones((1, 40)), jnp.ones((40, 4)))

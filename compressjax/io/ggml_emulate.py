@@ -197,12 +197,29 @@ def ggml_f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
   AVX2 (llamafile's ``tinyBLAS<8, __m256, ...>``, which takes every F32 x F32 product whose
   weight rows are a multiple of 4): per output, one 8-lane float32 accumulator takes
   ``fmadd(w[k], x[k], acc)`` for ``k = l, l + 8, ...`` in lane ``l``, then ``hsum_float_8``.
-  The FMA goes through float64 (:func:`_fma`). ``K`` must be a multiple of 8."""
+  The FMA goes through float64 (:func:`_fma`). ``K`` must be a multiple of 8. A single row
+  (a decode step) takes ``ggml_vec_dot_f32`` as llama.cpp does (``llamafile_sgemm`` refuses
+  ``n < 2``): 4 accumulators of 8 FMA lanes per 32 elements, ``GGML_F32x8_REDUCE``; ``K`` a
+  multiple of 32 there."""
   k, n = w.shape
   if k % 8:
     raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 8 (tinyBLAS' lanes)")
   lead = x.shape[:-1]
-  xl = x.astype(jnp.float32).reshape(-1, k // 8, 8).transpose(1, 0, 2)  # (K/8, T, 8)
+  x2 = x.astype(jnp.float32).reshape(-1, k)
+  if x2.shape[0] == 1:  # one row: llamafile_sgemm refuses n < 2 -> ggml_vec_dot_f32
+    if k % 32:
+      raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 32 for one row (GGML_F32_STEP)")
+    xl = x2.reshape(1, k // 32, 4, 8).transpose(1, 0, 2, 3)  # (K/32, 1, 4, 8)
+    wl = w.astype(jnp.float32).reshape(k // 32, 4, 8, n)  # (K/32, 4, 8, N)
+    with jax.enable_x64(True):
+      def body4(acc, blk):
+        xb, wb = blk
+        return _fma(xb[..., None], wb[None], acc), None
+
+      acc, _ = jax.lax.scan(body4, jnp.zeros((1, 4, 8, n), jnp.float32), (xl, wl))
+    acc = jnp.moveaxis(acc, -1, 1)  # (1, N, 4, 8)
+    return _vec_reduce(acc).reshape(*lead, n)
+  xl = x2.reshape(-1, k // 8, 8).transpose(1, 0, 2)  # (K/8, T, 8)
   wl = w.astype(jnp.float32).reshape(k // 8, 8, n)  # (K/8, 8, N)
   with jax.enable_x64(True):
     def body(acc, blk):
@@ -217,7 +234,7 @@ def _ggml_logits(self, h: jax.Array) -> jax.Array:
   """``Llama.logits`` under :func:`emulate_ggml`: a tied dense float32 head as ggml's F32 matmul
   (:func:`ggml_f32_dot`); anything else as before."""
   emb = self.embed.embedding.get_value()
-  if self.lm_head is None and emb.dtype == jnp.float32 and emb.shape[1] % 8 == 0:
+  if self.lm_head is None and emb.dtype == jnp.float32 and emb.shape[1] % 32 == 0:
     return ggml_f32_dot(h, emb.T)
   return _PLAIN_LOGITS(self, h)
 
@@ -255,6 +272,38 @@ def _lane_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   return _hsum_float_8(acc[..., None])[..., 0]
 
 
+def _vec_reduce(acc: jax.Array) -> jax.Array:
+  """``GGML_F32x8_REDUCE`` of 4 accumulators of 8 lanes (axes ``-2, -1``): ``x0 += x2``,
+  ``x1 += x3``, ``x0 += x1``, then the 128-bit halves added and two ``hadd``s."""
+  s0 = (acc[..., 0, :] + acc[..., 2, :]) + (acc[..., 1, :] + acc[..., 3, :])
+  t0 = s0[..., :4] + s0[..., 4:]
+  return (t0[..., 0] + t0[..., 1]) + (t0[..., 2] + t0[..., 3])
+
+
+def _vec_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``sum(a * b, axis=-1)`` as ggml's AVX2 ``ggml_vec_dot_f16`` adds exact products (float16
+  operands): ``GGML_F16_STEP = 32`` elements per step into 4 accumulators of 8 lanes (element
+  ``e`` of a step into accumulator ``e // 8``, lane ``e % 8``), :func:`_vec_reduce`, and the
+  ``n % 32`` leftovers added one by one in double. The path llama.cpp takes for a product with a
+  single activation row (``llamafile_sgemm`` refuses ``n < 2``). ``a``, ``b`` broadcast."""
+  n = a.shape[-1]
+  m = n - n % 32
+  shape = jnp.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+  acc = jnp.zeros((*shape, 4, 8), jnp.float32)
+  for i in range(0, m, 32):
+    ai = a[..., i:i + 32].reshape(*a.shape[:-1], 4, 8)
+    bi = b[..., i:i + 32].reshape(*b.shape[:-1], 4, 8)
+    acc = acc + ai * bi
+  res = _vec_reduce(acc)
+  if m == n:
+    return res
+  with jax.enable_x64(True):
+    tot = res.astype(jnp.float64)
+    for i in range(m, n):
+      tot = tot + (a[..., i] * b[..., i]).astype(jnp.float64)
+    return tot.astype(jnp.float32)
+
+
 def ggml_softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
   """ggml's ``soft_max_ext`` on the last axis (AVX2, ``ggml_compute_forward_soft_max_f32``):
   ``w = s * scale`` (masked: ``-inf``), ``e = ggml_v_expf(w - max)``, the sum of each 8-chunk's
@@ -284,7 +333,9 @@ def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int 
   ``kq = mul_mat(K_f16, Q)`` converts ``Q`` to float16 (F16's ``vec_dot_type``) and runs
   llamafile's tinyBLAS F16 kernel (:func:`_lane_dot` over ``head_dim``, its elements put in
   llama.cpp's order first: GGUF stores Q/K rows permuted, so its lanes hold other elements than
-  ours would and round the partial sums differently);
+  ours would and round the partial sums differently); with a single query row (a decode step)
+  llama.cpp takes ``ggml_vec_dot_f16`` instead (:func:`_vec_dot`: 4 accumulators of 8 lanes), for
+  ``V.p`` too;
   ``soft_max_ext(kq, mask, 1/sqrt(hd))`` as :func:`ggml_softmax`; ``kqv = mul_mat(V_f16, kq)``
   converts the probabilities to float16 and adds over the key slots with the same kernel. ``k``
   and ``v`` are rounded to float16 here too (the cache's type), so the function also serves a
@@ -296,21 +347,24 @@ def ggml_attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int 
   bsz, t, h, hd = q.shape
   if hd % 8:
     raise ValueError(f"ggml_attention: head_dim={hd} must be a multiple of 8")
-  if k.shape[1] % 8:  # pad with masked slots (position -1), as llama.cpp pads its KV view
-    pad = 8 - k.shape[1] % 8
+  one_row = t == 1  # llama.cpp: llamafile_sgemm refuses n < 2 -> ggml_vec_dot_f16
+  dot = _vec_dot if one_row else _lane_dot
+  step = 32 if one_row else 8
+  if k.shape[1] % step:  # pad with masked slots (position -1), as llama.cpp pads its KV view
+    pad = step - k.shape[1] % step
     k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
     k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
   s, kv = k.shape[1], k.shape[2]
   g = h // kv
   qg = _ggml_head_order(_f16(q)).reshape(bsz, t, kv, g, hd).transpose(0, 2, 3, 1, 4)  # (B,KV,G,T,hd)
   kk = _ggml_head_order(_f16(k)).transpose(0, 2, 1, 3)  # (B, KV, S, hd)
-  scores = _lane_dot(qg[..., :, None, :], kk[:, :, None, None])  # (B, KV, G, T, S)
+  scores = dot(qg[..., :, None, :], kk[:, :, None, None])  # (B, KV, G, T, S)
   mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
   if sliding_window is not None:
     mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
   probs = _f16(ggml_softmax(scores, mask[:, None, None], 1.0 / math.sqrt(hd)))
   vv = _f16(v).transpose(0, 2, 3, 1)  # (B, KV, hd, S)
-  out = _lane_dot(probs[..., :, None, :], vv[:, :, None, None])  # (B, KV, G, T, hd)
+  out = dot(probs[..., :, None, :], vv[:, :, None, None])  # (B, KV, G, T, hd)
   return out.transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd).astype(q.dtype)
 
 

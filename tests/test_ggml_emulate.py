@@ -406,3 +406,16 @@ def test_ggml_one_row_products_take_vec_dot_order():
   np.testing.assert_array_equal(np.asarray(ge.ggml_f32_dot(jnp.asarray(x), jnp.asarray(w))), ref)
   with pytest.raises(ValueError, match="multiple of 32"):
     ge.ggml_f32_dot(jnp.ones((1, 40)), jnp.ones((40, 4)))
+
+
+def test_div_is_correctly_rounded_under_jit():
+  """XLA turns a division by a broadcast scalar into a product with its reciprocal (~4% of values
+  one ulp off; it flipped ``fp16(d * sum q)`` of one block in a decode step of the reference
+  model, ``d = amax / 127``). ``_div`` (used by the Q8 quantizer and RMSNorm) divides exactly."""
+  rng = np.random.default_rng(24)
+  a = (np.abs(rng.standard_normal(100000)) * 0.3).astype(F32)
+  ref = a / F32(127)
+  plain = np.asarray(jax.jit(lambda v: v / jnp.float32(127))(a))
+  assert (plain != ref).sum() > 100  # the rewrite this guards against
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: ge._div(v, jnp.float32(127)))(a)), ref)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(ge._div(jnp.asarray(a), 127.0)), ref)  # pylint: disable=protected-access

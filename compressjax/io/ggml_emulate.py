@@ -74,6 +74,13 @@ def _fma(a, b, c):
   return (a.astype(f64) * b.astype(f64) + c.astype(f64)).astype(jnp.float32)
 
 
+def _div(a: jax.Array, b) -> jax.Array:
+  """``a / b``, correctly rounded: XLA rewrites a division by a broadcast scalar into a product
+  with its reciprocal (rounded differently in ~4% of cases; even eagerly and for a traced
+  scalar), so the divisor is broadcast to ``a``'s shape behind an optimization barrier."""
+  return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def _hsum_float_8(v: jax.Array) -> jax.Array:
   """ggml's ``hsum_float_8`` over axis -2 (8 lanes): ``(v4+v0, v5+v1, v6+v2, v7+v3)``, then
   ``(r0+r2) + (r1+r3)``."""
@@ -103,7 +110,7 @@ def quantize_q8(x: jax.Array, *, with_sum: bool = False):
     raise ValueError(f"quantize_q8: x.shape[-1]={k} must be a multiple of {QK}.")
   xb = x.astype(jnp.float32).reshape(*x.shape[:-1], k // QK, QK)
   amax = jnp.max(jnp.abs(xb), axis=-1)
-  d = amax / jnp.float32(127.0)
+  d = _div(amax, jnp.float32(127.0))
   inv = jnp.where(amax != 0, jnp.float32(127.0) / jnp.where(amax != 0, amax, 1), 0)
   q = jnp.round(xb * inv[..., None])
   if not with_sum:
@@ -434,7 +441,7 @@ def ggml_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   xf = x.astype(jnp.float32)
   with jax.enable_x64(True):
     ssq = jnp.sum((xf * xf).astype(jnp.float64), axis=-1, keepdims=True)
-    mean = (ssq / x.shape[-1]).astype(jnp.float32)
+    mean = _div(ssq, jnp.float64(x.shape[-1])).astype(jnp.float32)
   # The barrier keeps XLA's algebraic simplifier from fusing ``1 / sqrt`` into ``rsqrt`` under
   # jit, which rounds differently in about a third of the cases (eager ops are never fused).
   s = jnp.float32(1.0) / jax.lax.optimization_barrier(jnp.sqrt(mean + jnp.float32(eps)))

@@ -278,6 +278,13 @@ def main(argv=None) -> int:
     ok_all &= all(r[0] == r[1] for r in decisive)
     table += [(grid, i, p, r) for i, (p, r) in enumerate(zip(plain, rows))]
     print(f"[{grid}] {time.time() - t0:.0f}s")
+    # Each grid compiles its own programs (a new model per file); dropping them keeps the
+    # process under the kernel's memory-map limit (vm.max_map_count 65530: four grids crashed
+    # with "LLVM compilation error: Cannot allocate memory" at ~17k maps per grid).
+    import gc  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.clear_caches()
+    gc.collect()
   if table:
     print("\ngrid   prompt  plain: tokens agreeing, first-step max|diff|   "
           + ("ggml-emulated: tokens agreeing, first-step max|diff|" if a.emulate_ggml else ""))

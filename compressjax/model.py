@@ -369,7 +369,12 @@ class Attention(nnx.Module):
                          implementation=cfg.matmul_implementation)
 
   def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None, capture=None):
-    """x: (B, T, D). q_pos: (B, T). k_pos: (B, S). kv_cache: None or (k, v, start).
+    """x: (B, T, D). q_pos: (B, T). k_pos: (B, S).
+
+    ``kv_cache``: None, ``(k, v, start)`` with this layer's ``(B, S, KV, hd)`` cache, or
+    ``(k, v, start, layer)`` with the whole ``(num_layers, B, S, KV, hd)`` cache and this
+    block's index in it (what :meth:`Llama.hidden_states` passes: the new keys and values are
+    written in place instead of copying every layer's slab and stacking them again).
 
     ``capture`` (a dict, filled at trace time) receives the input of each linear layer.
     """
@@ -387,7 +392,16 @@ class Attention(nnx.Module):
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
     new_kv = None
-    if kv_cache is not None:
+    if kv_cache is not None and len(kv_cache) == 4:
+      # The whole (num_layers, B, S, KV, hd) cache and this block's layer index: only the new
+      # positions are written (in place when XLA owns the buffer, e.g. a loop carry or a
+      # donated argument), then this layer's slab is read for attention.
+      ck, cv, start, layer = kv_cache
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, start, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, start, 0, 0))
+      new_kv = (ck, cv)
+      k, v = ck[layer].astype(x.dtype), cv[layer].astype(x.dtype)
+    elif kv_cache is not None:
       ck, cv, start = kv_cache
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
@@ -481,17 +495,18 @@ class Llama(nnx.Module):
       k_pos = jnp.broadcast_to(jnp.where(slots < cache.length + t, slots, -1), (bsz, max_len))
       seq_len = max_len
     cos, sin = rope_cos_sin(cfg, q_pos, seq_len)
-    new_k, new_v = [], []
+    ck = cv = None
+    if cache is not None:
+      ck, cv = cache.k, cache.v
     for i, layer in enumerate(self.layers):
-      kvc = None if cache is None else (cache.k[i], cache.v[i], cache.length)
+      kvc = None if cache is None else (ck, cv, cache.length, i)
       x, nkv = layer(x, cos, sin, q_pos, k_pos, kvc)
       if nkv is not None:
-        new_k.append(nkv[0])
-        new_v.append(nkv[1])
+        ck, cv = nkv
     x = self.norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.length + t)
+      new_cache = KVCache(ck, cv, cache.length + t)
     return x, new_cache
 
   def logits(self, h: jax.Array) -> jax.Array:

@@ -510,8 +510,19 @@ class Llama(nnx.Module):
     return x, new_cache
 
   def logits(self, h: jax.Array) -> jax.Array:
+    """``h @ E.T`` (tied embeddings) or the LM head.
+
+    The tied product contracts ``h``'s last axis with the embedding's last axis
+    (``einsum("...d,vd->...v")``) instead of multiplying by ``E.T``: XLA CPU compiled ``h @ E.T`` at one
+    row into a loop fusion that reads ``E`` through a transpose (no vectorized GEMV), 1.2-1.3x
+    slower than the ``dot`` it emits for this form (reference model, 49152x576: 9.2 against
+    7.6 ms at one row, equal from 16 rows; same-process timings on a loaded 2-core host).
+    """
     if self.lm_head is None:
-      return formats.dot(h, self.embed.embedding.get_value().T)
+      emb = self.embed.embedding.get_value()
+      if isinstance(emb, formats.CompressedArray):
+        return formats.dot(h, emb.T)
+      return jnp.einsum("...d,vd->...v", h, emb)
     return self.lm_head(h)
 
   def __call__(self, tokens: jax.Array, cache: KVCache | None = None):

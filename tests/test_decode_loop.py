@@ -122,3 +122,19 @@ def test_loop_body_writes_cache_in_place():
     called = re.search(r"calls=(%[\w.\-]+)", rest).group(1)
     root = [l for l in comps[called].splitlines() if "ROOT" in l][0]
     assert " dynamic-update-slice(" in root, root
+
+
+def test_tied_head_reads_the_embedding_without_a_transposed_copy():
+  """At one row ``h @ E.T`` compiled to a loop fusion over a transposed copy of ``E``."""
+  model = tiny.tiny_model(seed=15)
+  cfg = model.cfg
+  graphdef, state = nnx.split(model)
+  flat, state_def = jax.tree.flatten(state)
+  hlo = gen._cached_decode(graphdef, state_def, 0.0, 4, None).lower(
+      flat, jnp.zeros((1, 3), jnp.int32), jax.random.key(0)).compile().as_text()
+  transposed = f"f32[{cfg.hidden_size},{cfg.vocab_size}]"
+  assert transposed not in hlo, [l for l in hlo.splitlines() if transposed in l][:3]
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1, cfg.hidden_size)), jnp.float32)
+  emb = model.embed.embedding.get_value()
+  np.testing.assert_allclose(model.logits(h), np.asarray(h) @ np.asarray(emb).T, rtol=1e-5,
+                             atol=1e-5)

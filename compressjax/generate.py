@@ -1,4 +1,7 @@
-"""Greedy / sampled generation, with or without the KV cache (both jitted once per shape)."""
+"""Greedy / sampled generation, with or without the KV cache (both jitted once per shape).
+
+With the cache the whole decode loop runs on the device in one call (:func:`_cached_decode`).
+"""
 
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ def _cached_decode(graphdef, state_def, temperature: float, max_new_tokens: int,
 
   The decode steps run in a ``lax.fori_loop`` on the device, so a token costs no host work (no
   dispatch of a call with every weight as an argument, no key split, no token round trip; on
-  the reference model with the CPU kernel those cost ~3-4 ms of a ~25-29 ms step, see README
-  "C++ CPU kernel") and the cache is a loop carry that XLA updates in place. It takes the model
+  the reference model's shapes at 4 bits with the CPU kernel those cost 3.7 of 41.3 ms per
+  token, interleaved same-process timings on a loaded 2-core host, see README "C++ CPU
+  kernel" and ``experiments/profile_decode.py``) and the cache is a loop carry that XLA
+  updates in place. It takes the model
   state as the flat list of its leaves (``state_def`` rebuilds it inside): flattening an
   ``nnx.State`` of compressed leaves in Python costs more than a decode step. The tokens and
   the random stream are those of a step-by-step loop: one ``split`` of the key per token.
@@ -109,9 +114,12 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = Tru
   """Generates ``max_new_tokens`` after ``prompt_tokens`` (``(T,)`` or ``(B, T)``, same length).
 
   With ``use_cache`` the prompt is prefilled once and each step feeds one token through the KV
-  cache; without it every step recomputes the full causal forward over a fixed-length buffer (the
-  positions after the current one are ignored by the causal mask), so both paths compile once.
-  Sequences that produced ``eos_id`` keep emitting it.
+  cache, all in one jitted call (a ``lax.fori_loop`` on the device: no host work per token;
+  compiled once per prompt shape, ``max_new_tokens``, ``temperature`` and ``eos_id``); without
+  it every step recomputes the full causal forward over a fixed-length buffer (the positions
+  after the current one are ignored by the causal mask), one call per token, compiled once.
+  Both draw one ``jax.random.split`` of the key per token, so they sample alike. Sequences that
+  produced ``eos_id`` keep emitting it.
 
   Returns:
     int32 array ``(B, max_new_tokens)`` (or ``(max_new_tokens,)`` for a 1-D prompt).

@@ -6,15 +6,20 @@ values; ``--model NAME`` loads real weights instead), compresses every ``*_proj`
 RTN (``--bits``, g64) and times, interleaved in one process (A B C ... A B C ..., medians of
 ``--reps``), ``--new-tokens`` greedy tokens after a 16-token prompt with:
 
-* ``stepwise_old``: the decode as it was before the on-device loop: one jitted step per token
-  driven from Python (key split, token round trip, ~480 arguments per call) and the cache
-  update that sliced every layer's slab and re-stacked the whole cache;
+* ``stepwise_old``: the decode as it was before (commit 33b7d52): one jitted step per token
+  driven from Python (key split, token round trip, ~480 arguments per call), the cache update
+  that sliced every layer's slab and re-stacked the whole cache, and the head as ``h @ E.T``;
 * ``stepwise``: the same Python loop with the in-place cache update;
 * ``loop``: :func:`compressjax.generate.generate` (prefill and all steps in one jitted call);
 * ``loop_1thread``: the same with ``COMPRESSJAX_CPU_KERNEL_THREADS=1``;
 * ``loop_noop``: the same with every kernel call replaced by a no-op FFI call of the same
   operands and output (built here with g++): everything but the linear layers;
-* ``loop_headdg``: the tied LM head as ``lax.dot_general(h, E)`` instead of ``h @ E.T``;
+* ``loop_oldhead``: the loop with the tied LM head as ``h @ E.T`` (as before) instead of
+  ``einsum("...d,vd->...v", h, E)``;
+* ``stepwise_old_noop``: ``stepwise_old`` with the no-op kernel (everything but the linears,
+  before);
+* ``loop_attn_mr``: the loop with one-query attention as broadcast multiply-and-reduce
+  (elementwise, fusable) instead of the two einsums (XLA CPU: two tiny library dots per layer);
 * ``dense``: the uncompressed float32 model through the same loop.
 
 ``--trace DIR`` also records a :mod:`jax.profiler` trace of one ``loop`` generation and prints
@@ -110,31 +115,57 @@ def _old_hidden_states(self, tokens, cache=None):
   return self.norm(x), M.KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.length + t)
 
 
-def _dot_general_logits(self, h):
-  return jax.lax.dot_general(h, self.embed.embedding.get_value(), (((2,), (1,)), ((), ())))
+def _old_logits(self, h):
+  return h @ self.embed.embedding.get_value().T
+
+
+def _attention_mr(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks=1):
+  """``model._attention`` for one query position as multiply-and-reduce (no dot ops)."""
+  bsz, t, h, hd = q.shape
+  if t != 1:
+    return _ATTENTION(q, k, v, q_pos, k_pos, sliding_window, causal_chunks=causal_chunks)
+  kv = k.shape[2]
+  g = h // kv
+  qg = q.reshape(bsz, kv, g, hd).astype(jnp.float32)
+  kk = k.transpose(0, 2, 1, 3).astype(jnp.float32)  # (B, KV, S, hd)
+  scores = jnp.sum(qg[:, :, :, None, :] * kk[:, :, None], axis=-1) / np.sqrt(hd)  # (B,KV,G,S)
+  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # (B, 1, S)
+  if sliding_window is not None:
+    mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  vv = v.transpose(0, 2, 1, 3)  # (B, KV, S, hd)
+  out = jnp.sum(probs[..., None] * vv[:, :, None], axis=3)  # (B, KV, G, hd)
+  return out.reshape(bsz, 1, h * hd)
+
+
+_ATTENTION = M._attention
 
 
 class _Patch:
   """Trace-time switches of a variant (restored on exit)."""
 
-  def __init__(self, threads="0", noop=False, old_cache=False, head_dg=False):
-    self.threads, self.noop, self.old_cache, self.head_dg = threads, noop, old_cache, head_dg
+  def __init__(self, threads="0", noop=False, old_cache=False, old_head=False, attn_mr=False):
+    self.threads, self.noop, self.old_cache, self.old_head = threads, noop, old_cache, old_head
+    self.attn_mr = attn_mr
 
   def __enter__(self):
     self.saved = (os.environ.get("COMPRESSJAX_CPU_KERNEL_THREADS"), QG._ffi,
-                  M.Llama.hidden_states, M.Llama.logits)
+                  M.Llama.hidden_states, M.Llama.logits, M._attention)
     os.environ["COMPRESSJAX_CPU_KERNEL_THREADS"] = self.threads
     if self.noop:
       QG._ffi = _noop_ffi
     if self.old_cache:
       M.Llama.hidden_states = _old_hidden_states
-    if self.head_dg:
-      M.Llama.logits = _dot_general_logits
+    if self.old_head:
+      M.Llama.logits = _old_logits
+    if self.attn_mr:
+      M._attention = _attention_mr
     G._cached_decode.cache_clear()
     G._cached_step.cache_clear()
 
   def __exit__(self, *exc):
-    env, QG._ffi, M.Llama.hidden_states, M.Llama.logits = self.saved
+    env, QG._ffi, M.Llama.hidden_states, M.Llama.logits, M._attention = self.saved
     if env is None:
       os.environ.pop("COMPRESSJAX_CPU_KERNEL_THREADS", None)
     else:
@@ -169,12 +200,14 @@ def _step_runner(model, prompt, n):
 
 
 VARIANTS = {
-    "stepwise_old": (_step_runner, dict(old_cache=True)),
+    "stepwise_old": (_step_runner, dict(old_cache=True, old_head=True)),
     "stepwise": (_step_runner, {}),
     "loop": (_loop_runner, {}),
     "loop_1thread": (_loop_runner, dict(threads="1")),
     "loop_noop": (_loop_runner, dict(noop=True)),
-    "loop_headdg": (_loop_runner, dict(head_dg=True)),
+    "loop_oldhead": (_loop_runner, dict(old_head=True)),
+    "stepwise_old_noop": (_step_runner, dict(old_cache=True, old_head=True, noop=True)),
+    "loop_attn_mr": (_loop_runner, dict(attn_mr=True)),
     "dense": (_loop_runner, {}),
 }
 
@@ -245,7 +278,7 @@ def main(argv=None):
   print(f"{cfg.num_layers} blocks, {a.bits}-bit g64, {a.new_tokens} tokens, {a.reps} interleaved "
         f"reps, load {os.getloadavg()[0]:.1f}; medians (ms per token)")
   for k in runs:
-    same = "" if ref is None or k in ("loop_noop",) else (
+    same = "" if ref is None or k.endswith("_noop") else (
         "  tokens == stepwise_old" if np.array_equal(outs[k], ref) else "  tokens DIFFER")
     print(f"  {k:13s} wall {1e3 * np.median(wall[k]):7.2f}  "
           f"(p25 {1e3 * np.percentile(wall[k], 25):6.2f}, p75 {1e3 * np.percentile(wall[k], 75):6.2f})"

@@ -9,7 +9,8 @@ RTN (``--bits``, g64) and times, interleaved in one process (A B C ... A B C ...
 * ``stepwise_old``: the decode as it was before (commit 33b7d52): one jitted step per token
   driven from Python (key split, token round trip, ~480 arguments per call), the cache update
   that sliced every layer's slab and re-stacked the whole cache, and the head as ``h @ E.T``;
-* ``stepwise``: the same Python loop with the in-place cache update;
+* ``stepwise_oldcache``: the same Python loop with the old cache update only;
+* ``stepwise``: the same Python loop with the in-place cache update and the einsum head;
 * ``loop``: :func:`compressjax.generate.generate` (prefill and all steps in one jitted call);
 * ``loop_1thread``: the same with ``COMPRESSJAX_CPU_KERNEL_THREADS=1``;
 * ``loop_noop``: the same with every kernel call replaced by a no-op FFI call of the same
@@ -179,13 +180,13 @@ def _loop_runner(model, prompt, n):
   return lambda: np.asarray(f(flat, prompt, jax.random.key(0)))[0]
 
 
-def _step_runner(model, prompt, n):
+def _step_runner(model, prompt, n, extra_cache=0):
   graphdef, state = nnx.split(model)
   flat, state_def = jax.tree.flatten(state)
   step = G._cached_step(graphdef, state_def, 0.0)
 
   def run():  # the generate() loop as it was before the on-device loop
-    cache = M.init_cache(model.cfg, 1, prompt.shape[1] + n)
+    cache = M.init_cache(model.cfg, 1, prompt.shape[1] + n + extra_cache)
     key = jax.random.key(0)
     key, sub = jax.random.split(key)
     tok, cache = step(flat, prompt, cache, sub)
@@ -201,6 +202,7 @@ def _step_runner(model, prompt, n):
 
 VARIANTS = {
     "stepwise_old": (_step_runner, dict(old_cache=True, old_head=True)),
+    "stepwise_oldcache": (_step_runner, dict(old_cache=True)),
     "stepwise": (_step_runner, {}),
     "loop": (_loop_runner, {}),
     "loop_1thread": (_loop_runner, dict(threads="1")),
@@ -245,6 +247,8 @@ def main(argv=None):
   p.add_argument("--new-tokens", type=int, default=32)
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--extra-cache", type=int, default=0,
+                 help="extra cache positions for the stepwise variants (cost of a long cache)")
   p.add_argument("--trace", default=None, help="directory for a profiler trace of 'loop'")
   a = p.parse_args(argv)
   if a.model:
@@ -264,7 +268,8 @@ def main(argv=None):
   for name in names:
     make, patch = VARIANTS[name]
     with _Patch(**patch):
-      runs[name] = make(dense if name == "dense" else qmodel, prompt, a.new_tokens)
+      kw = dict(extra_cache=a.extra_cache) if make is _step_runner else {}
+      runs[name] = make(dense if name == "dense" else qmodel, prompt, a.new_tokens, **kw)
       outs[name] = runs[name]()  # compile (tracing happens under the patch)
   ref = outs.get("stepwise_old")
   wall = {k: [] for k in runs}

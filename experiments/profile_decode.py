@@ -23,6 +23,10 @@ RTN (``--bits``, g64) and times, interleaved in one process (A B C ... A B C ...
   (elementwise, fusable) instead of the two einsums (XLA CPU: two tiny library dots per layer);
 * ``dense``: the uncompressed float32 model through the same loop.
 
+``--cache-lengths 80,2080`` also times 16 decode steps in a ``fori_loop`` (cache in place as
+the carry) from a cache filled to 40 positions but allocated at each length: the cost of
+attention reading the whole allocated cache rather than its filled part.
+
 ``--trace DIR`` also records a :mod:`jax.profiler` trace of one ``loop`` generation and prints
 the time per token by XLA op (custom calls, the head's fusion, the rest) and the idle time
 between ops. Absolute times depend on the host's load; compare rows of one run only.
@@ -214,6 +218,36 @@ VARIANTS = {
 }
 
 
+def cache_length_cost(model, lengths, reps):
+  """ms per decode step, cache filled to 40-56 positions, allocated at each of ``lengths``."""
+  graphdef, state = nnx.split(model)
+  flat, state_def = jax.tree.flatten(state)
+
+  @jax.jit
+  def steps(flat, tok, cache):
+    m = nnx.merge(graphdef, jax.tree.unflatten(state_def, flat))
+
+    def body(i, c):
+      logits, cache = m(c[0][:, None], c[1])
+      return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+    return jax.lax.fori_loop(0, 16, body, (tok, cache))
+
+  caches = {}
+  for n in lengths:
+    c = M.init_cache(model.cfg, 1, n)
+    caches[n] = M.KVCache(c.k, c.v, jnp.int32(40))
+    jax.block_until_ready(steps(flat, jnp.zeros((1,), jnp.int32), caches[n]))
+  ts = {n: [] for n in lengths}
+  for _ in range(reps):
+    for n, c in caches.items():
+      t = time.perf_counter()
+      jax.block_until_ready(steps(flat, jnp.zeros((1,), jnp.int32), c))
+      ts[n].append((time.perf_counter() - t) / 16)
+  print(f"cache filled to 40-56 positions, allocated (interleaved, load {os.getloadavg()[0]:.1f}): "
+        + ", ".join(f"{n}: {1e3 * np.median(v):.2f} ms/token" for n, v in ts.items()))
+
+
 def op_breakdown(trace_dir, tokens):
   """Per-token time by XLA op name prefix from a ``jax.profiler`` trace, and idle time."""
   f = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
@@ -249,6 +283,7 @@ def main(argv=None):
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--extra-cache", type=int, default=0,
                  help="extra cache positions for the stepwise variants (cost of a long cache)")
+  p.add_argument("--cache-lengths", default=None, help="e.g. 80,2080 (see module doc)")
   p.add_argument("--trace", default=None, help="directory for a profiler trace of 'loop'")
   a = p.parse_args(argv)
   if a.model:
@@ -288,6 +323,9 @@ def main(argv=None):
     print(f"  {k:13s} wall {1e3 * np.median(wall[k]):7.2f}  "
           f"(p25 {1e3 * np.percentile(wall[k], 25):6.2f}, p75 {1e3 * np.percentile(wall[k], 75):6.2f})"
           f"  cpu {1e3 * np.median(cpu[k]):7.2f}{same}")
+  if a.cache_lengths:
+    with _Patch():
+      cache_length_cost(qmodel, [int(n) for n in a.cache_lengths.split(",")], a.reps)
   if a.trace:
     with _Patch():
       run = _loop_runner(qmodel, prompt, a.new_tokens)

@@ -283,6 +283,45 @@ def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1)
   return out.transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd)
 
 
+#: Shortest key prefix that cached attention bounds itself to; longer caches get bounds that
+#: grow 4x from it (see :func:`_cached_attention`). Caches up to this length are attended whole.
+ATTEND_MIN = 256
+
+
+def _attend_bounds(s: int) -> tuple[int, ...]:
+  """Static key-prefix lengths for a cache of ``s`` positions: ``ATTEND_MIN * 4**i < s``, then
+  ``s``."""
+  bounds, n = [], ATTEND_MIN
+  while n < s:
+    bounds.append(n)
+    n *= 4
+  return tuple(bounds) + (s,)
+
+
+def _cached_attention(q, ck, cv, layer, q_pos, k_pos, sliding_window, end, dtype):
+  """:func:`_attention` of layer ``layer`` of the whole ``(L, B, S, KV, hd)`` cache over its
+  first ``n`` positions only, ``n`` the shortest of :func:`_attend_bounds` that holds the
+  ``end`` filled ones (a ``lax.switch`` over the static bounds, so one program serves every
+  length; each branch slices the cache itself, so no slab is copied into the switch).
+
+  Positions ``>= end`` are masked anyway, so the result is the same up to float rounding; the
+  work drops from the allocated length to at most 4x the filled one (reference model, 4-bit,
+  40-56 filled positions: 2080 allocated cost 66.8 ms/token against 36.1 with 80 allocated).
+  """
+  bounds = _attend_bounds(ck.shape[2])
+
+  def branch(n):
+    def attend(q, ck, cv, qp, kp):
+      k, v = ck[layer, :, :n].astype(dtype), cv[layer, :, :n].astype(dtype)
+      return _attention(q, k, v, qp, kp[:, :n], sliding_window)
+    return attend
+
+  if len(bounds) == 1:
+    return branch(bounds[0])(q, ck, cv, q_pos, k_pos)
+  idx = jnp.searchsorted(jnp.asarray(bounds, jnp.int32), end.astype(jnp.int32), side="left")
+  return jax.lax.switch(idx, [branch(n) for n in bounds], q, ck, cv, q_pos, k_pos)
+
+
 # --------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------
@@ -395,20 +434,23 @@ class Attention(nnx.Module):
     if kv_cache is not None and len(kv_cache) == 4:
       # The whole (num_layers, B, S, KV, hd) cache and this block's layer index: only the new
       # positions are written (in place when XLA owns the buffer, e.g. a loop carry or a
-      # donated argument), then this layer's slab is read for attention.
+      # donated argument), then attention reads this layer's filled prefix.
       ck, cv, start, layer = kv_cache
       ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, start, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, start, 0, 0))
       new_kv = (ck, cv)
-      k, v = ck[layer].astype(x.dtype), cv[layer].astype(x.dtype)
     elif kv_cache is not None:
       ck, cv, start = kv_cache
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
       new_kv = (ck, cv)
       k, v = ck.astype(x.dtype), cv.astype(x.dtype)
-    out = _attention(q, k, v, q_pos, k_pos, cfg.sliding_window,
-                     causal_chunks=1 if kv_cache is not None else _causal_chunks(t))
+    if kv_cache is not None and len(kv_cache) == 4:
+      out = _cached_attention(q, ck, cv, layer, q_pos, k_pos, cfg.sliding_window, start + t,
+                              x.dtype)
+    else:
+      out = _attention(q, k, v, q_pos, k_pos, cfg.sliding_window,
+                       causal_chunks=1 if kv_cache is not None else _causal_chunks(t))
     if capture is not None:
       capture["attn/o_proj"] = out
     return self.o_proj(out), new_kv

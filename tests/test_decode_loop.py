@@ -138,3 +138,35 @@ def test_tied_head_reads_the_embedding_without_a_transposed_copy():
   emb = model.embed.embedding.get_value()
   np.testing.assert_allclose(model.logits(h), np.asarray(h) @ np.asarray(emb).T, rtol=1e-5,
                              atol=1e-5)
+
+
+def test_attention_bounded_to_the_filled_prefix(monkeypatch):
+  """With ``ATTEND_MIN = 4`` a 22-position cache is attended over 4, 16 or 22 positions
+  (``lax.switch``); logits match the full forward and tokens the no-cache path."""
+  from compressjax import model as M  # pylint: disable=g-import-not-at-top
+  assert M._attend_bounds(22) == (22,)
+  monkeypatch.setattr(M, "ATTEND_MIN", 4)
+  assert M._attend_bounds(22) == (4, 16, 22) and M._attend_bounds(16) == (4, 16)
+  gen._cached_decode.cache_clear()
+  gen._cached_step.cache_clear()
+  try:
+    model = tiny.tiny_model(seed=16)
+    toks = jnp.asarray(np.random.default_rng(7).integers(0, 300, (2, 20)), jnp.int32)
+    full = model(toks)
+    cache = init_cache(model.cfg, 2, 22)
+    parts = []
+    for a, b in ((0, 3), (3, 4), (4, 5), (5, 17), (17, 18), (18, 20)):  # crosses 4 and 16
+      logits, cache = model(toks[:, a:b], cache)
+      parts.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=2e-5, rtol=1e-5)
+    prompt = np.asarray(toks[:, :3])
+    got = gen.generate(model, prompt, 19)  # cache of 22: every bound is used
+    np.testing.assert_array_equal(got, gen.generate(model, prompt, 19, use_cache=False))
+    graphdef, state = nnx.split(model)
+    flat, state_def = jax.tree.flatten(state)
+    hlo = gen._cached_decode(graphdef, state_def, 0.0, 19, None).lower(
+        flat, jnp.asarray(prompt), jax.random.key(0)).as_text()
+    assert "stablehlo.case" in hlo
+  finally:
+    gen._cached_decode.cache_clear()
+    gen._cached_step.cache_clear()

@@ -24,8 +24,8 @@ RTN (``--bits``, g64) and times, interleaved in one process (A B C ... A B C ...
 * ``dense``: the uncompressed float32 model through the same loop.
 
 ``--cache-lengths 80,2080`` also times 16 decode steps in a ``fori_loop`` (cache in place as
-the carry) from a cache filled to 40 positions but allocated at each length: the cost of
-attention reading the whole allocated cache rather than its filled part.
+the carry) from a cache filled to 40 positions but allocated at each length, with attention
+over the whole allocated cache (as before) and bounded to the filled prefix (now).
 
 ``--trace DIR`` also records a :mod:`jax.profiler` trace of one ``loop`` generation and prints
 the time per token by XLA op (custom calls, the head's fusion, the rest) and the idle time
@@ -219,33 +219,45 @@ VARIANTS = {
 
 
 def cache_length_cost(model, lengths, reps):
-  """ms per decode step, cache filled to 40-56 positions, allocated at each of ``lengths``."""
+  """ms per decode step, cache filled to 40-56 positions, allocated at each of ``lengths``,
+  with attention bounded to the filled prefix (``bounded``) and over the whole cache (``full``,
+  as before: ``model.ATTEND_MIN`` above every length)."""
   graphdef, state = nnx.split(model)
   flat, state_def = jax.tree.flatten(state)
 
-  @jax.jit
-  def steps(flat, tok, cache):
-    m = nnx.merge(graphdef, jax.tree.unflatten(state_def, flat))
+  def make():
+    @jax.jit
+    def steps(flat, tok, cache):
+      m = nnx.merge(graphdef, jax.tree.unflatten(state_def, flat))
 
-    def body(i, c):
-      logits, cache = m(c[0][:, None], c[1])
-      return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+      def body(i, c):
+        logits, cache = m(c[0][:, None], c[1])
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    return jax.lax.fori_loop(0, 16, body, (tok, cache))
+      return jax.lax.fori_loop(0, 16, body, (tok, cache))
+    return steps
 
-  caches = {}
-  for n in lengths:
-    c = M.init_cache(model.cfg, 1, n)
-    caches[n] = M.KVCache(c.k, c.v, jnp.int32(40))
-    jax.block_until_ready(steps(flat, jnp.zeros((1,), jnp.int32), caches[n]))
-  ts = {n: [] for n in lengths}
+  runs = {}
+  saved = M.ATTEND_MIN
+  try:
+    for n in lengths:
+      for mode in ("full", "bounded"):
+        M.ATTEND_MIN = saved if mode == "bounded" else 1 << 40
+        c = M.init_cache(model.cfg, 1, n)
+        c = M.KVCache(c.k, c.v, jnp.int32(40))
+        f = make()
+        jax.block_until_ready(f(flat, jnp.zeros((1,), jnp.int32), c))  # traced here
+        runs[(n, mode)] = (f, c)
+  finally:
+    M.ATTEND_MIN = saved
+  ts = {k: [] for k in runs}
   for _ in range(reps):
-    for n, c in caches.items():
+    for k, (f, c) in runs.items():
       t = time.perf_counter()
-      jax.block_until_ready(steps(flat, jnp.zeros((1,), jnp.int32), c))
-      ts[n].append((time.perf_counter() - t) / 16)
-  print(f"cache filled to 40-56 positions, allocated (interleaved, load {os.getloadavg()[0]:.1f}): "
-        + ", ".join(f"{n}: {1e3 * np.median(v):.2f} ms/token" for n, v in ts.items()))
+      jax.block_until_ready(f(flat, jnp.zeros((1,), jnp.int32), c))
+      ts[k].append((time.perf_counter() - t) / 16)
+  print(f"cache filled to 40-56 positions (interleaved, load {os.getloadavg()[0]:.1f}), ms/token: "
+        + ", ".join(f"{n} allocated {mode} {1e3 * np.median(v):.2f}" for (n, mode), v in ts.items()))
 
 
 def op_breakdown(trace_dir, tokens):

@@ -108,7 +108,8 @@ def test_generate_does_not_recompile_on_a_second_call():
   generate(model, [1, 2, 3], 4)
   graphdef, state = nnx.split(model)
   state_def = jax.tree.structure(state)
-  step = gen._cached_step(graphdef, state_def, 0.0)
-  compiled = step._cache_size()
+  decode = gen._cached_decode(graphdef, state_def, 0.0, 4, None)
+  compiled = decode._cache_size()
   generate(model, [7, 8, 9], 4)  # same shapes: no new trace or compile
-  assert gen._cached_step(graphdef, state_def, 0.0) is step and step._cache_size() == compiled
+  assert gen._cached_decode(graphdef, state_def, 0.0, 4, None) is decode
+  assert decode._cache_size() == compiled

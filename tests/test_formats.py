@@ -225,7 +225,7 @@ def test_registry_priority_fallback_and_forcing():
   x = jnp.ones((2, 64))
   # Unregistered subclass inherits QuantizedArray's implementations.
   assert [i.name for i in formats.implementations(_ToyFormat)] == [
-      "pallas", "cpu", "xla", "pallas_interpret"]
+      "pallas", "cpu", "xla", "pallas_interpret", "pallas_mgpu"]
   calls = []
 
   def fast(x, w):
@@ -264,7 +264,7 @@ def test_registry_priority_fallback_and_forcing():
   # The base class registration is untouched (pallas_kernels registers its two kernels, the
   # C++ CPU kernel "cpu").
   assert [i.name for i in formats.implementations(formats.QuantizedArray)] == [
-      "pallas", "cpu", "xla", "pallas_interpret"]
+      "pallas", "cpu", "xla", "pallas_interpret", "pallas_mgpu"]
 
 
 def test_no_implementation_applies():

@@ -144,22 +144,14 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, use_cache: bool = Tru
 
   total = t + max_new_tokens
   out = []
-  done = np.zeros((bsz,), bool)
-
-  def record(tok):
-    tok = np.asarray(tok)
-    if eos_id is not None:
-      tok = np.where(done, eos_id, tok)
-      done[:] |= tok == eos_id
-    out.append(tok)
-    return tok
-
+  done = jnp.zeros((bsz,), bool)
   full = _cached_full(graphdef, float(temperature))
   buf = np.zeros((bsz, total), np.int32)
   buf[:, :t] = prompt
   for i in range(max_new_tokens):
     key, sub = jax.random.split(key)
-    tok = record(full(state, jnp.asarray(buf), jnp.int32(t + i), sub))
-    buf[:, t + i] = tok
+    tok, done = _record(full(state, jnp.asarray(buf), jnp.int32(t + i), sub), done, eos_id)
+    out.append(np.asarray(tok))
+    buf[:, t + i] = out[-1]
   res = np.stack(out, axis=1).astype(np.int32)
   return res[0] if squeeze else res

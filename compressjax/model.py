@@ -441,16 +441,15 @@ class Attention(nnx.Module):
       ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, start, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, start, 0, 0))
       new_kv = (ck, cv)
-    elif kv_cache is not None:
-      ck, cv, start = kv_cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
-      new_kv = (ck, cv)
-      k, v = ck.astype(x.dtype), cv.astype(x.dtype)
-    if kv_cache is not None and len(kv_cache) == 4:
       out = _cached_attention(q, ck, cv, layer, q_pos, k_pos, cfg.sliding_window, start + t,
                               x.dtype)
     else:
+      if kv_cache is not None:
+        ck, cv, start = kv_cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+        new_kv = (ck, cv)
+        k, v = ck.astype(x.dtype), cv.astype(x.dtype)
       out = _attention(q, k, v, q_pos, k_pos, cfg.sliding_window,
                        causal_chunks=1 if kv_cache is not None else _causal_chunks(t))
     if capture is not None:

@@ -213,40 +213,32 @@ def ggml_f32_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 8 (tinyBLAS' lanes)")
   lead = x.shape[:-1]
   x2 = x.astype(jnp.float32).reshape(-1, k)
-  if x2.shape[0] == 1:  # one row: llamafile_sgemm refuses n < 2 -> ggml_vec_dot_f32
-    if k % 32:
-      raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 32 for one row (GGML_F32_STEP)")
-    xl = x2.reshape(1, k // 32, 4, 8).transpose(1, 0, 2, 3)  # (K/32, 1, 4, 8)
-    wl = w.astype(jnp.float32).reshape(k // 32, 4, 8, n)  # (K/32, 4, 8, N)
-    with jax.enable_x64(True):
-      def body4(acc, blk):
-        xb, wb = blk
-        return _fma(xb[..., None], wb[None], acc), None
-
-      acc, _ = jax.lax.scan(body4, jnp.zeros((1, 4, 8, n), jnp.float32), (xl, wl))
-    acc = jnp.moveaxis(acc, -1, 1)  # (1, N, 4, 8)
-    return _vec_reduce(acc).reshape(*lead, n)
-  xl = x2.reshape(-1, k // 8, 8).transpose(1, 0, 2)  # (K/8, T, 8)
-  wl = w.astype(jnp.float32).reshape(k // 8, 8, n)  # (K/8, 8, N)
+  one_row = x2.shape[0] == 1  # llamafile_sgemm refuses n < 2 -> ggml_vec_dot_f32
+  width = 32 if one_row else 8  # lanes per step: 4 accumulators x 8, or tinyBLAS' 8
+  if one_row and k % 32:
+    raise ValueError(f"ggml_f32_dot: K={k} must be a multiple of 32 for one row (GGML_F32_STEP)")
+  xl = x2.reshape(-1, k // width, width).transpose(1, 0, 2)  # (K/width, T, width)
+  wl = w.astype(jnp.float32).reshape(k // width, width, n)  # (K/width, width, N)
   with jax.enable_x64(True):
     def body(acc, blk):
       xb, wb = blk
       return _fma(xb[:, :, None], wb[None], acc), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((xl.shape[1], 8, n), jnp.float32), (xl, wl))
+    acc, _ = jax.lax.scan(body, jnp.zeros((xl.shape[1], width, n), jnp.float32), (xl, wl))
+  if one_row:  # lane e of a step: accumulator e // 8, lane e % 8
+    return _vec_reduce(jnp.moveaxis(acc.reshape(1, 4, 8, n), -1, 1)).reshape(*lead, n)
   return _hsum_float_8(acc).reshape(*lead, n)
 
 
-def _ggml_logits(self, h: jax.Array) -> jax.Array:
+def _ggml_logits(plain):
   """``Llama.logits`` under :func:`emulate_ggml`: a tied dense float32 head as ggml's F32 matmul
-  (:func:`ggml_f32_dot`); anything else as before."""
-  emb = self.embed.embedding.get_value()
-  if self.lm_head is None and emb.dtype == jnp.float32 and emb.shape[1] % 32 == 0:
-    return ggml_f32_dot(h, emb.T)
-  return _PLAIN_LOGITS(self, h)
-
-
-_PLAIN_LOGITS = None
+  (:func:`ggml_f32_dot`); anything else as ``plain`` (the model's own method)."""
+  def logits(self, h: jax.Array) -> jax.Array:
+    emb = self.embed.embedding.get_value()
+    if self.lm_head is None and emb.dtype == jnp.float32 and emb.shape[1] % 32 == 0:
+      return ggml_f32_dot(h, emb.T)
+    return plain(self, h)
+  return logits
 
 
 def register() -> None:
@@ -499,15 +491,13 @@ def emulate_attention():
   """
   from compressjax import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  global _PLAIN_LOGITS
   names = ("_attention", "_rms_norm", "_swiglu", "_apply_rope", "rope_cos_sin")
   saved = [getattr(model_lib, n) for n in names]
   saved_logits = model_lib.Llama.logits
-  _PLAIN_LOGITS = saved_logits
   for n, f in zip(names, (ggml_attention, ggml_rms_norm, ggml_swiglu, ggml_apply_rope,
                           ggml_rope_cos_sin)):
     setattr(model_lib, n, f)
-  model_lib.Llama.logits = _ggml_logits
+  model_lib.Llama.logits = _ggml_logits(saved_logits)
   try:
     yield
   finally:

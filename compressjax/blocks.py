@@ -32,6 +32,7 @@ returns a parameter tree of them.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -158,6 +159,14 @@ class BlockModel(abc.ABC):
                   capture: dict[str, jax.Array] | None = None) -> jax.Array:
     """One block ``(B, T, D) -> (B, T, D)``; fills ``capture`` with linear inputs; jittable."""
 
+  def with_matmul_dtype(self, matmul_dtype: str) -> "BlockModel":
+    """This model with its blocks' dense matmuls in ``matmul_dtype`` with float32 accumulation
+    (see :attr:`compressjax.model.LlamaConfig.matmul_dtype`); models that do not offer it
+    refuse."""
+    raise ValueError(f"matmul_dtype={matmul_dtype!r}: {type(self).__name__} does not offer "
+                     "reduced-precision matmuls (implement BlockModel.with_matmul_dtype), use "
+                     "matmul_dtype=None")
+
 
 class LlamaBlocks(BlockModel):
   """:class:`BlockModel` of :class:`compressjax.model.Llama` over a parameter tree.
@@ -187,6 +196,10 @@ class LlamaBlocks(BlockModel):
 
   def abstract_params(self):
     return to_abstract_tree(self.params)
+
+  def with_matmul_dtype(self, matmul_dtype):
+    return LlamaBlocks(dataclasses.replace(self.cfg, matmul_dtype=matmul_dtype), self.params,
+                       dtype=self.dtype)
 
   def block_prefix(self, i: int) -> str:
     return f"layers/{i}/"

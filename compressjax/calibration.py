@@ -81,6 +81,7 @@ from compressjax import checkpoint_stream
 from compressjax import engine_profile
 from compressjax import finetune
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
+from compressjax.formats import CompressedArray
 from compressjax.quantize import obs_core
 from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
 from compressjax.transforms.selection import leaves_with_paths
@@ -135,12 +136,14 @@ def _tiles(k: int, tile: int) -> list[int]:
 
 
 def _gram_upper(xf: jax.Array, tile: int = _TILE) -> jax.Array:
-  """``X^T X`` on and above the diagonal tiles (zeros below): ``(nt + 1) / 2nt`` of the work."""
+  """``X^T X`` on and above the diagonal tiles (zeros below): ``(nt + 1) / 2nt`` of the work.
+  Accumulated in float32 whatever ``xf``'s dtype (bfloat16 products are exact in float32)."""
   k = xf.shape[1]
+  mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
   if k < 2 * tile:
-    return xf.T @ xf
+    return mm(xf.T, xf)
   b = _tiles(k, tile)
-  rows = [jnp.pad(xf[:, a:e].T @ xf[:, a:], ((0, 0), (a, 0))) for a, e in zip(b[:-1], b[1:])]
+  rows = [jnp.pad(mm(xf[:, a:e].T, xf[:, a:]), ((0, 0), (a, 0))) for a, e in zip(b[:-1], b[1:])]
   return jnp.concatenate(rows, axis=0)
 
 
@@ -171,13 +174,26 @@ def block_stats(model: BlockModel, block: dict[str, Any], xs: jax.Array, weights
 
 
 class _Passes:
-  """The jitted programs of one engine run (compiled once, reused by every block)."""
+  """The jitted programs of one engine run (compiled once, reused by every block).
 
-  def __init__(self, model: BlockModel):
+  With ``matmul_dtype`` (the model already built with it, :meth:`BlockModel.with_matmul_dtype`)
+  each linear input is rounded to it before its ``X^T X`` and sums, as the layer multiplies it,
+  and the forward pass multiplies the compressed block's dequantized kernels (dense for the
+  block's program) so they take the same reduced-precision matmuls.
+  """
+
+  def __init__(self, model: BlockModel, matmul_dtype: str | None = None):
     self.model = model
+    self.matmul_dtype = matmul_dtype
     self._stats = {}
-    self.forward = jax.jit(lambda block, xs: jax.lax.map(
-        lambda x: model.apply_block(block, x, None), xs))
+
+    def forward(block, xs):
+      if matmul_dtype is not None:
+        block = jax.tree.map(lambda v: v.materialize() if isinstance(v, CompressedArray) else v,
+                             block, is_leaf=lambda v: isinstance(v, CompressedArray))
+      return jax.lax.map(lambda x: model.apply_block(block, x, None), xs)
+
+    self.forward = jax.jit(forward)
     self.embed = jax.jit(lambda outside, toks: jax.lax.map(
         lambda tk: model.embed(outside, tk), toks))
 
@@ -209,12 +225,13 @@ class _Passes:
       rw = None if w is None else jnp.repeat(w, t)[:, None]
       new = {}
       for k, (up, sq, ab, n) in carry.items():
-        xf = cap[k].reshape(-1, cap[k].shape[-1]).astype(jnp.float32)
+        xf = cap[k].reshape(-1, cap[k].shape[-1]).astype(self.matmul_dtype or jnp.float32)
         if rw is not None:
-          xf = xf * rw
+          xf = xf * rw.astype(xf.dtype)  # 0/1 row weights: exact in any dtype
+        up = up + _gram_upper(xf)
+        xf = xf.astype(jnp.float32)
         rows = xf.shape[0] if rw is None else jnp.sum(rw)
-        new[k] = (up + _gram_upper(xf), sq + jnp.sum(xf * xf, 0), ab + jnp.sum(jnp.abs(xf), 0),
-                  n + rows)
+        new[k] = (up, sq + jnp.sum(xf * xf, 0), ab + jnp.sum(jnp.abs(xf), 0), n + rows)
       return new, (out if keep_outputs else None)
 
     carry, outs = jax.lax.scan(body, init, (xs, weights))
@@ -309,7 +326,8 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
                    block_finetune: finetune.BlockFinetune | None = None,
                    shard_solvers: bool = True,
                    profile: EngineProfile | None = None,
-                   output: checkpoint_stream.StreamWriter | None = None) -> tuple[Any, Any]:
+                   output: checkpoint_stream.StreamWriter | None = None,
+                   matmul_dtype: str | None = None) -> tuple[Any, Any]:
   """Compresses ``model`` block by block with calibration statistics.
 
   Args:
@@ -351,6 +369,14 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       directory writes are hard-linked into the output, not written twice; on resume the
       finished blocks are linked, never read into memory. ``None`` (default): the finished
       blocks are kept and returned.
+    matmul_dtype: ``None`` (default: the model's own matmuls, float32 for a float32 model) or
+      ``"bfloat16"``: the block passes multiply bfloat16-rounded operands with float32
+      accumulation (linear layers, attention, and each ``X^T X``; norms, RoPE, softmax and the
+      statistics' sums stay float32), as GPU runs of the GPTQ reference do in half precision.
+      Several times faster where the hardware has bfloat16 matrix units (AMX on recent Xeons,
+      tensor cores, TPU MXUs); the solvers still see the float32 weights and float32
+      statistics. The model must offer it (:meth:`~compressjax.blocks.BlockModel.
+      with_matmul_dtype`; :class:`compressjax.model.Llama` does).
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
@@ -368,11 +394,12 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
     return _run_sequential(model, windows, transform, prof, batch_size=batch_size, mode=mode,
                            resume_dir=resume_dir, recipe_key=recipe_key, progress=progress,
                            mesh=mesh, data_axis=data_axis, block_finetune=block_finetune,
-                           shard_solvers=shard_solvers, output=output)
+                           shard_solvers=shard_solvers, output=output, matmul_dtype=matmul_dtype)
 
 
 def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume_dir, recipe_key,
-                    progress, mesh, data_axis, block_finetune, shard_solvers, output=None):
+                    progress, mesh, data_axis, block_finetune, shard_solvers, output=None,
+                    matmul_dtype=None):
   if mode not in ("sequential", "original"):
     raise ValueError(f"mode must be 'sequential' or 'original', got {mode!r}")
   windows = np.asarray(windows, np.int32)
@@ -382,6 +409,12 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   _check_scope(transform)
   bm = as_block_model(model)
+  if matmul_dtype is not None:
+    from compressjax.model import MATMUL_DTYPES  # pylint: disable=g-import-not-at-top
+    if matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
+    bm = bm.with_matmul_dtype(matmul_dtype)
+    recipe_key = f"{recipe_key}|matmul_dtype={matmul_dtype}"
   place = _Placement(mesh, data_axis)
   if batch_size % place.data_size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the data axes' size "
@@ -413,7 +446,7 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
     weights = place.put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
                         .reshape(nb, bs), place.batches((nb, bs)))
   fp = _fingerprint(windows, mode, bm.num_blocks, recipe_key)
-  passes = _Passes(bm)
+  passes = _Passes(bm, matmul_dtype)
 
   # compressed block leaves by full path (with ``output``: their abstract placeholders)
   done: dict[str, Any] = {}

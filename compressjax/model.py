@@ -46,6 +46,25 @@ __all__ = [
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
+#: Accepted values of :attr:`LlamaConfig.matmul_dtype`.
+MATMUL_DTYPES = (None, "bfloat16")
+
+
+def matmul(x: jax.Array, w: jax.Array, matmul_dtype: str | None = None,
+           spec: str | None = None, out_dtype=None) -> jax.Array:
+  """``x @ w`` (or ``einsum(spec, x, w)``); with ``matmul_dtype`` the operands are rounded to it
+  and multiplied with float32 accumulation (see :attr:`LlamaConfig.matmul_dtype`), the result
+  cast to ``out_dtype`` (default: the operands' result type)."""
+  if matmul_dtype is None:
+    return (jnp.matmul(x, w, preferred_element_type=out_dtype) if spec is None else
+            jnp.einsum(spec, x, w, preferred_element_type=out_dtype))
+  out = out_dtype or jnp.result_type(x.dtype, w.dtype)
+  xm, wm = x.astype(matmul_dtype), w.astype(matmul_dtype)
+  y = (jnp.matmul(xm, wm, preferred_element_type=jnp.float32) if spec is None else
+       jnp.einsum(spec, xm, wm, preferred_element_type=jnp.float32))
+  return y.astype(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture hyper-parameters of a Llama-family decoder.
@@ -72,6 +91,13 @@ class LlamaConfig:
       e.g. ``"xla"``, ``"pallas"`` or ``"pallas_interpret"``; layers whose format lacks it, or
       whose shapes it does not support, use the automatic choice. A run-time choice, not
       architecture: :meth:`to_dict` leaves it out.
+    matmul_dtype: ``None`` (products in the operands' dtype) or ``"bfloat16"``: the linear
+      layers with dense kernels and the attention of a forward without a KV cache multiply
+      bfloat16-rounded operands with float32 accumulation and results (``preferred_element_type``),
+      what AMX, tensor cores and TPU MXUs run several times faster than float32; activations,
+      norms, RoPE, softmax, the LM head and compressed kernels (:func:`compressjax.formats.dot`)
+      are unchanged. Used by the calibration engine's ``matmul_dtype``; a run-time choice, not
+      architecture: :meth:`to_dict` leaves it out.
   """
 
   vocab_size: int
@@ -91,6 +117,7 @@ class LlamaConfig:
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   matmul_implementation: str | None = None
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     hd = self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
@@ -106,6 +133,9 @@ class LlamaConfig:
           f"({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"LlamaConfig.matmul_dtype must be one of {MATMUL_DTYPES}, got "
+                       f"{self.matmul_dtype!r}")
     if self.rope_scaling is not None:
       rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
       if rtype not in _ROPE_TYPES:
@@ -122,6 +152,7 @@ class LlamaConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop("matmul_implementation")
+    d.pop("matmul_dtype")
     return d
 
 
@@ -246,7 +277,8 @@ def _causal_chunks(t: int) -> int:
   return 1
 
 
-def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1):
+def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1,
+               matmul_dtype: str | None = None):
   """Grouped-query attention ``(B, T, H, hd) x (B, S, KV, hd) -> (B, T, H * hd)``.
 
   Scores are float32. The mask keeps key ``s`` for query ``t`` when ``0 <= k_pos[s] <= q_pos[t]``
@@ -255,6 +287,7 @@ def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1)
   chunk ``c`` is multiplied only with keys ``[0, end of c)``: the keys it skips are all later
   positions, masked anyway, so the result is the same up to float rounding and the work of the
   scores and probabilities drops from ``T^2`` to about ``(c + 1) / 2c`` of it.
+  ``matmul_dtype``: both products with operands rounded to it (:func:`matmul`).
   """
   bsz, t, h, hd = q.shape
   s, kv = k.shape[1], k.shape[2]
@@ -270,7 +303,7 @@ def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1)
     q0, q1 = c * tc, (c + 1) * tc
     s1 = q1 if causal_chunks > 1 else s
     qc = qg[:, :, :, q0:q1].reshape(bsz, kv, g * tc, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qc, kk[:, :, :s1], preferred_element_type=jnp.float32)
+    scores = matmul(qc, kk[:, :, :s1], matmul_dtype, "bkqd,bksd->bkqs", jnp.float32)
     scores = scores.reshape(bsz, kv, g, tc, s1) / math.sqrt(hd)
     qp, kp = q_pos[:, q0:q1], k_pos[:, :s1]
     mask = (kp[:, None, :] <= qp[:, :, None]) & (kp[:, None, :] >= 0)  # (B, Tc, S1)
@@ -278,7 +311,8 @@ def _attention(q, k, v, q_pos, k_pos, sliding_window, *, causal_chunks: int = 1)
       mask &= (qp[:, :, None] - kp[:, None, :]) < sliding_window
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(bsz, kv, g * tc, s1)
-    outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, vv[:, :, :s1]).reshape(bsz, kv, g, tc, hd))
+    outs.append(matmul(probs, vv[:, :, :s1], matmul_dtype, "bkqs,bksd->bkqd")
+                .reshape(bsz, kv, g, tc, hd))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd)
 
@@ -358,14 +392,19 @@ class Linear(nnx.Module):
   """``y = x @ kernel (+ bias)``; ``kernel`` may be dense or any compressed leaf."""
 
   def __init__(self, din: int, dout: int, *, use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32,
-               implementation: str | None = None):
+               implementation: str | None = None, matmul_dtype: str | None = None):
     init = nnx.initializers.lecun_normal()
     self.implementation = implementation  # static: formats.dot(..., prefer=)
+    self.matmul_dtype = matmul_dtype  # static: LlamaConfig.matmul_dtype
     self.kernel = nnx.Param(init(rngs.params(), (din, dout), dtype))
     self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = formats.dot(x, self.kernel.get_value(), prefer=self.implementation)
+    w = self.kernel.get_value()
+    if self.matmul_dtype is not None and not isinstance(w, formats.CompressedArray):
+      y = matmul(x, w, self.matmul_dtype)
+    else:
+      y = formats.dot(x, w, prefer=self.implementation)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(y.dtype)
     return y
@@ -401,13 +440,13 @@ class Attention(nnx.Module):
     h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     b = cfg.attention_bias
     self.q_proj = Linear(d, h * hd, use_bias=b, rngs=rngs, dtype=dtype,
-                         implementation=cfg.matmul_implementation)
+                         implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
     self.k_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype,
-                         implementation=cfg.matmul_implementation)
+                         implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
     self.v_proj = Linear(d, kv * hd, use_bias=b, rngs=rngs, dtype=dtype,
-                         implementation=cfg.matmul_implementation)
+                         implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
     self.o_proj = Linear(h * hd, d, use_bias=False, rngs=rngs, dtype=dtype,
-                         implementation=cfg.matmul_implementation)
+                         implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
 
   def __call__(self, x, cos, sin, q_pos, k_pos, kv_cache=None, capture=None):
     """x: (B, T, D). q_pos: (B, T). k_pos: (B, S).
@@ -451,7 +490,8 @@ class Attention(nnx.Module):
         new_kv = (ck, cv)
         k, v = ck.astype(x.dtype), cv.astype(x.dtype)
       out = _attention(q, k, v, q_pos, k_pos, cfg.sliding_window,
-                       causal_chunks=1 if kv_cache is not None else _causal_chunks(t))
+                       causal_chunks=1 if kv_cache is not None else _causal_chunks(t),
+                       matmul_dtype=cfg.matmul_dtype)
     if capture is not None:
       capture["attn/o_proj"] = out
     return self.o_proj(out), new_kv
@@ -462,11 +502,11 @@ class MLP(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype,
-                            implementation=cfg.matmul_implementation)
+                            implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
     self.up_proj = Linear(d, f, use_bias=False, rngs=rngs, dtype=dtype,
-                          implementation=cfg.matmul_implementation)
+                          implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
     self.down_proj = Linear(f, d, use_bias=False, rngs=rngs, dtype=dtype,
-                            implementation=cfg.matmul_implementation)
+                            implementation=cfg.matmul_implementation, matmul_dtype=cfg.matmul_dtype)
 
   def __call__(self, x, capture=None):
     act = _swiglu(self.gate_proj(x), self.up_proj(x))

@@ -340,6 +340,8 @@ def run_compress(cfg) -> dict[str, Any]:
   windows = eval_windows_for(tok, cfg.data, max_pos)
   calibrated = needs_calibration(cfg.compression)
   cal_windows = calibration_windows_for(tok, cfg, max_pos) if calibrated else None
+  if calibrated:
+    _calibration_matmul_dtype(cfg)
   if cfg.output_dir:  # room for the compressed checkpoint (planned bytes + 10% slack)
     need = int(1.1 * accounting.size_report(planned)["total_bytes"])
     checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path],
@@ -367,6 +369,14 @@ def run_compress(cfg) -> dict[str, Any]:
       writer.abort()  # nothing after a commit; otherwise the destination stays unchanged
 
 
+def _calibration_matmul_dtype(cfg) -> str | None:
+  """``calibration.matmul_dtype`` as :func:`calibration.run_sequential` takes it."""
+  md = cfg.calibration.get("matmul_dtype", "float32")
+  if md not in ("float32", "bfloat16"):
+    raise ValueError(f"calibration.matmul_dtype must be 'float32' or 'bfloat16', got {md!r}")
+  return None if md == "float32" else md
+
+
 def _stream_output(cfg) -> bool:
   """``calibration.stream_output`` (default on; with several processes too: every process
   writes its shards of each block, :mod:`compressjax.checkpoint_stream`)."""
@@ -385,7 +395,7 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
         LlamaBlocks(model_cfg, params, dtype=dtype), cal_windows, transform,
         batch_size=cal.batch_size, mode=cal.mode, resume_dir=cal.resume_dir or None,
         recipe_key=json.dumps(_to_jsonable(cfg.compression.to_dict()), sort_keys=True),
-        block_finetune=block_ft, output=writer)
+        block_finetune=block_ft, output=writer, matmul_dtype=_calibration_matmul_dtype(cfg))
   else:
     new_params, _ = transforms.apply(transform, materialize(params, dtype))
   new_params = jax.block_until_ready(new_params)

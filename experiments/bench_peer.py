@@ -6,6 +6,7 @@ measured by the same evaluator.
   python experiments/bench_peer.py --model tiny_hf_dir --data-dir tiny_corpora \
       --num-windows 4 --seq-len 32 --num-eval-windows 2     # a smoke run
   python experiments/bench_peer.py --setup-only             # only build the peer's venv
+  python experiments/bench_peer.py --precision bfloat16     # both sides' matmuls in bfloat16
 
 Steps (each measured step in its own process, one after the other, never two at once; this
 orchestrating process imports neither jax nor torch, so it adds nothing to their peak memory):
@@ -29,6 +30,12 @@ orchestrating process imports neither jax nor torch, so it adds nothing to their
    the same checkpoint with the same settings (GPTQ: act-order with static groups, damping 0.01,
    block 128; SparseGPT 50%, block 128, damping 0.01; calibration in "sequential" mode like the
    peer's sequential pipeline), not saving a checkpoint.
+``--precision bfloat16``: the peer loads the model in bfloat16 (its forward passes in bfloat16;
+llm-compressor keeps the Hessian and the solver in float32; see ``peer_worker.py --dtype``), ours
+runs with ``calibration.matmul_dtype=bfloat16`` (bfloat16 operands, float32 accumulation); the
+records' method names end in ``bf16``. Both sides are evaluated in float32 on the standard
+protocol.
+
 6. One JSON record per side and method is appended to ``--results`` (default
    ``experiments/results/bench_peer.jsonl`` for the standard protocol, else
    ``<work-dir>/bench_peer.jsonl``), the two records of a side-by-side run sharing a ``pair`` id,
@@ -183,6 +190,11 @@ def ensure_peer_venv(venv):
 # ------------------------------------------------------------------------------------------
 
 
+def _suffix(args):
+  """What the records' method names add for ``--precision``."""
+  return "" if args.precision == "float32" else " bf16"
+
+
 def job_overrides(method, args, hf_dir, results_file):
   """``(config overrides, method kwargs)`` of our compress job for ``method``."""
   spec = METHODS[method]
@@ -194,7 +206,8 @@ def job_overrides(method, args, hf_dir, results_file):
       "calibration.num_windows": args.num_windows,
       "calibration.seq_len": args.seq_len,
       "calibration.mode": "sequential",
-      "compression.name": spec["name"],
+      "calibration.matmul_dtype": args.precision,
+      "compression.name": spec["name"] + _suffix(args).replace(" ", "-"),
       "eval_before": False,
       "output_dir": "",
       "results_file": results_file,
@@ -360,6 +373,7 @@ def run_peer(method, args, prep, venv_info, job):
   cmd = [_venv_python(args.peer_venv), os.path.join(HERE, "peer_worker.py"), "--method", method,
          "--model", prep["hf_dir"], "--windows", prep["windows"][method]["path"], "--out",
          out_dir, "--report", report, "--batch-size", str(args.peer_batch_size),
+         "--dtype", args.precision,
          "--settings", json.dumps(spec["kwargs"])]
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPENBLAS_NUM_THREADS")}
   _log(f"peer {method}: {' '.join(cmd)}")
@@ -378,13 +392,14 @@ def run_peer(method, args, prep, venv_info, job):
   else:
     bits = 1 + 16 * (1 - wc["zero_fraction"])
     basis = ("compressed-tensors sparse-bitmask with 16-bit kept values: 1 mask bit per weight "
-             "+ 16 bits per kept weight (row offsets not counted); the peer ran in float32, so "
-             "its kept values are float32, not rounded to 16 bits")
+             "+ 16 bits per kept weight (row offsets not counted); the peer ran in "
+             f"{args.precision}, so its kept values are {args.precision}"
+             + (", not rounded to 16 bits" if args.precision == "float32" else ""))
     ok = check["sparse"] and wc["zero_fraction"] >= kw["sparsity"]
   if not ok:
     raise RuntimeError(f"peer {method}: weights fail the check: worker {check}, evaluator {wc}")
   return {
-      "method": spec["peer"], "side": "peer", "settings": rep["settings"],
+      "method": spec["peer"] + _suffix(args), "side": "peer", "settings": rep["settings"],
       "bits_per_param": bits, "bits_per_param_basis": basis,
       "stored_as": "dense float32 safetensors (the fake-quantized / pruned weights after "
                    "oneshot), 32 bits per parameter, evaluated by compressjax",
@@ -422,7 +437,7 @@ def run_ours(method, args, over, kwargs):
       "settings", "bits_per_param", "linear_params", "model_bytes", "linear_bytes",
       "other_bytes", "ppl_wiki", "ppl_austen", "nll", "eval_tokens_per_s", "protocol",
       "calibration", "wall_s", "load_s", "total_wall_s", "peak_rss_mb", "commit", "machine")}
-  out.update(method=spec["ours"], side="ours", our_method=rec["method"],
+  out.update(method=spec["ours"] + _suffix(args), side="ours", our_method=rec["method"],
              bits_per_param_basis="counted from the stored compressed leaves (accounting."
                                   "size_report): codes + scales / float16 kept values + mask",
              command=" ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c
@@ -468,6 +483,8 @@ def main(argv=None):
   ap.add_argument("--peer-venv", default=DEFAULT_PEER_VENV, help="the peer's virtual environment")
   ap.add_argument("--peer-batch-size", type=int, default=8,
                   help="oneshot calibration batch size (our calibration.batch_size is 8)")
+  ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                  help="matmul precision of both sides' calibration (see the docstring)")
   ap.add_argument("--setup-only", action="store_true", help="only build the peer's venv")
   args = ap.parse_args(argv)
   methods = _csv(args.methods, tuple(METHODS), "methods")

@@ -7,7 +7,7 @@
 
 Runs in the peer's virtual environment (torch, transformers, llm-compressor, numpy, safetensors;
 never jax or compressjax). It loads the Hugging Face checkpoint ``--model`` with transformers
-(float32, CPU), turns the calibration windows ``--windows`` (an int32 ``(n, seq_len)`` ``.npy``
+(float32, or ``--dtype bfloat16``; CPU), turns the calibration windows ``--windows`` (an int32 ``(n, seq_len)`` ``.npy``
 drawn by compressjax exactly as its compress job draws them) into a ``datasets.Dataset`` of
 ``input_ids``/``attention_mask``, and calls ``llmcompressor.oneshot`` with one modifier on every
 ``Linear`` except ``lm_head``, built from ``--settings`` (the keyword arguments of compressjax's
@@ -26,7 +26,10 @@ compressed model's dense weights (GPTQ: the fake-quantized values ``scale * q``;
 pruned and reconstructed weights); those tensors, under the checkpoint's own names, are written
 as a float32 safetensors checkpoint in ``--out`` with the input's config and tokenizer files, and
 checked: GPTQ weights on their grid (``W / scale`` an integer code of ``bits`` bits, at most
-``2**bits`` distinct values per group), SparseGPT weights at least ``sparsity`` zeros.
+``2**bits`` distinct values per group), SparseGPT weights at least ``sparsity`` zeros. With
+``--dtype bfloat16`` the exported GPTQ weights are the float32 ``code x scale`` (the codes
+recovered exactly from the bfloat16 weights, :func:`gptq_weights_from_codes`), the pruned weights
+the peer's bfloat16 values, and every other tensor the source's own (not rounded to bfloat16).
 
 ``--report`` receives a JSON object: ``oneshot_s`` (``time.perf_counter`` around ``oneshot``
 alone), peak resident memory after ``oneshot`` and at exit (``getrusage`` ``ru_maxrss`` and
@@ -126,14 +129,45 @@ def build_modifier(method, kw):
   raise ValueError(f"unknown method {method!r}: expected gptq or sparsegpt")
 
 
-def check_gptq(model, bits, group_size):
-  """Every quantized Linear's weight on its symmetric ``bits``-bit group grid; a summary."""
+def gptq_weights_from_codes(model, bits):
+  """``{module.weight name: float32 codes x scales}`` of every quantized Linear.
+
+  In a bfloat16 model llm-compressor leaves each weight as its fake-quantized value rounded to
+  bfloat16 (``code * float16 scale`` needs up to 14 significant bits); the code is recovered
+  exactly by rounding ``w / scale`` (the bfloat16 error is at most ``|code| * 2^-9`` scale units,
+  far below 0.5), so the export carries the peer's grid values, not their bfloat16 roundings.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, m in model.named_modules():
+    if not isinstance(m, torch.nn.Linear) or not hasattr(m, "weight_scale"):
+      continue
+    s = m.weight_scale.detach().to(torch.float32)
+    group = m.weight.shape[1] // s.shape[1]
+    s = s.repeat_interleave(group, dim=1)
+    q = torch.round(m.weight.detach().to(torch.float32) / s.clamp_min(1e-30))
+    out[f"{name}.weight"] = q.clamp(-2**(bits - 1), 2**(bits - 1) - 1) * s
+  return out
+
+
+def pruned_weights(model, ignore=("lm_head",)):
+  """``{module.weight name: float32 weight}`` of every pruned Linear (the peer's kept values,
+  in the model's dtype, as float32)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return {f"{name}.weight": m.weight.detach().to(torch.float32)
+          for name, m in model.named_modules()
+          if isinstance(m, torch.nn.Linear) and not name.endswith(ignore)}
+
+
+def check_gptq(model, bits, group_size, weights=None):
+  """Every quantized Linear's weight (or its entry of ``weights``) on its symmetric
+  ``bits``-bit group grid; a summary."""
   import torch  # pylint: disable=g-import-not-at-top
   worst_dev, most_distinct, n, scale_fp16 = 0.0, 0, 0, True
   for name, m in model.named_modules():
     if not isinstance(m, torch.nn.Linear) or not hasattr(m, "weight_scale"):
       continue
-    w = m.weight.detach().to(torch.float64)
+    w = (weights or {}).get(f"{name}.weight", m.weight).detach().to(torch.float64)
     s = m.weight_scale.detach().to(torch.float64)
     out_f, in_f = w.shape
     if s.shape != (out_f, in_f // group_size):
@@ -145,7 +179,7 @@ def check_gptq(model, bits, group_size):
     lo, hi = float(q.round().min()), float(q.round().max())
     if lo < -2**(bits - 1) or hi > 2**(bits - 1) - 1:
       raise AssertionError(f"{name}: codes in [{lo}, {hi}], outside the {bits}-bit range")
-    groups = m.weight.detach().reshape(out_f, in_f // group_size, group_size)
+    groups = w.reshape(out_f, in_f // group_size, group_size)
     for r in range(0, out_f, max(1, out_f // 16)):  # distinct values of sampled rows' groups
       for g in range(groups.shape[1]):
         most_distinct = max(most_distinct, int(torch.unique(groups[r, g]).numel()))
@@ -169,8 +203,13 @@ def check_sparse(model, sparsity, ignore=("lm_head",)):
           "mean_zero_fraction": sum(fr) / len(fr)}
 
 
-def save_dense(model, src, out):
-  """Writes ``model``'s tensors named as in ``src``'s safetensors as a float32 checkpoint."""
+def save_dense(model, src, out, weights=None):
+  """Writes ``model``'s tensors named as in ``src``'s safetensors as a float32 checkpoint.
+
+  With ``weights`` (``{name: float32 tensor}``, the compressed linears' weights): those, and
+  every other tensor read from ``src`` itself (what oneshot left unchanged, at the source's
+  precision, not rounded to a bfloat16 model's).
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
@@ -188,7 +227,15 @@ def save_dense(model, src, out):
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  tensors = {n: state[n].detach().to(torch.float32).contiguous().clone() for n in names}
+  if weights is None:
+    tensors = {n: state[n].detach().to(torch.float32).contiguous().clone() for n in names}
+  else:
+    tensors = {}
+    for fname in files:
+      with safe_open(os.path.join(src, fname), framework="pt") as f:
+        for n in f.keys():
+          tensors[n] = (weights[n] if n in weights else f.get_tensor(n)).to(
+              torch.float32).contiguous().clone()
   save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
   for fname in _COPIED:
     if os.path.isfile(os.path.join(src, fname)):
@@ -205,6 +252,9 @@ def main():
   ap.add_argument("--out", required=True, help="output checkpoint directory")
   ap.add_argument("--report", required=True, help="JSON file for the measurements")
   ap.add_argument("--batch-size", type=int, default=8, help="oneshot calibration batch size")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the model's dtype during oneshot (its forward passes; llm-compressor "
+                       "accumulates the Hessian and solves in float32 either way)")
   ap.add_argument("--settings", required=True,
                   help="JSON of compressjax's transform keyword arguments (bench_peer.METHODS)")
   args = ap.parse_args()
@@ -219,8 +269,8 @@ def main():
   from llmcompressor import oneshot  # pylint: disable=g-import-not-at-top
 
   t_load = time.perf_counter()
-  model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                            device_map="cpu")
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      args.model, dtype=getattr(torch, args.dtype), device_map="cpu")
   tok = transformers.AutoTokenizer.from_pretrained(args.model)
   load_s = time.perf_counter() - t_load
   windows = np.load(args.windows)
@@ -231,7 +281,7 @@ def main():
   modifier, settings = build_modifier(args.method, kw)
   n, seq_len = windows.shape
   settings.update(num_calibration_samples=n, max_seq_length=seq_len, batch_size=args.batch_size,
-                  shuffle_calibration_samples=False, dtype="float32", device="cpu",
+                  shuffle_calibration_samples=False, dtype=args.dtype, device="cpu",
                   torch_threads=torch.get_num_threads())
   print(f"[peer_worker] oneshot {args.method} on {n} x {seq_len} windows, "
         f"{torch.get_num_threads()} torch threads", flush=True)
@@ -246,10 +296,14 @@ def main():
         flush=True)
 
   with torch.no_grad():
-    check = (check_gptq(model, kw["bits"], kw["group_size"]) if args.method == "gptq"
+    weights = None
+    if args.dtype != "float32":  # export the grid / kept values, the rest from the source
+      weights = (gptq_weights_from_codes(model, kw["bits"]) if args.method == "gptq"
+                 else pruned_weights(model))
+    check = (check_gptq(model, kw["bits"], kw["group_size"], weights) if args.method == "gptq"
              else check_sparse(model, kw["sparsity"]))
   print(f"[peer_worker] check: {check}", flush=True)
-  save_dense(model, args.model, args.out)
+  save_dense(model, args.model, args.out, weights)
   end = peak_rss()
   report = {
       "method": args.method, "settings": settings, "oneshot_s": oneshot_s, "load_s": load_s,

@@ -17,7 +17,9 @@
    finetune, forward, save, outside), per block and in total. Profiling syncs at the end of
    every phase, so the run is a little slower than an unprofiled one.
 3. The rate of a plain large float32 matmul (``--matmul-n``, default 2048^3; the median of
-   ``--matmul-reps`` jitted calls after one compile) on the same machine is the yardstick:
+   ``--matmul-reps`` jitted calls after one compile) on the same machine is the yardstick (with
+   ``--matmul-dtype bfloat16``: the run's bfloat16 matmuls, and a bfloat16 x bfloat16 -> float32
+   yardstick; the float32 rate is recorded too):
    each phase's GFLOP/s is reported as a fraction of it.
 4. One JSON record is appended to ``--results`` (default
    ``experiments/results/profile_engine.jsonl``; ``--tiny``: ``runs/profile_engine_tiny.jsonl``):
@@ -37,6 +39,7 @@ windows (default 8 x 32), the same recipe; the reference model and the corpora a
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -62,11 +65,12 @@ PEER_METHODS = {"gptq_w4g64": "llm-compressor gptq w4g64 act-order",
                 "sparsegpt_50": "llm-compressor sparsegpt 50%"}
 
 
-def matmul_gflops(n: int, reps: int) -> float:
-  """GFLOP/s of a jitted float32 ``(n, n) @ (n, n)``: the median of ``reps`` calls."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
+def matmul_gflops(n: int, reps: int, dtype: str = "float32") -> float:
+  """GFLOP/s of a jitted ``(n, n) @ (n, n)`` of ``dtype`` operands accumulated in float32: the
+  median of ``reps`` calls."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))  # compile
   ts = []
   for _ in range(reps):
@@ -76,9 +80,13 @@ def matmul_gflops(n: int, reps: int) -> float:
   return 2.0 * n**3 / statistics.median(ts) / 1e9
 
 
-def peer_wall_s(config: str, windows: int, seq_len: int, path: str = PEER_RESULTS):
-  """``(wall_s, date)`` of the newest peer record for ``config`` at these windows, or Nones."""
+def peer_wall_s(config: str, windows: int, seq_len: int, path: str = PEER_RESULTS,
+                matmul_dtype: str = "float32"):
+  """``(wall_s, date)`` of the newest peer record for ``config`` at these windows (and the
+  peer's precision: ``bench_peer --precision``), or Nones."""
   name = PEER_METHODS.get(config)
+  if name is not None and matmul_dtype != "float32":
+    name += " bf16"
   if name is None or not os.path.isfile(path):
     return None, None
   best = None
@@ -132,6 +140,9 @@ def main(argv=None):
   ap.add_argument("--tiny", action="store_true", help="tiny random model from tests (seconds)")
   ap.add_argument("--results", default=None, help="JSON-lines file to append the record to")
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="calibration.matmul_dtype of the run (the yardstick matmul takes the same "
+                       "operands)")
   args = ap.parse_args(argv)
   args.windows = args.windows or (8 if args.tiny else 128)
   args.seq_len = args.seq_len or (32 if args.tiny else 512)
@@ -167,22 +178,27 @@ def main(argv=None):
       LlamaBlocks(model_cfg, params, dtype=jnp.float32), windows, transform,
       batch_size=cal.batch_size, mode=cal.mode, block_finetune=block_ft,
       recipe_key=json.dumps(pipeline._to_jsonable(cfg.compression.to_dict()), sort_keys=True),  # pylint: disable=protected-access
-      progress=not args.no_progress, profile=profile)
+      progress=not args.no_progress, profile=profile,
+      matmul_dtype=None if args.matmul_dtype == "float32" else args.matmul_dtype)
   new_params = jax.block_until_ready(new_params)
   after = accounting.size_report(new_params)
-  mm = matmul_gflops(args.matmul_n, args.matmul_reps)
+  mm = matmul_gflops(args.matmul_n, args.matmul_reps, args.matmul_dtype)
+  mm_f32 = mm if args.matmul_dtype == "float32" else matmul_gflops(args.matmul_n,
+                                                                   args.matmul_reps)
 
   phases = profile.summary(mm)
   counted = [v["gflop"] for v in phases.values() if v["gflop"] is not None]
   gflop = float(sum(counted))
   achieved = gflop / profile.wall_s if profile.wall_s else None
   peer_s, peer_date = (None, None) if args.tiny else peer_wall_s(args.config, args.windows,
-                                                                 args.seq_len)
+                                                                 args.seq_len,
+                                                                 matmul_dtype=args.matmul_dtype)
   record = {
       "method": cfg.compression.name,
       "settings": {"config": args.config, "model": "tiny" if args.tiny else cfg.model,
                    "windows": args.windows, "seq_len": args.seq_len,
                    "batch_size": cal.batch_size, "mode": cal.mode, "matmul_n": args.matmul_n,
+                   "matmul_dtype": args.matmul_dtype,
                    "compression": pipeline._to_jsonable(cfg.compression.to_dict())},  # pylint: disable=protected-access
       "phases": phases,
       "blocks": profile.blocks,
@@ -194,6 +210,7 @@ def main(argv=None):
       "gflop": gflop,
       "achieved_gflop_per_s": achieved,
       "matmul_gflop_per_s": mm,
+      "matmul_float32_gflop_per_s": mm_f32,
       "achieved_fraction": achieved / mm if achieved is not None else None,
       "peer_wall_s": peer_s,
       "peer_date": peer_date,
@@ -218,7 +235,7 @@ def main(argv=None):
   print(f"run_sequential {profile.wall_s:.2f} s (compile {record['compile_s']:.2f} s, profile "
         f"overhead {profile.overhead_s:.2f} s); {gflop:.2f} GFLOP counted, "
         f"{achieved or 0:.3g} GFLOP/s = {record['achieved_fraction'] or 0:.3g} of the "
-        f"{args.matmul_n}^3 float32 matmul's {mm:.3g} GFLOP/s"
+        f"{args.matmul_n}^3 {args.matmul_dtype} matmul's {mm:.3g} GFLOP/s (float32: {mm_f32:.3g})"
         + (f"; {record['fraction_of_peer']:.2f} of the peer's {peer_s:.0f} s" if peer_s else ""))
   print(f"appended to {results}")
   return 0

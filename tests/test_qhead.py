@@ -200,3 +200,28 @@ def test_bench_qhead_methods_build():
   assert bench_kernels.head_bits("rtn4_g64_cpukernel") is None
   with pytest.raises(ValueError, match="untie the head"):
     bench_kernels.decode_params(p, "rtn4_g64_cpukernel_qhead")
+
+
+def test_pipeline_config_untie_head_end_to_end(tiny_gguf, tiny_data, tmp_path):
+  """configs/rtn_w4g64_qhead4 on the tiny GGUF: the head is compressed, counted in
+  lm_head_bytes / model_bytes (not in bits_per_param), saved untied and re-evaluated bit for bit."""
+  import importlib
+  from compressjax import pipeline
+  cfg = importlib.import_module("configs.rtn_w4g64_qhead4").get_config()
+  cfg.model, cfg.data.dir = tiny_gguf[0], tiny_data
+  cfg.data.seq_len, cfg.data.num_eval_windows, cfg.data.batch_size = 64, 2, 2
+  cfg.eval_before = False
+  cfg.output_dir = str(tmp_path / "ck")
+  rec = pipeline.run_compress(cfg)
+  # 300 x 64 head at 4 bits + float16 scales of groups of 64: 300 * 64 * (4 + 16 / 64) / 8.
+  assert rec["lm_head_bytes"] == 300 * 64 * 4 // 8 + 300 * 2
+  assert rec["bits_per_param"] == pytest.approx(4.25)
+  assert rec["model_bytes"] > rec["other_bytes"] > rec["lm_head_bytes"]
+  params, meta = checkpoint.restore(cfg.output_dir)
+  assert meta["model_config"]["tie_word_embeddings"] is False
+  assert isinstance(params["lm_head"]["kernel"], formats.QuantizedArray)
+  # The baseline is the tied dense model as loaded (embedding, 2 x 7 linears, 5 norms; float32):
+  # the untied head is not part of it.
+  assert rec["dense_model_bytes"] == 4 * (300 * 64 + 73728 + 5 * 64)
+  again = pipeline.run_eval(cfg.output_dir)
+  assert all(r["matches_saved"] for r in again.values())

@@ -20,6 +20,7 @@ import numpy as np
 
 from compressjax import accounting, calibration, checkpoint, data, evaluate, finetune, transforms
 from compressjax import checkpoint_stream
+from compressjax import head as head_lib
 from compressjax.formats import CompressedArray
 from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract_tree
 from compressjax.io import build_model, open_model, resolve_model_path
@@ -29,7 +30,7 @@ from compressjax.model import LlamaConfig
 
 __all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_info", "git_commit",
            "peak_rss_mb", "append_record", "format_table", "check_finite", "eval_windows_for",
-           "calibration_windows_for"]
+           "calibration_windows_for", "untie_head_if_asked"]
 
 # Method name -> factory(**kwargs) -> Transform. Later methods (GPTQ, AWQ, ...) register here.
 METHODS = {
@@ -326,6 +327,9 @@ def run_compress(cfg) -> dict[str, Any]:
   # a calibrated run (only for the optional baseline evaluation, freed before calibration).
   model_cfg, params, tok = open_model(cfg.model)
   load_s = time.perf_counter() - t0
+  # The dense model as loaded (an untied head below is a new tensor, not part of it).
+  before_size = accounting.size_report(to_abstract_tree(params))
+  model_cfg, params = untie_head_if_asked(cfg.compression, model_cfg, params)
   transform = build_transform(cfg.compression, model_cfg)
   block_ft = block_finetune_from_config(cfg.compression)
   if block_ft is not None and not needs_calibration(cfg.compression):
@@ -346,7 +350,6 @@ def run_compress(cfg) -> dict[str, Any]:
     need = int(1.1 * accounting.size_report(planned)["total_bytes"])
     checkpoint.check_output_path(cfg.output_dir, overwrite=cfg.overwrite, forbidden=[model_path],
                                  min_free_bytes=need)
-  before_size = accounting.size_report(abstract)
   before = {}
   if cfg.eval_before:
     model = build_model(model_cfg, params, dtype=dtype)
@@ -375,6 +378,22 @@ def _calibration_matmul_dtype(cfg) -> str | None:
   if md not in ("float32", "bfloat16"):
     raise ValueError(f"calibration.matmul_dtype must be 'float32' or 'bfloat16', got {md!r}")
   return None if md == "float32" else md
+
+
+def untie_head_if_asked(comp, model_cfg: LlamaConfig, params):
+  """``(model_cfg, params)`` untied by :func:`compressjax.head.untie_head` when
+  ``compression.untie_head`` is true (absent: false), else unchanged.
+
+  The head ``lm_head/kernel = E.T`` is then an ordinary parameter that ``compression.rules`` /
+  ``steps`` may select (e.g. ``{"where": "lm_head/kernel", "method": "rtn", "bits": 4,
+  "group_size": 64}``); the model config saved with the checkpoint is the untied one. Outside
+  the blocks, the calibration engine passes the head through the recipe without statistics,
+  so only data-free methods (RTN) apply to it.
+  """
+  on = dict(comp).get("untie_head", False)
+  if not isinstance(on, bool):
+    raise ValueError(f"compression.untie_head must be a bool, got {on!r}")
+  return head_lib.untie_head(model_cfg, params) if on else (model_cfg, params)
 
 
 def _stream_output(cfg) -> bool:
@@ -422,6 +441,9 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
       "model_bytes": after_size["total_bytes"],
       "linear_bytes": after_size["linear_bytes"],
       "other_bytes": after_size["other_bytes"],
+      # An untied head (compression.untie_head) is a tensor of its own, counted in other_bytes
+      # and model_bytes, not in bits_per_param (decoder linears only); 0 when tied.
+      "lm_head_bytes": _head_bytes(new_params),
       "dense_model_bytes": before_size["total_bytes"],
       "ppl_wiki": after.get("wiki", {}).get("ppl"),
       "ppl_austen": after.get("austen", {}).get("ppl"),
@@ -475,6 +497,11 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
   if cfg.results_file:
     append_record(cfg.results_file, record)
   return record
+
+
+def _head_bytes(params) -> int:
+  """Stored bytes of an untied ``lm_head/kernel`` (0 when the head is tied)."""
+  return int(accounting.size_report(params, linear=head_lib.HEAD_PATH)["linear_bytes"])
 
 
 def model_config_dict(cfg: LlamaConfig) -> dict[str, Any]:

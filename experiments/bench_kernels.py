@@ -26,6 +26,15 @@ and ``decode_rtn4_g64_cpukernel`` (``matmul_implementation="cpu"``), likewise fo
 Usage: ``python experiments/bench_kernels.py --decode --methods
 dense_f32,rtn4_g64,rtn4_g64_cpukernel,rtn2_g64,rtn2_g64_cpukernel`` and
 ``python experiments/bench_kernels.py --shapes 576x576,576x1536,1536x576 --rows 1,8``.
+
+Quantized LM head (``compressjax.head.untie_head``): ``decode_rtn4_g64_cpukernel_qhead`` is
+``rtn4_g64_cpukernel`` with the tied float32 head ``h @ E.T`` replaced by an untied RTN 4-bit g64
+head (``lm_head/kernel = E.T`` quantized; the embedding lookup stays float32), run by the same
+CPU kernel (K = hidden, N = vocab); ``_qhead8`` gives the head 8 bits (g64), and
+``decode_rtn2_g64_cpukernel_qhead4`` is the 2-bit model with a 4-bit g64 head (a 2-bit head
+hurts quality more than 2-bit linears do: the README reports the tiny-model effect). Records
+carry ``settings.lm_head_bits``. Usage: ``python experiments/bench_kernels.py --decode --methods
+dense_f32,rtn4_g64_cpukernel,rtn4_g64_cpukernel_qhead,rtn2_g64_cpukernel,rtn2_g64_cpukernel_qhead4``.
 """
 
 from __future__ import annotations
@@ -155,26 +164,44 @@ def run(shapes, rows_list, bandwidth, out_path, reps=7, with_interpret=False):
 
 
 DECODE_METHODS = ("dense_f32", "rtn4_g64", "rtn4_g64_cpukernel", "rtn2_g64", "rtn2_g64_cpukernel",
-                  "aqlm2x8_random")
+                  "aqlm2x8_random", "rtn4_g64_cpukernel_qhead", "rtn4_g64_cpukernel_qhead8",
+                  "rtn2_g64_cpukernel_qhead4")
+
+
+def head_bits(method):
+  """Bits of the untied RTN g64 LM head of a ``*_qhead[B]`` method (``B``, or the linears' bits
+  when absent: ``rtn4_g64_cpukernel_qhead`` is a 4-bit head), ``None`` for a tied dense head."""
+  if "_qhead" not in method:
+    return None
+  tail = method.rsplit("_qhead", 1)[1]
+  return int(tail) if tail else int(method[3])
 
 
 def decode_implementation(method):
   """The model-wide ``matmul_implementation`` of a decode method: ``"cpu"`` for ``*_cpukernel``,
   ``"xla"`` for the other RTN methods (so they measure the XLA path, not the kernel that
   ``formats.dot`` picks on CPU by default), ``None`` (automatic) otherwise."""
-  if method.endswith("_cpukernel"):
+  if method.endswith("_cpukernel") or "_cpukernel_" in method:
     return "cpu"
   return "xla" if method.startswith("rtn") else None
 
 
 def decode_params(params, method, seed=0):
-  """``params`` with every ``*_proj`` kernel compressed by ``method`` (``DECODE_METHODS``)."""
+  """``params`` with every ``*_proj`` kernel compressed by ``method`` (``DECODE_METHODS``); a
+  ``*_qhead*`` method also compresses ``lm_head/kernel`` (RTN g64 at :func:`head_bits`), so
+  ``params`` must then be untied (:func:`decode_setup` does both)."""
   from compressjax import transforms as T  # pylint: disable=g-import-not-at-top
   if method == "dense_f32":
     return params
   if method.startswith("rtn"):
     bits = int(method[3])  # "rtn4_g64" and "rtn4_g64_cpukernel" compress alike
-    return T.apply(T.select((r".*_proj/kernel", T.rtn(bits=bits, group_size=64))), params)[0]
+    rules = [(r".*_proj/kernel", T.rtn(bits=bits, group_size=64))]
+    if head_bits(method) is not None:
+      if params.get("lm_head") is None:
+        raise ValueError(f"decode method {method!r} compresses lm_head/kernel: untie the head "
+                         "first (compressjax.head.untie_head, or use decode_setup)")
+      rules.append(("lm_head/kernel", T.rtn(bits=head_bits(method), group_size=64)))
+    return T.apply(T.select(*rules), params)[0]
   if method == "aqlm2x8_random":
     rng = np.random.default_rng(seed)
 
@@ -194,6 +221,16 @@ def decode_params(params, method, seed=0):
   raise ValueError(f"method must be one of {DECODE_METHODS}, got {method!r}")
 
 
+def decode_setup(cfg, params, method):
+  """``(model config, params)`` of a decode method: :func:`decode_params`, after untying the head
+  for ``*_qhead*`` methods, with the method's ``matmul_implementation``."""
+  from compressjax import head  # pylint: disable=g-import-not-at-top
+  if head_bits(method) is not None:
+    cfg, params = head.untie_head(cfg, params)
+  p = decode_params(params, method)
+  return dataclasses.replace(cfg, matmul_implementation=decode_implementation(method)), p
+
+
 def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16, reps=3,
                out_path=None, model_name="smollm2-135m-instruct"):
   """Decode tokens/s (batch 1, KV cache) of each method; JSON-lines records (see module doc)."""
@@ -205,8 +242,7 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
   prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (prompt_len,)).astype(np.int32)
   models = {}
   for m in methods:
-    p = decode_params(params, m)
-    mcfg = dataclasses.replace(cfg, matmul_implementation=decode_implementation(m))
+    mcfg, p = decode_setup(cfg, params, m)
     models[m] = (build_model(mcfg, p), formats.tree_nbytes(p))
     G.generate(models[m][0], prompt, new_tokens)  # compile prefill and decode step
   times = {m: [] for m in methods}
@@ -223,13 +259,14 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
     tps = 1.0 / step
     if m == "dense_f32":
       dense_tps = tps
-    threads = cpu_kernel.default_threads() if m.endswith("_cpukernel") else None
+    threads = cpu_kernel.default_threads() if decode_implementation(m) == "cpu" else None
     suffix = "" if threads in (None, cpu_kernel.DEFAULT_THREADS) else f"_threads{threads}"
     rec = dict(method=f"decode_{m}{suffix}",
                settings={"model": model_name, "batch": 1, "prompt_len": prompt_len,
                          "new_tokens": new_tokens, "reps": reps, "kv_cache": True,
                          "params_nbytes": int(models[m][1]),
                          "matmul_implementation": decode_implementation(m),
+                         "lm_head_bits": head_bits(m),
                          "cpu_kernel_threads": threads,
                          "generate_s": med[m],
                          "load_avg_1m": os.getloadavg()[0]},
@@ -239,7 +276,7 @@ def run_decode(cfg, params, methods=DECODE_METHODS, new_tokens=64, prompt_len=16
                bytes_per_s=models[m][1] / step, bw_fraction=None, device=device, date=date,
                commit=commit, machine=machine)
     records.append(rec)
-    print(f"decode {m:15s} {tps:8.2f} tok/s  ({models[m][1] / 1e6:.1f} MB params)"
+    print(f"decode {m:26s} {tps:8.2f} tok/s  ({models[m][1] / 1e6:.1f} MB params)"
           + ("" if rec["speedup"] is None else f"  x{rec['speedup']:.2f} vs dense f32"),
           flush=True)
   if out_path:

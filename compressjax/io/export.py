@@ -263,7 +263,8 @@ def export_gptq(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None,
 
   Raises:
     ValueError: as :func:`export_compressed_tensors`, plus mixed schemes, a dense decoder linear,
-      3-bit codes or dimensions that do not fill whole ``int32`` words.
+      a quantized ``lm_head`` (refused: GPTQ checkpoints keep the head dense), 3-bit codes or
+      dimensions that do not fill whole ``int32`` words.
   """
   path = _check_dir(path, overwrite, "export_gptq")
   where = f"export_gptq({path!r})"
@@ -271,6 +272,12 @@ def export_gptq(path: str, cfg: LlamaConfig, params: Any, tokenizer: Any = None,
   items = _collect(cfg, params, "GPTQ", where)
   tensors, schemes = {}, {}
   for s, leaf in items:
+    if isinstance(leaf, QuantizedArray) and s.path[0] == "lm_head":
+      raise ValueError(f"{where}: parameter 'lm_head/kernel' is quantized (an untied compressed "
+                       "head, compressjax.head.untie_head); GPTQ checkpoints keep lm_head dense "
+                       "(transformers/optimum do not load a quantized head). Use "
+                       "export_compressed_tensors (stores the head as a quantized Linear), GGUF "
+                       "(output.weight), or keep the head dense")
     if isinstance(leaf, QuantizedArray):
       mod = _module_name(s)
       for name, t in core.gptq_pack(leaf, checkpoint_format=checkpoint_format,

@@ -404,6 +404,11 @@ def emulate(x: jax.Array, w: quantized.QuantizedArray, *,
   config = config or CONFIG
   if not supports(x, w, config):
     raise NotImplementedError(_unsupported(x, w, config))
+  return _emulate(x, w, config)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _emulate(x, w, config):
   out_dtype = jnp.result_type(x.dtype, w.dtype)
   n = w.shape[1]
   g = w.group_size

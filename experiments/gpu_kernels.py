@@ -51,7 +51,8 @@ SHAPES = {
 }
 
 #: name -> (kernel, constructor(key, k, n)).
-FORMATS = ("q4g128", "q4g128_asym", "q3g128", "q2g64", "q8g128", "aqlm2x8", "aqlm1x16", "e8p")
+FORMATS = ("q4g128", "q4g128_asym", "q3g128", "q2g64", "q8g128", "aqlm2x8", "aqlm1x16", "e8p",
+           "q2g128_asym", "q3g64_asym", "q8g64_asym")
 
 
 def make_weight(name: str, key, k: int, n: int):
@@ -170,9 +171,15 @@ def main(argv=None) -> int:
         ref = jax.jit(REFERENCE[type(w)])(x, w).astype(jnp.float32)
         scale = float(jnp.max(jnp.abs(ref))) or 1.0
         impls = (kernel_impl, "xla")
-        # The Mosaic GPU (Hopper) 4-bit kernel, as rows of its own (kind "mgpu").
-        if not a.smoke and "pallas_mgpu" in _impl_names(w) and pk.quant_matmul_mgpu.supports(x, w):
-          impls += ("pallas_mgpu",)
+        # The Mosaic GPU (Hopper) 2/3/4/8-bit kernel, as rows of its own (kind "mgpu"); a
+        # packed format it does not support gets a row saying so (e.g. 3 bits at K = 11008).
+        if not a.smoke and "pallas_mgpu" in _impl_names(w):
+          if pk.quant_matmul_mgpu.supports(x, w):
+            impls += ("pallas_mgpu",)
+          else:
+            emit(dict(event="result", shape=sname, K=k, N=n, rows=rows, format=fname,
+                      impl="pallas_mgpu", kind="mgpu", skipped="quant_matmul_mgpu.supports "
+                      "is False (falls back to xla)"))
         for impl in impls:
           rec = dict(event="result", shape=sname, K=k, N=n, rows=rows, format=fname, impl=impl,
                      bits_per_param=w.bits_per_param, bytes=wbytes)

@@ -79,12 +79,13 @@ def register() -> None:
     dispatch.register_matmul(
         fmt, "pallas_interpret", functools.partial(fn, interpret=True),
         can_use=supports, priority=INTERPRET_PRIORITY)
-  # Mosaic GPU (Hopper) 4-bit kernel: only on request (below "xla", so never chosen
-  # automatically: not yet run on a GPU), e.g. formats.dot(x, w, implementation="pallas_mgpu");
-  # it needs a Hopper GPU to run (lowering for cuda works anywhere).
+  # Mosaic GPU (Hopper) 2/3/4/8-bit kernel: only on request (below "xla", so never chosen
+  # automatically: lowers, not yet run on a GPU), e.g. formats.dot(x, w, prefer="pallas_mgpu")
+  # or implementation="pallas_mgpu"; its predicate asks for a Hopper GPU backend and a plan
+  # (quant_matmul_mgpu.can_use), so prefer= falls back to "xla" elsewhere.
   dispatch.register_matmul(
       quantized.QuantizedArray, "pallas_mgpu", quant_matmul_mgpu.quant_matmul_mgpu,
-      can_use=quant_matmul_mgpu.supports, priority=INTERPRET_PRIORITY)
+      can_use=quant_matmul_mgpu.can_use, priority=INTERPRET_PRIORITY)
 
 
 register()

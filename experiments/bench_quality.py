@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 from compressjax import pipeline  # pylint: disable=g-import-not-at-top
 
 BENCHES = {
-    "bench_rtn": ("default", "rtn_w8", "rtn_w4g64", "rtn_w3g64", "rtn_w2g64", "rtn_w4g32_asym"),
+    "bench_rtn": ("default", "rtn_w8", "rtn_w4g64", "rtn_w3g64", "rtn_w2g64", "rtn_w4g32_asym",
+                  "rtn_w4g64_qhead4"),
     "bench_gptq": ("gptq_w3g64", "gptq_w4g64", "gptq_w2g64"),
     "bench_awq": ("awq_w3g64", "awq_w4g64", "awq_w2g64"),
     "bench_spqr": ("spqr_w3g16", "spqr_w2g16", "owq_w3"),

@@ -12,6 +12,7 @@ from conftest import REPO, require_reference_model
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 
+@pytest.mark.slow  # a killed and resumed bench_large run (~30 s); resume: test_calibration, test_stream_output
 def test_tiny_random_llama_killed_and_resumed_is_identical(tmp_path, tiny_data):
   require_reference_model()  # its tokenizer tokenizes the windows
   import bench_large  # pylint: disable=g-import-not-at-top

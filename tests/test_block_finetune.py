@@ -350,7 +350,8 @@ def test_block_finetune_on_a_mesh_equals_one_device():
   run_script(MESH_SCRIPT, "BLOCK_FT_MESH_OK")
 
 
-@pytest.mark.parametrize("incoherent", [False, True], ids=["aqlm", "incoherent-aqlm"])
+@pytest.mark.parametrize("incoherent", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["aqlm", "incoherent-aqlm"])  # incoherent: ~28 s alone, -m slow
 def test_block_finetune_tunes_aqlm_codebooks_and_scales_keeping_codes(incoherent):
   """AQLM's own recipe (the paper's block-wise fine-tune of codebooks and scales), also behind
   the incoherence rotation: block errors fall, codes stay, codebooks and scales move."""

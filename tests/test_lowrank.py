@@ -115,6 +115,7 @@ def test_rank_allocation_respects_the_budget_and_varies():
     T.svd(4, keep_fraction=0.5)
 
 
+@pytest.mark.slow  # engine + pipeline jobs (~30 s alone)
 def test_eora_after_quantizer_and_pruner_through_the_engine_and_pipeline():
   model = tiny.tiny_model()
   windows = np.random.default_rng(0).integers(0, 300, (8, 32))

@@ -127,3 +127,16 @@ def test_engine_refusals():
   bm = other_family.Gpt2Blocks(other_family.init_params(0))
   with pytest.raises(ValueError, match="Gpt2Blocks does not offer"):
     calibration.run_sequential(bm, w, T.gptq(bits=4), progress=False, matmul_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("k", [100, 600, 1100])
+def test_gram_tile_rows_assemble_to_the_upper_gram(k):
+  """The bfloat16 passes' carry (unpadded tile rows) is the same upper-tile ``X^T X``."""
+  x = jax.random.normal(jax.random.key(k), (16, k)).astype(jnp.bfloat16)
+  rows = calibration._gram_row_blocks(x)  # pylint: disable=protected-access
+  assert len(rows) == (1 if k < 512 else -(-k // 256))
+  up = calibration._assemble_upper(rows, k)  # pylint: disable=protected-access
+  np.testing.assert_allclose(up, calibration._gram_upper(x), rtol=1e-6, atol=1e-5)  # pylint: disable=protected-access
+  full = calibration._mirror(up)  # pylint: disable=protected-access
+  xf = np.asarray(x.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(full, xf.T @ xf, rtol=1e-5, atol=1e-4)

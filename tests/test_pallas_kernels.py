@@ -190,8 +190,9 @@ def _grads(fn, x, w, fields):
       x, *[getattr(w, f) for f in fields])
 
 
-@pytest.mark.parametrize("kind", ["quant", "quant3", "aqlm", "e8p"])
-def test_gradients_match_xla_path(kind):
+@pytest.mark.parametrize("kind", ["quant", pytest.param("quant3", marks=pytest.mark.slow),
+                                  pytest.param("aqlm", marks=pytest.mark.slow), "e8p"])
+def test_gradients_match_xla_path(kind):  # quant3/aqlm: ~25 s each alone, with -m slow
   rng = np.random.default_rng(3)
   if kind == "quant":
     w, fields, rows = _quantized(rng, 128, 40, 4, 32, False), ("scale", "zero"), 3

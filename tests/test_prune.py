@@ -216,6 +216,7 @@ def test_structured_with_nothing_pruned_is_exactly_the_original():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
 
 
+@pytest.mark.slow  # several structured runs and chains (~33 s alone)
 def test_structured_really_shrinks_and_chains_with_quantizers(tmp_path):
   model = tiny.tiny_model()
   cfg = model.cfg

@@ -121,12 +121,15 @@ def test_error_of_any_type_keeps_its_cause_and_a_readable_message(abstract):
 
 
 @pytest.mark.parametrize("name, build", [
+    # the heaviest two (~25-30 s each alone) run with -m slow; spqr and gptq plan in the default
     ("spqr", lambda: T.spqr(3, 16)),
     ("owq", lambda: T.owq(3, n_keep=2)),
-    ("awq+spqr", lambda: T.chain(T.awq(3, 16), T.spqr(3, 16))),
+    pytest.param("awq+spqr", lambda: T.chain(T.awq(3, 16), T.spqr(3, 16)),
+                 marks=pytest.mark.slow),
     ("owq+eora", lambda: T.eora(T.owq(3, n_keep=2), rank=4)),
     ("gptq", lambda: T.gptq(4, 32)),
-    ("sparsegpt+gptq", lambda: T.chain(T.sparsegpt(0.5), T.gptq(4, 32))),
+    pytest.param("sparsegpt+gptq", lambda: T.chain(T.sparsegpt(0.5), T.gptq(4, 32)),
+                 marks=pytest.mark.slow),
 ])
 def test_every_method_plans_and_chains(name, build):
   """The plan (abstract arrays) has the formats and shapes of a real calibrated run."""

@@ -61,6 +61,7 @@ def _one_line_error(r, *fragments):
 @pytest.mark.parametrize("key, value, fragments", [
     ("calibration.seq_len", 0, ["calibration.seq_len", "positive"]),
     ("calibration.num_windows", 0, ["calibration.num_windows"]),
+    ("calibration.matmul_dtype", "float16", ["calibration.matmul_dtype", "bfloat16"]),
     ("calibration.num_windows", 100000, ["100000 calibration windows", "holds only"]),
     ("data.num_eval_windows", 0, ["data.num_eval_windows"]),
     ("data.num_eval_windows", 100000, ["num_windows=100000", "wiki"]),
@@ -131,6 +132,7 @@ def test_eval_cli_one_line_error(tmp_path):
   assert "compressjax eval: error:" in r.stderr and str(tmp_path / "no") in r.stderr
 
 
+@pytest.mark.slow  # three CLI jobs in subprocesses (~90 s alone); test_split_method_args_reads_literals stays
 def test_method_arguments_settable_from_the_command_line(common, tmp_path):
   """``bits`` is not in configs/default.py's kwargs, ``percdamp`` not in gptq_w4g64's, and
   the second step of a chain is addressed by index."""
@@ -233,6 +235,7 @@ def test_refuses_to_write_into_the_input_models_directory(tmp_path, tiny_data):
   assert sorted(os.listdir(hf)) == before
 
 
+@pytest.mark.slow  # two calibrated compress jobs (~40 s alone)
 def test_same_seed_gives_bit_identical_checkpoints(tiny_gguf, tiny_data, tmp_path):
   """Two runs of one calibrated recipe with the same seed: every stored array identical."""
   manifests = []

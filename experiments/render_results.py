@@ -424,7 +424,9 @@ def render_profile(name, recs):
          "cost analysis of the jitted passes; the solver: the analytic OBS count "
          "`2K^3/3 + 2K^2N + 4KBN` per layer since the one-Cholesky `hinv_factor`; `8K^3/3 + ...` in "
          "records before it) over its seconds less its compile seconds; `of "
-         "matmul`: that rate over a plain float32 matmul's on the same machine. No perplexity is "
+         "matmul`: that rate over a plain float32 matmul's on the same machine (a run with "
+         "`--matmul-dtype bfloat16`: over a bfloat16 x bfloat16 -> float32 matmul's). No "
+         "perplexity is "
          "measured (quality: bench_peer)."]
   for r in sorted(recs, key=lambda r: r["date"]):
     s = r["settings"]
@@ -448,8 +450,11 @@ def render_profile(name, recs):
             f"run_sequential {fmt(r['wall_s'], 1)} s (profile overhead "
             f"{fmt(r['overhead_s'], 1)} s, compile {fmt(r['compile_s'], 1)} s); "
             f"{_g(r['gflop'])} GFLOP counted: {_g(r['achieved_gflop_per_s'])} GFLOP/s = "
-            f"{_g(r['achieved_fraction'])} of the {s['matmul_n']}^3 float32 matmul's "
-            f"{_g(r['matmul_gflop_per_s'])} GFLOP/s; time vs peer: {peer}; peak RSS "
+            f"{_g(r['achieved_fraction'])} of the {s['matmul_n']}^3 "
+            f"{s.get('matmul_dtype', 'float32')} matmul's {_g(r['matmul_gflop_per_s'])} GFLOP/s"
+            + (f" (float32: {_g(r['matmul_float32_gflop_per_s'])})"
+               if s.get("matmul_dtype", "float32") != "float32" else "")
+            + f"; time vs peer: {peer}; peak RSS "
             f"{fmt(r['peak_rss_mb'], 0)} MiB; load avg {fmt(r.get('load_avg_1m'), 1)}.", "",
             table(["phase", "s", "share", "compile s", "GFLOP", "GFLOP/s", "of matmul"], rows),
             "", f"Machine: {r['machine']}"]
@@ -555,7 +560,10 @@ def render_peer(name, recs):
       "unstructured, block 128, damping 0.01); both compressed models are evaluated by the "
       "same standard-protocol code. `wall s`: the compression alone (the peer's oneshot, our "
       "calibration + compression, compiles included; loading and evaluation excluded). `peak "
-      "RSS`: the whole compressing process (getrusage), our evaluation included.", "",
+      "RSS`: the whole compressing process (getrusage), our evaluation included. Methods "
+      "ending in `bf16`: `--precision bfloat16` (the peer's model loaded in bfloat16, ours "
+      "with `calibration.matmul_dtype=bfloat16`; Hessians, solvers and evaluation float32 on "
+      "both sides).", "",
       table(["method", "bits/param", "ppl wiki", "ppl austen", "wall s", "time vs peer",
              "peak RSS MiB", "memory vs peer", "commit", "date"], rows), "",
       "Peer versions: " + "; ".join(versions), "",

@@ -202,6 +202,7 @@ def test_spqr_and_owq_are_finite_on_degenerate_hessians(kind):
     assert np.all(np.isfinite(np.asarray(leaf.materialize())))
 
 
+@pytest.mark.slow  # ~30 s (with -m slow, like spqr planning); owq_w3 runs in test_cli
 def test_spqr_and_owq_transforms_through_the_engine():
   model = tiny.tiny_model(seed=8)
   w = _windows()

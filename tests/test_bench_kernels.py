@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
@@ -31,6 +33,7 @@ def test_bench_kernels_records_every_implementation(tmp_path):
   assert "## kernels" in render_results.render_kernels("bench_kernels", recs)
 
 
+@pytest.mark.slow  # ~27 s; decode itself: test_decode_loop, test_qhead
 def test_bench_kernels_decode_on_a_tiny_model(tmp_path):
   import bench_kernels  # pylint: disable=g-import-not-at-top
   import tiny  # pylint: disable=g-import-not-at-top

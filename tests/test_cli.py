@@ -184,6 +184,7 @@ def test_finetune_job_tunes_a_saved_checkpoint(tiny_gguf, tiny_data, tiny_studen
   assert r.returncode == 1 and "checkpoint" in r.stderr
 
 
+@pytest.mark.slow  # ~22 s; the finetune job: test_finetune_job_tunes_a_saved_checkpoint
 def test_finetune_job_pv_mode_end_to_end(tiny_gguf, tiny_data, tiny_student, tmp_path):
   """``compressjax finetune --config configs/finetune_pv.py`` on the tiny 2-bit checkpoint, a
   few steps: the record says mode "pv", the tuned checkpoint evaluates."""

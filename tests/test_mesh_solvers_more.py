@@ -24,6 +24,8 @@ same recursion with another rounding rule), to keep the test short.
 
 import textwrap
 
+import pytest
+
 from conftest import run_script
 
 SCRIPT = textwrap.dedent("""
@@ -112,5 +114,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~50 s; GPTQ/SparseGPT splits stay in the default suite
 def test_split_lattice_spqr_owq_equal_one_device():
   run_script(SCRIPT, "MESH_SOLVERS_MORE_OK", timeout=600)

@@ -28,6 +28,8 @@ the gathered rows (``gptvq_core`` / ``aqlm_core`` docstrings). Claims checked:
 
 import textwrap
 
+import pytest
+
 from conftest import run_script
 
 SCRIPT = textwrap.dedent("""
@@ -117,5 +119,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~50 s; GPTQ/SparseGPT splits stay in the default suite
 def test_split_gptvq_aqlm_equal_one_device():
   run_script(SCRIPT, "MESH_SOLVERS_VQ_OK", timeout=600)

@@ -121,8 +121,8 @@ def test_error_of_any_type_keeps_its_cause_and_a_readable_message(abstract):
 
 
 @pytest.mark.parametrize("name, build", [
-    # the heaviest two (~25-30 s each alone) run with -m slow; spqr and gptq plan in the default
-    ("spqr", lambda: T.spqr(3, 16)),
+    # the heaviest (~25-30 s each alone) run with -m slow; owq, gptq, owq+eora in the default
+    pytest.param("spqr", lambda: T.spqr(3, 16), marks=pytest.mark.slow),
     ("owq", lambda: T.owq(3, n_keep=2)),
     pytest.param("awq+spqr", lambda: T.chain(T.awq(3, 16), T.spqr(3, 16)),
                  marks=pytest.mark.slow),

@@ -80,8 +80,8 @@ from compressjax import checkpoint
 from compressjax import checkpoint_stream
 from compressjax import engine_profile
 from compressjax import finetune
+from compressjax import formats
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
-from compressjax.formats import CompressedArray
 from compressjax.quantize import obs_core
 from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
 from compressjax.transforms.selection import leaves_with_paths
@@ -215,9 +215,8 @@ class _Passes:
     self._stats = {}
 
     def forward(block, xs):
-      if matmul_dtype is not None:
-        block = jax.tree.map(lambda v: v.materialize() if isinstance(v, CompressedArray) else v,
-                             block, is_leaf=lambda v: isinstance(v, CompressedArray))
+      if matmul_dtype is not None:  # block: {path: leaf}
+        block = {p: formats.materialize(v) for p, v in block.items()}
       return jax.lax.map(lambda x: model.apply_block(block, x, None), xs)
 
     self.forward = jax.jit(forward)

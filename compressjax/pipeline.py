@@ -26,7 +26,7 @@ from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract
 from compressjax.io import build_model, open_model, resolve_model_path
 from compressjax.transforms.base import nonfinite_count
 from compressjax.transforms.selection import leaves_with_paths
-from compressjax.model import LlamaConfig
+from compressjax.model import MATMUL_DTYPES, LlamaConfig
 
 __all__ = ["METHODS", "build_transform", "run_compress", "run_eval", "machine_info", "git_commit",
            "peak_rss_mb", "append_record", "format_table", "check_finite", "eval_windows_for",
@@ -375,8 +375,9 @@ def run_compress(cfg) -> dict[str, Any]:
 def _calibration_matmul_dtype(cfg) -> str | None:
   """``calibration.matmul_dtype`` as :func:`calibration.run_sequential` takes it."""
   md = cfg.calibration.get("matmul_dtype", "float32")
-  if md not in ("float32", "bfloat16"):
-    raise ValueError(f"calibration.matmul_dtype must be 'float32' or 'bfloat16', got {md!r}")
+  allowed = ["float32"] + [d for d in MATMUL_DTYPES if d is not None]
+  if md not in allowed:
+    raise ValueError(f"calibration.matmul_dtype must be one of {allowed}, got {md!r}")
   return None if md == "float32" else md
 
 

@@ -95,8 +95,7 @@ def test_engine_forward_multiplies_the_dequantized_block():
   qblock = {p: (quantize_rtn(v, bits=4, group_size=32) if p.endswith("proj/kernel") else v)
             for p, v in block.items()}
   assert any(isinstance(v, formats.CompressedArray) for v in qblock.values())
-  dense = {p: (v.materialize() if isinstance(v, formats.CompressedArray) else v)
-           for p, v in qblock.items()}
+  dense = {p: formats.materialize(v) for p, v in qblock.items()}
   xs = jax.random.normal(jax.random.key(0), (2, 3, 16, 64))
   passes = calibration._Passes(bm, "bfloat16")  # pylint: disable=protected-access
   got = passes.forward(qblock, xs)

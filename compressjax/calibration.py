@@ -7,6 +7,8 @@ The model is run block by block over the calibration windows. For each block:
    statistics (:class:`LayerStats`: the Hessian proxy ``X^T X``, per-channel sums of ``x^2`` and
    ``|x|``, the token count) inside the same program, so captured activations never leave it;
    only one triangle of each ``X^T X`` is multiplied (tiles of 256 inputs), then mirrored;
+   each batch runs as micro-steps of about :data:`MICRO_ROWS` tokens per device (an inner
+   scan), so the pass's temporaries do not grow with ``batch_size``;
 2. the transform's ``update`` sees only this block's parameters (every other leaf hidden), with
    ``stats`` keyed by parameter path, and its rewrite is kept;
 3. the next block's inputs are the *compressed* block's outputs (``mode="sequential"``, the GPTQ
@@ -209,15 +211,22 @@ class _Passes:
   block's program) so they take the same reduced-precision matmuls.
   """
 
-  def __init__(self, model: BlockModel, matmul_dtype: str | None = None):
+  def __init__(self, model: BlockModel, matmul_dtype: str | None = None, data_size: int = 1):
     self.model = model
     self.matmul_dtype = matmul_dtype
+    self.data_size = data_size
     self._stats = {}
 
     def forward(block, xs):
       if matmul_dtype is not None:  # block: {path: leaf}
         block = {p: formats.materialize(v) for p, v in block.items()}
-      return jax.lax.map(lambda x: model.apply_block(block, x, None), xs)
+
+      def one_batch(x):
+        d, m = self._micro(x.shape)
+        outs = jax.lax.map(lambda xm: model.apply_block(block, xm, None), _micro_split(x, d, m))
+        return _micro_join(outs, d, m)
+
+      return jax.lax.map(one_batch, xs)
 
     self.forward = jax.jit(forward)
     self.embed = jax.jit(lambda outside, toks: jax.lax.map(
@@ -228,6 +237,13 @@ class _Passes:
       self._stats[keep_outputs] = jax.jit(functools.partial(self._run_stats,
                                                             keep_outputs=keep_outputs))
     return self._stats[keep_outputs]
+
+  def _micro(self, batch_shape) -> tuple[int, int]:
+    """``(d, m)``: a batch of ``bs`` windows (``d`` data-parallel devices) runs as micro-steps
+    of ``m`` windows per device (:func:`micro_windows`)."""
+    bs, t = batch_shape[0], batch_shape[1]
+    d = self.data_size if bs % self.data_size == 0 else 1
+    return d, micro_windows(bs // d, t)
 
   def _run_stats(self, block, xs, weights, *, keep_outputs):
     model = self.model
@@ -246,8 +262,9 @@ class _Passes:
                 jnp.zeros((v.shape[-1],)), jnp.zeros((v.shape[-1],)), jnp.zeros(()))
             for k, v in caps.items()}
     t = xs.shape[2]
+    d, m = self._micro(xs.shape[1:])
 
-    def body(carry, inp):
+    def micro_body(carry, inp):
       x, w = inp
       cap: dict[str, jax.Array] = {}
       out = model.apply_block(block, x, cap)
@@ -264,12 +281,52 @@ class _Passes:
         new[k] = (up, sq + jnp.sum(xf * xf, 0), ab + jnp.sum(jnp.abs(xf), 0), n + rows)
       return new, (out if keep_outputs else None)
 
+    def body(carry, inp):
+      x, w = inp
+      ws = None if w is None else _micro_split(w, d, m)
+      carry, outs = jax.lax.scan(micro_body, carry, (_micro_split(x, d, m), ws))
+      return carry, (_micro_join(outs, d, m) if keep_outputs else None)
+
     carry, outs = jax.lax.scan(body, init, (xs, weights))
     if md is not None:
       carry = {k: (_assemble_upper(up, sq.shape[0]), sq, ab, n)
                for k, (up, sq, ab, n) in carry.items()}
     stats = {k: LayerStats(_mirror(up), sq, ab, n) for k, (up, sq, ab, n) in carry.items()}
     return stats, outs
+
+
+#: Rows (tokens) per device that one micro-step of the block passes aims for: enough for full
+#: matmul speed, few enough that the step's activations stay small (a 1.28B block at 8 x 512
+#: windows per step needed 1.27 GB of XLA temporaries in the statistics pass, 0.44 GB at 2).
+MICRO_ROWS = 1024
+
+
+def micro_windows(per_device: int, seq_len: int) -> int:
+  """Windows per device in one micro-step of a batch with ``per_device`` windows per device:
+  the largest divisor of ``per_device`` with at most :data:`MICRO_ROWS` rows (at least 1).
+
+  The block passes run each scan step's batch as such micro-steps (an inner scan), so their
+  temporaries are those of ``MICRO_ROWS`` tokens per device whatever ``batch_size`` is;
+  the statistics are the same sums, added in a different order (float32 rounding only)."""
+  target = max(1, MICRO_ROWS // max(seq_len, 1))
+  return max(c for c in range(1, per_device + 1) if per_device % c == 0 and c <= target)
+
+
+def _micro_split(a: jax.Array, d: int, m: int) -> jax.Array:
+  """``(bs, ...) -> (bs / (d m), d m, ...)``: micro-step ``j`` takes windows ``j m .. j m + m``
+  of each device's contiguous ``bs / d`` (a batch split over ``d`` devices stays split the same
+  way: each micro-step has ``m`` windows on every device)."""
+  bs = a.shape[0]
+  s = bs // (d * m)
+  a = jnp.swapaxes(a.reshape((d, s, m) + a.shape[1:]), 0, 1)
+  return a.reshape((s, d * m) + a.shape[3:])
+
+
+def _micro_join(a: jax.Array, d: int, m: int) -> jax.Array:
+  """The inverse of :func:`_micro_split`."""
+  s = a.shape[0]
+  a = jnp.swapaxes(a.reshape((s, d, m) + a.shape[2:]), 0, 1)
+  return a.reshape((s * d * m,) + a.shape[3:])
 
 
 def _fingerprint(windows: np.ndarray, mode: str, n_blocks: int, extra: str) -> str:
@@ -481,7 +538,7 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
     weights = place.put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
                         .reshape(nb, bs), place.batches((nb, bs)))
   fp = _fingerprint(windows, mode, bm.num_blocks, recipe_key)
-  passes = _Passes(bm, matmul_dtype)
+  passes = _Passes(bm, matmul_dtype, place.data_size)
 
   # compressed block leaves by full path (with ``output``: their abstract placeholders)
   done: dict[str, Any] = {}

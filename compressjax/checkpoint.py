@@ -103,7 +103,9 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 
 
 def _crc(x) -> int:
-  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).ravel().tobytes())
+  """CRC32 of the array's bytes (C order), read in place: no copy of a contiguous array."""
+  a = np.ascontiguousarray(np.asarray(x))
+  return zlib.crc32(a.reshape(-1).view(np.uint8))
 
 
 def _is_sharded(v) -> bool:

@@ -88,6 +88,28 @@ def obs_solver_flops(k: int, n: int, blocksize: int = 128) -> float:
   return 2.0 * k**3 / 3.0 + 2.0 * k * k * n + 4.0 * k * b * n
 
 
+def _hwm_mb() -> float | None:
+  """This process's resident-memory high-water mark (``VmHWM``, MiB); ``None`` off Linux."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    return None
+  return None
+
+
+def _reset_hwm() -> bool:
+  """Resets ``VmHWM`` to the current RSS (Linux ``clear_refs`` 5); False where that fails."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def _union(spans: list[tuple[float, float]]) -> float:
   total, end = 0.0, -np.inf
   for s, e in sorted(spans):
@@ -140,6 +162,15 @@ class EngineProfile:
     wall_s: the whole call.
     overhead_s: the profile's own work (lowering the one-batch programs for the cost analysis), inside
       ``wall_s`` but in no phase.
+    peak_rss_mb: per phase, the highest resident memory of the process (MiB) while that phase
+      ran (also per block, as ``blocks[i]["peak_rss_mb"]``); ``None`` where the platform gives no
+      per-phase peak. Measured with Linux's resettable high-water mark: before each phase
+      ``/proc/self/clear_refs`` is written ``5`` (which resets ``VmHWM``) and after it
+      ``VmHWM`` is read, so the kernel's own record of the process's peak is only per phase
+      while profiling; ``peak_rss_total_mb`` keeps the maximum over the whole call (phases,
+      the time between them and the peak before the call).
+    peak_rss_total_mb: the process's peak resident memory up to the end of the call (MiB),
+      ``None`` where the platform gives none.
   """
 
   solver_flops: Callable[[int, int], float] | None = obs_solver_flops
@@ -150,6 +181,8 @@ class EngineProfile:
   flops: dict[str, float | None] = dataclasses.field(default_factory=dict)
   wall_s: float = 0.0
   overhead_s: float = 0.0
+  peak_rss_mb: dict[str, float | None] = dataclasses.field(default_factory=dict)
+  peak_rss_total_mb: float | None = None
 
   def total_compile_s(self) -> float:
     """Seconds of tracing + lowering + compiling in all phases."""
@@ -158,7 +191,7 @@ class EngineProfile:
   def summary(self, matmul_gflops: float | None = None) -> dict[str, dict[str, Any]]:
     """Per phase: ``s``, ``compile_s``, ``share`` (of ``wall_s``), ``gflop``, ``gflop_per_s``
     (over the phase's seconds), ``gflop_per_s_compute`` (over its seconds less its compile
-    seconds) and, with ``matmul_gflops`` (a plain large matmul's rate on the same machine),
+    seconds), ``peak_rss_mb`` and, with ``matmul_gflops`` (a plain large matmul's rate on the same machine),
     ``fraction_of_matmul`` (of ``gflop_per_s_compute``). Uncounted values are ``None``."""
     out = {}
     for ph in PHASES:
@@ -168,7 +201,7 @@ class EngineProfile:
       crate = f / compute / 1e9 if f is not None and compute > 0 else None
       out[ph] = {"s": s, "compile_s": c, "share": s / self.wall_s if self.wall_s else None,
                  "gflop": None if f is None else f / 1e9, "gflop_per_s": rate,
-                 "gflop_per_s_compute": crate,
+                 "gflop_per_s_compute": crate, "peak_rss_mb": self.peak_rss_mb.get(ph),
                  "fraction_of_matmul": (crate / matmul_gflops
                                         if crate is not None and matmul_gflops else None)}
     return out
@@ -233,12 +266,16 @@ class _Recorder:
                     (ph == "solver" and p.solver_flops is not None) else None) for ph in PHASES}
     p.compile_events = {}
     p.overhead_s = 0.0
+    p.peak_rss_mb = {ph: None for ph in PHASES}
+    p.peak_rss_total_mb = _hwm_mb()
+    self._rss = p.peak_rss_total_mb is not None
     jax.monitoring.register_event_time_span_listener(self._listen)
     self.t0 = time.perf_counter()
     return self
 
   def __exit__(self, *exc):
     self.p.wall_s = time.perf_counter() - self.t0
+    self._fold_peak(_hwm_mb())
     jax.monitoring.unregister_event_time_span_listener(self._listen)
     by_phase: dict[str, list] = {}
     for ph, ev, s, e in self.spans:
@@ -253,8 +290,15 @@ class _Recorder:
                                       if q == ph]) for ph in blk["seconds"]}
     return False
 
+  def _fold_peak(self, mb):
+    if mb is not None and self.p.peak_rss_total_mb is not None:
+      self.p.peak_rss_total_mb = max(self.p.peak_rss_total_mb, mb)
+
   def run(self, phase, fn, *args, **kwargs):
     self.phase = phase
+    if self._rss:  # the peak so far (between phases) is kept, then the phase's own is measured
+      self._fold_peak(_hwm_mb())
+      self._rss = _reset_hwm()
     t0 = time.perf_counter()
     try:
       out = jax.block_until_ready(fn(*args, **kwargs))
@@ -262,12 +306,20 @@ class _Recorder:
       dt = time.perf_counter() - t0
       self.phase = None
       self.p.seconds[phase] += dt
+      peak = _hwm_mb() if self._rss else None
+      if peak is not None:
+        self._fold_peak(peak)
+        self.p.peak_rss_mb[phase] = max(self.p.peak_rss_mb[phase] or 0.0, peak)
       if self.block is not None:
         self.block["seconds"][phase] = self.block["seconds"].get(phase, 0.0) + dt
+        if peak is not None:
+          bp = self.block["peak_rss_mb"]
+          bp[phase] = max(bp.get(phase, 0.0), peak)
     return out
 
   def block_start(self, i):
-    self.block = {"block": i, "seconds": {}, "flops": {}, "_spans": [len(self.spans), None]}
+    self.block = {"block": i, "seconds": {}, "flops": {}, "peak_rss_mb": {},
+                  "_spans": [len(self.spans), None]}
 
   def block_end(self):
     self.block["_spans"][1] = len(self.spans)

@@ -219,7 +219,8 @@ def main(argv=None):
       "ppl_wiki": None,  # a profile evaluates nothing (quality: bench_peer / bench_gptq)
       "ppl_austen": None,
       "evaluation": "none: a profile of the calibration engine, no perplexity is measured",
-      "peak_rss_mb": pipeline.peak_rss_mb(),
+      # profiling resets the kernel's high-water mark per phase: the profile keeps the maximum
+      "peak_rss_mb": max(pipeline.peak_rss_mb(), profile.peak_rss_total_mb or 0.0),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "commit": pipeline.git_commit(),
       "machine": pipeline.machine_info(),
@@ -227,10 +228,10 @@ def main(argv=None):
   }
   pipeline.append_record(results, record)
   rows = [[ph, v["s"], v["compile_s"], v["share"], v["gflop_per_s_compute"],
-           v["fraction_of_matmul"]] for ph, v in phases.items() if v["s"] > 0]
+           v["fraction_of_matmul"], v["peak_rss_mb"]] for ph, v in phases.items() if v["s"] > 0]
   print()
   print(pipeline.format_table(["phase", "s", "compile s", "share", "GFLOP/s (compute)",
-                               "of matmul"],
+                               "of matmul", "peak RSS MiB"],
                               [[("-" if c is None else c) for c in r] for r in rows]))
   print(f"run_sequential {profile.wall_s:.2f} s (compile {record['compile_s']:.2f} s, profile "
         f"overhead {profile.overhead_s:.2f} s); {gflop:.2f} GFLOP counted, "

@@ -131,3 +131,42 @@ def test_modes_and_errors():
     calibration.run_sequential(model, w, T.gptq(bits=4), mode="parallel")
   with pytest.raises(ValueError, match="needs calibration statistics"):
     T.apply(T.gptq(bits=4), model_params(model))
+
+
+def test_micro_steps_split_each_batch_per_device_and_join_back():
+  assert calibration.micro_windows(8, 512) == 2  # MICRO_ROWS = 1024 rows per device
+  assert calibration.micro_windows(8, 2048) == 1
+  assert calibration.micro_windows(6, 256) == 3  # the largest divisor within the budget
+  assert calibration.micro_windows(5, 24) == 5
+  a = jnp.arange(8 * 3).reshape(8, 3)
+  s = calibration._micro_split(a, 2, 2)  # 2 devices x 4 windows, 2 per device per micro-step
+  # micro-step j holds windows 2j, 2j + 1 of device 0 (windows 0-3) and of device 1 (4-7)
+  np.testing.assert_array_equal(np.asarray(s[:, :, 0]) // 3, [[0, 1, 4, 5], [2, 3, 6, 7]])
+  np.testing.assert_array_equal(calibration._micro_join(s, 2, 2), a)
+
+
+def test_micro_steps_bound_the_statistics_pass_temporaries(monkeypatch):
+  """The statistics pass's compiled temporaries stay those of one micro-step (plus a copy of
+  the batch's inputs, split into micro-steps) whatever the batch (``memory_analysis``), and its
+  statistics are the same sums (float32 rounding)."""
+  model = tiny.tiny_model(seed=1)
+  bm = calibration.as_block_model(model)
+  block = bm.block_params(0)
+  xs = jax.random.normal(jax.random.key(0), (1, 8, 64, 64))
+  monkeypatch.setattr(calibration, "MICRO_ROWS", 64)  # one window per micro-step
+  passes = calibration._Passes(bm)
+  small = passes.stats(True).lower(block, xs, None).compile().memory_analysis()
+  one = passes.stats(True).lower(block, xs[:, :1], None).compile().memory_analysis()
+  st_micro, out_micro = passes.stats(True)(block, xs, None)
+  monkeypatch.setattr(calibration, "MICRO_ROWS", 1 << 20)  # the whole batch in one step
+  whole = calibration._Passes(bm)
+  big = whole.stats(True).lower(block, xs, None).compile().memory_analysis()
+  st_whole, out_whole = whole.stats(True)(block, xs, None)
+  batch_bytes = xs[0].size * 4  # the batch's inputs, split; with outputs kept: their join
+  assert small.temp_size_in_bytes <= one.temp_size_in_bytes + 2 * batch_bytes
+  assert big.temp_size_in_bytes > 3 * small.temp_size_in_bytes
+  np.testing.assert_array_equal(out_micro, out_whole)
+  for k in st_whole:
+    np.testing.assert_allclose(st_micro[k].hessian, st_whole[k].hessian, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st_micro[k].sq_sum, st_whole[k].sq_sum, rtol=1e-5)
+    assert float(st_micro[k].n) == float(st_whole[k].n) == 8 * 64

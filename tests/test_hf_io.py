@@ -15,6 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from compressjax import formats
+from compressjax.blocks import materialize
 from compressjax.io import build_model, hf, load_hf, load_model, model_params, save_hf
 from compressjax.io.gguf import unpermute_qk
 from compressjax.model import Llama, LlamaConfig, rope_inv_freq
@@ -143,6 +144,26 @@ def test_round_trip_bfloat16(tmp_path):
   assert_trees_equal(loaded, params, rtol=1e-2, atol=1e-2)
   _, native, _ = load_quiet(tmp_path / "ck", dtype=None)
   assert all(v.dtype == ml_dtypes.bfloat16 for v in flatten(native).values())
+
+
+@pytest.mark.parametrize("save_dtype,load_dtype", [("float32", "float32"),
+                                                   ("bfloat16", "float32"),
+                                                   ("bfloat16", None)])
+def test_transposed_tensors_read_in_row_blocks_equal_the_whole_read(tmp_path, monkeypatch,
+                                                                    save_dtype, load_dtype):
+  """Large transposed tensors (the kernels and the head) are read in row blocks straight into
+  their transposed array (one copy in memory); the values are those of the whole read."""
+  cfg = tiny_config(tie_word_embeddings=False)
+  save_hf(tmp_path / "ck", cfg, random_params(cfg), dtype=save_dtype)
+  _, whole, _ = load_quiet(tmp_path / "ck", dtype=load_dtype)
+  monkeypatch.setattr(hf, "_TRANSPOSE_CHUNK_BYTES", 1000)  # every kernel in several row blocks
+  _, blocks, _ = load_quiet(tmp_path / "ck", dtype=load_dtype)
+  _, lazy, _ = load_quiet(tmp_path / "ck", dtype=load_dtype, lazy=True)
+  assert_trees_equal(blocks, whole)
+  assert_trees_equal(materialize(lazy), whole)
+  for v in flatten(blocks).values():
+    assert v.dtype == (ml_dtypes.bfloat16 if load_dtype is None else np.float32)
+    assert v.flags.c_contiguous
 
 
 def test_save_accepts_module_and_string_keys(tmp_path):

@@ -65,6 +65,16 @@ def test_profiled_run_is_identical_and_accounts_for_its_time():
   for ph in ("stats", "solver", "forward"):  # ("read" and "transfer" also run before the loop)
     assert sum(b["seconds"][ph] for b in prof.blocks) == pytest.approx(prof.seconds[ph])
   assert prof.blocks[1]["compile_s"]["stats"] == 0 and prof.blocks[1]["compile_s"]["forward"] == 0
+  # Peak memory per phase (Linux: the high-water mark reset before each phase): every phase that
+  # ran has one, at most the whole call's peak, which is at least this process's current RSS.
+  if sys.platform.startswith("linux"):
+    rss = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+               if l.startswith("VmRSS:"))
+    for ph in ("read", "stats", "solver", "forward", "outside"):
+      assert 0 < prof.peak_rss_mb[ph] <= prof.peak_rss_total_mb, ph
+      assert prof.blocks[0]["peak_rss_mb"].get(ph, 0) <= prof.peak_rss_mb[ph]
+    assert prof.peak_rss_mb["save"] is None  # did not run
+    assert prof.peak_rss_total_mb >= 0.5 * rss
 
   # FLOPs: the solver's analytic count per layer (K, N of each of the 7 linears, 2 blocks) ...
   cfg = model.cfg

@@ -456,13 +456,39 @@ def _read_tensor(fpath: str, s: TensorSpec, np_dtype, f=None, path: str | None =
   return _decode_tensor(f, fpath, s, np_dtype, path)
 
 
+#: A transposed tensor larger than this is read in row blocks of about this many bytes,
+#: written straight into its transposed array (one copy of the tensor in memory, not two).
+_TRANSPOSE_CHUNK_BYTES = 64 << 20
+
+
 def _decode_tensor(f, fpath: str, s: TensorSpec, np_dtype, path: str | None):
+  def damaged(e):
+    return ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} cannot be read, "
+                      f"the file is truncated or corrupt ({type(e).__name__}: {e})")
+
+  try:
+    sl = f.get_slice(s.hf_name)
+    shape = tuple(sl.get_shape())
+  except Exception as e:  # a damaged header entry
+    raise damaged(e) from e
+  _check_shape(path or os.path.dirname(fpath), fpath, s, shape)
+  stored = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+  dtype = np_dtype if np_dtype is not None else stored
+  if (s.transpose and len(shape) == 2 and stored is not None and
+      shape[0] * shape[1] * max(stored.itemsize, dtype.itemsize) > _TRANSPOSE_CHUNK_BYTES):
+    out = np.empty(shape[::-1], dtype)
+    step = max(1, _TRANSPOSE_CHUNK_BYTES // max(1, shape[1] * stored.itemsize))
+    try:
+      for a in range(0, shape[0], step):
+        e = min(a + step, shape[0])  # safetensors slices do not clip
+        out[:, a:e] = sl[a:e].T  # cast on assignment when the dtypes differ
+    except Exception as e:  # a truncated or damaged data section
+      raise damaged(e) from e
+    return out
   try:
     w = f.get_tensor(s.hf_name)
   except Exception as e:  # a truncated or damaged data section
-    raise ValueError(f"safetensors file {fpath!r}: tensor {s.hf_name!r} cannot be read, "
-                     f"the file is truncated or corrupt ({type(e).__name__}: {e})") from e
-  _check_shape(path or os.path.dirname(fpath), fpath, s, tuple(w.shape))
+    raise damaged(e) from e
   if np_dtype is not None and w.dtype != np_dtype:
     w = w.astype(np_dtype)
   if s.transpose:

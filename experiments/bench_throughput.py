@@ -38,13 +38,10 @@ def _peak_rss_mb():
   ``/proc/self/status`` ``VmHWM`` where available: on Linux ``getrusage().ru_maxrss`` survives
   ``fork``+``exec``, so in a worker it would report the parent's peak if that was larger.
   """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
+  from compressjax.engine_profile import _hwm_mb  # pylint: disable=g-import-not-at-top,protected-access
+  hwm = _hwm_mb()
+  if hwm is not None:
+    return hwm
   import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -53,12 +53,15 @@ bits/param divides the smaller model's bytes by the *original* parameter count.
 """
 
 
-def load(name):
+def load(name, every: bool = False):
+  """The records of ``name``: the latest per (method, settings), or ``every`` one."""
   recs = []
   with open(os.path.join(RESULTS, name)) as f:
     for line in f:
       if line.strip():
         recs.append(json.loads(line))
+  if every:
+    return recs
   latest = {}
   for r in recs:
     latest[(r["method"], json.dumps(r.get("settings"), sort_keys=True))] = r
@@ -356,9 +359,11 @@ def render_large(name, recs):
                  {True: "streamed", False: "kept", None: "kept"}[
                      r["settings"].get("stream_output")],
                  fmt(r["peak_rss_killed_attempt_mb"], 0), fmt(r["peak_rss_resumed_attempt_mb"], 0),
-                 fmt(r["peak_rss_reference_mb"], 0), fmt(r["rss_after_blocks_peak_mb"], 0),
-                 fmt(r["wall_s"], 0), r["commit"], r["date"][:10]])
-    blocks.append(f"- {r['method']} ({r['date'][:10]}): seconds per block "
+                 fmt(r["peak_rss_reference_mb"], 0),
+                 fmt(max(v for v in r["block_rss_peak_mb"] if v is not None), 0),
+                 fmt(r["rss_after_blocks_peak_mb"], 0),
+                 fmt(r["wall_s"], 0), r["commit"], r["date"][:10], r["machine"].split(";")[0]])
+    blocks.append(f"- {r['method']} ({r['commit']}, {r['date'][:10]}): seconds per block "
                   f"[{', '.join(fmt(v, 1) for v in r['block_seconds'])}]; peak RSS MiB per block "
                   f"[{', '.join(fmt(v, 0) for v in r['block_rss_peak_mb'])}]")
   machines = sorted({r["machine"] for r in recs})
@@ -372,13 +377,15 @@ def render_large(name, recs):
       "compressed bytes the engine keeps per finished block without streaming; `RSS end slope` "
       "the same slope of the RSS at the end of each block; `output` says whether the finished "
       "blocks were streamed to the output checkpoint (`calibration.stream_output`) or kept "
-      "(records before it existed); `after blocks` is "
+      "(records before it existed); `max block peak` the highest peak RSS sampled within a block "
+      "(uninterrupted blocks of the run); `after blocks` is "
       "the peak RSS sampled after the last block (outside parameters, evaluation, save). "
       "Perplexities of a random model are meaningless and not shown.", "",
       table(["method", "params", "file GB", "cal. windows", "killed after", "identical",
              "s/block", "RSS slope MiB/block", "RSS end slope MiB/block", "kept MiB/block",
              "output", "peak RSS killed", "peak RSS resumed",
-             "peak RSS uninterrupted", "after blocks", "wall s", "commit", "date"], rows), "",
+             "peak RSS uninterrupted", "max block peak", "after blocks", "wall s", "commit",
+             "date", "machine"], rows), "",
       *blocks, "", "Machine: " + "; ".join(machines), ""])
 
 
@@ -594,7 +601,8 @@ def main():
     elif name == "bench_aqlm_tradeoff":
       parts.append(render_aqlm_tradeoff(name, recs))
     elif name == "bench_large":
-      parts.append(render_large(name, recs))
+      # every run: the same setting was re-measured after memory changes, on other hosts
+      parts.append(render_large(name, load(f"{name}.jsonl", every=True)))
     elif name == "bench_kernels":
       parts.append(render_kernels(name, recs))
     elif name == "profile_engine":

@@ -1010,7 +1010,6 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
       outside the directory, a compressed format that is not registered), naming the path; a
       ``shardings`` entry for a leaf the checkpoint does not hold.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)
   manifest = read_manifest(path)

@@ -348,3 +348,32 @@ def test_build_model_with_another_models_parameters_names_them(tmp_path, qparams
     blk["mlp"]["up_proj"]["kernel"] = blk["mlp"]["up_proj"]["kernel"][:, :64]
     blk["mlp"]["down_proj"]["kernel"] = blk["mlp"]["down_proj"]["kernel"][:64]
   assert build_model(model.cfg, pruned)(jnp.arange(4)[None]).shape == (1, 4, 300)
+
+
+def test_large_jax_arrays_saved_directly_and_restored_in_batches(tmp_path, monkeypatch):
+  """One-device jax arrays of 1 MiB and more go to orbax as they are (no host copy); restore reads
+  in batches (here one array each) and gives the same values and dtypes as before."""
+  big = jax.random.normal(jax.random.key(0), (512, 1024))  # 2 MiB float32
+  params = {"big": big, "codes": jnp.arange(1 << 19, dtype=jnp.uint32).reshape(512, 1024),
+            "small": jnp.arange(16.0), "host": np.ones((600, 600), np.float32),
+            "bf16": jnp.ones((1024, 1024), jnp.bfloat16)}
+  seen = {}
+  write = checkpoint._write_arrays
+
+  def spy(arrays_dir, arrays):
+    seen.update({k: type(v) for k, v in arrays.items()})
+    write(arrays_dir, arrays)
+
+  monkeypatch.setattr(checkpoint, "_write_arrays", spy)
+  checkpoint.save(str(tmp_path / "ck"), params)
+  assert sorted(t.__name__ for t in seen.values()) == ["ArrayImpl", "ArrayImpl", "ArrayImpl",
+                                                        "ndarray", "ndarray"]
+  monkeypatch.setattr(checkpoint, "_RESTORE_BATCH_BYTES", 1000)
+  got, _ = checkpoint.restore(str(tmp_path / "ck"))
+  for k, v in params.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+  monkeypatch.setattr(checkpoint, "_RESTORE_BATCH_BYTES", 1 << 30)  # one batch
+  again, _ = checkpoint.restore(str(tmp_path / "ck"))
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(again[k]), np.asarray(got[k]), err_msg=k)

@@ -245,6 +245,12 @@ class _Passes:
     d = self.data_size if bs % self.data_size == 0 else 1
     return d, micro_windows(bs // d, t)
 
+  def micro_steps(self, xs_shape) -> int:
+    """Micro-steps per batch of ``xs`` ``(nb, bs, T, ...)`` (the profile's FLOPs: XLA's cost
+    analysis counts a scan body once, so one batch's program counts one micro-step)."""
+    d, m = self._micro(xs_shape[1:])
+    return xs_shape[1] // (d * m)
+
   def _run_stats(self, block, xs, weights, *, keep_outputs):
     model = self.model
 
@@ -565,7 +571,8 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
     keep = mode == "original" or tuner is not None  # fine-tuning targets the dense outputs
     dense_d = prof.run("transfer", place.put_tree, dense)
     stats_by_cap, orig_out = prof.run("stats", passes.stats(keep), dense_d, x, weights)
-    prof.pass_flops("stats", passes.stats(keep), (dense_d, x, weights), (1, 2), nb)
+    prof.pass_flops("stats", passes.stats(keep), (dense_d, x, weights), (1, 2),
+                    nb * passes.micro_steps(x.shape))
     del dense_d
     stats_by_cap = prof.run("transfer", place.local, stats_by_cap)
     stats = {prefix + k: stats_by_cap[src] for k, src in bm.linear_inputs.items()}
@@ -592,7 +599,8 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
     if mode == "sequential":
       block_d = prof.run("transfer", place.put_tree, block)
       x = prof.run("forward", passes.forward, block_d, x)
-      prof.pass_flops("forward", passes.forward, (block_d, x), (1,), nb)
+      prof.pass_flops("forward", passes.forward, (block_d, x), (1,),
+                      nb * passes.micro_steps(x.shape))
       del block_d
     else:
       x = orig_out

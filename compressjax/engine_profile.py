@@ -25,7 +25,8 @@ Python dispatch). The listener is registered for the call only.
 
 FLOPs per phase: for the jitted passes (``embed``, ``stats``, ``forward``) XLA's cost analysis
 (``flops``) of the same program lowered for **one** batch, multiplied by the number of batches
-(XLA's cost analysis counts a ``scan``/``while`` body once, whatever its trip count). It is the
+(XLA's cost analysis counts a ``scan``/``while`` body once, whatever its trip count; the passes'
+inner micro-steps are multiplied in the same way). It is the
 lowered program's :meth:`jax.stages.Lowered.cost_analysis` (no backend compile; on the tiny
 test model within 0.3% of the compiled program's count), or the compiled one's where the
 lowered one gives none. It is taken after the phase ran, once per program and shape (its time

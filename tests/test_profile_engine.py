@@ -143,3 +143,21 @@ def test_tiny_script_writes_a_record_the_renderer_renders(tmp_path):
     assert ph in text, ph
   # The renderer's phase order is the engine's.
   assert render_results.PROFILE_PHASES == PHASES
+
+
+def test_pass_flops_count_every_micro_step(monkeypatch):
+  """The passes run each batch as micro-steps (an inner scan that XLA's cost analysis counts
+  once): the profile's FLOPs are the same whether a batch is one micro-step or four."""
+  model = tiny.tiny_model(seed=3)
+  w = _windows()
+  flops = {}
+  default = calibration.MICRO_ROWS
+  for rows in (default, 24):  # 4 windows of 24 tokens: 1 or 4 micro-steps
+    monkeypatch.setattr(calibration, "MICRO_ROWS", rows)
+    prof = calibration.EngineProfile()
+    calibration.run_sequential(model, w, T.gptq(bits=4, group_size=32), batch_size=4,
+                               progress=False, profile=prof)
+    flops[rows] = prof.flops
+  for ph in ("stats", "forward"):
+    # (within 2%: each micro-step also adds into the K x K carry once)
+    assert flops[24][ph] == pytest.approx(flops[default][ph], rel=2e-2), ph

@@ -241,9 +241,8 @@ class _Passes:
   def _micro(self, batch_shape) -> tuple[int, int]:
     """``(d, m)``: a batch of ``bs`` windows (``d`` data-parallel devices) runs as micro-steps
     of ``m`` windows per device (:func:`micro_windows`)."""
-    bs, t = batch_shape[0], batch_shape[1]
-    d = self.data_size if bs % self.data_size == 0 else 1
-    return d, micro_windows(bs // d, t)
+    bs, t = batch_shape[0], batch_shape[1]  # bs: a multiple of data_size (run_sequential)
+    return self.data_size, micro_windows(bs // self.data_size, t)
 
   def micro_steps(self, xs_shape) -> int:
     """Micro-steps per batch of ``xs`` ``(nb, bs, T, ...)`` (the profile's FLOPs: XLA's cost
@@ -434,7 +433,9 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
       current block's linear kernel paths (``layers/{i}/attn/q_proj/kernel``...) to the
       :class:`LayerStats` of that layer's input.
     batch_size: windows per step of the block scan (a multiple of the data axes' size with a
-      mesh); a short last batch is padded with windows that carry zero weight.
+      mesh); a short last batch is padded with windows that carry zero weight. Each step runs
+      as micro-steps of about :data:`MICRO_ROWS` tokens per device, so memory does not grow
+      with it.
     mode: ``"sequential"`` (next block sees the compressed block's outputs) or ``"original"``.
     resume_dir: where to write each finished block and resume from; ``None`` disables it.
     recipe_key: a string identifying the recipe (part of the resume fingerprint, so a resume dir

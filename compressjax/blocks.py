@@ -17,7 +17,12 @@ It asks a :class:`BlockModel` for
   time, the input of every linear layer under a capture name;
 * ``linear_inputs``: ``{relative kernel path: capture name}``, which captured input feeds which
   kernel (several kernels may share one, e.g. q/k/v). Kernels are ``(in, out)``; the statistics
-  of the kernel at ``prefix + path`` are those of its capture.
+  of the kernel at ``prefix + path`` are those of its capture;
+* optionally ``token_nll(outside, h, tokens)``, the final part (last block's outputs -> per-token
+  next-token NLL), for the block-wise evaluation
+  (:func:`compressjax.evaluate.perplexity_by_block`), and ``embed_params()`` /
+  ``final_params()``, the outside parameters ``embed`` / ``token_nll`` read (default: all of
+  them; :class:`LlamaBlocks` reads only the embedding, and only the final norm and the head).
 
 :class:`LlamaBlocks` implements it for :class:`compressjax.model.Llama` (every loader's layout);
 ``tests/other_family.py`` implements it for a GPT-2-style model (LayerNorm with bias, fused QKV)
@@ -159,6 +164,21 @@ class BlockModel(abc.ABC):
                   capture: dict[str, jax.Array] | None = None) -> jax.Array:
     """One block ``(B, T, D) -> (B, T, D)``; fills ``capture`` with linear inputs; jittable."""
 
+  def embed_params(self) -> dict[str, Any]:
+    """The parameters outside the blocks that :meth:`embed` reads (default: all of them)."""
+    return self.outside_params()
+
+  def final_params(self) -> dict[str, Any]:
+    """The parameters outside the blocks that :meth:`token_nll` reads (default: all of them)."""
+    return self.outside_params()
+
+  def token_nll(self, outside: Mapping[str, Any], h: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The final part: the last block's outputs ``h`` ``(B, T, D)`` -> float32 negative
+    log-likelihood ``(B, T-1)`` of each next token ``tokens[:, 1:]``; jittable. Only the
+    block-wise evaluation needs it; models that do not offer it refuse."""
+    raise NotImplementedError(f"{type(self).__name__} does not implement BlockModel.token_nll "
+                              "(the final part), which block-wise evaluation needs")
+
   def with_matmul_dtype(self, matmul_dtype: str) -> "BlockModel":
     """This model with its blocks' dense matmuls in ``matmul_dtype`` with float32 accumulation
     (see :attr:`compressjax.model.LlamaConfig.matmul_dtype`); models that do not offer it
@@ -188,6 +208,14 @@ class LlamaBlocks(BlockModel):
     self._template = None
 
   @classmethod
+  def from_checkpoint(cls, cfg, path: str, *, dtype=jnp.float32) -> "LlamaBlocks":
+    """The model of a compressjax checkpoint at ``path`` (e.g. one streamed block by block),
+    read lazily: ``block_params(i)`` restores only block ``i``'s leaves and
+    ``outside_params()`` only the leaves outside the blocks (each checked against its checksum),
+    so the whole model is never in memory."""
+    return _CheckpointLlamaBlocks(cfg, path, dtype=dtype)
+
+  @classmethod
   def from_model(cls, model) -> "LlamaBlocks":
     from compressjax.io.loading import model_params  # pylint: disable=g-import-not-at-top
 
@@ -208,8 +236,19 @@ class LlamaBlocks(BlockModel):
     return _flat(materialize(self.params["layers"][i], self.dtype))
 
   def outside_params(self) -> dict[str, Any]:
-    rest = {k: v for k, v in self.params.items() if k != "layers"}
-    return _flat(materialize(rest, self.dtype))
+    return self._outside(lambda p: True)
+
+  def embed_params(self) -> dict[str, Any]:
+    return self._outside(lambda p: p == "embed/embedding")
+
+  def final_params(self) -> dict[str, Any]:
+    head = "embed/embedding" if self.cfg.tie_word_embeddings else "lm_head/kernel"
+    return self._outside(lambda p: p in ("norm/scale", head))
+
+  def _outside(self, keep: Callable[[str], bool]) -> dict[str, Any]:
+    """The leaves outside the blocks whose full paths ``keep`` accepts, read."""
+    rest = _flat({k: v for k, v in self.params.items() if k != "layers"})
+    return materialize({p: v for p, v in rest.items() if keep(p)}, self.dtype)
 
   def embed(self, outside, tokens):
     return outside["embed/embedding"][tokens]
@@ -234,6 +273,45 @@ class LlamaBlocks(BlockModel):
     cos, sin = rope_cos_sin(self.cfg, pos, t)
     out, _ = self._block_module(block)(x, cos, sin, pos, pos, None, capture)
     return out
+
+  def token_nll(self, outside, h, tokens):
+    from compressjax.evaluate import nll_of_hidden  # pylint: disable=g-import-not-at-top
+    from compressjax.model import _rms_norm, head_logits  # pylint: disable=g-import-not-at-top
+
+    hn = _rms_norm(h, outside["norm/scale"], self.cfg.rms_norm_eps)
+    kernel = None if self.cfg.tie_word_embeddings else outside["lm_head/kernel"]
+    return nll_of_hidden(
+        lambda hc: head_logits(hc, embedding=outside.get("embed/embedding"), kernel=kernel,
+                               implementation=self.cfg.matmul_implementation), hn, tokens)
+
+
+class _CheckpointLlamaBlocks(LlamaBlocks):
+  """:meth:`LlamaBlocks.from_checkpoint`: the tree is the checkpoint's abstract one (from its
+  manifest); leaves are restored per block / outside part when asked for."""
+
+  def __init__(self, cfg, path, *, dtype=jnp.float32):
+    from compressjax import checkpoint_stream  # pylint: disable=g-import-not-at-top
+
+    self.path = path
+    super().__init__(cfg, checkpoint_stream.abstract_leaves(path), dtype=dtype)
+
+  def _restore(self, select) -> dict[str, Any]:
+    from compressjax import checkpoint  # pylint: disable=g-import-not-at-top
+
+    tree, _ = checkpoint.restore(self.path, select=select)
+    return _flat(materialize(tree, self.dtype))
+
+  def block_params(self, i: int) -> dict[str, Any]:
+    prefix = self.block_prefix(i)
+    flat = self._restore(lambda p: p.startswith(prefix))
+    return {p[len(prefix):]: v for p, v in flat.items()}
+
+  def _outside(self, keep):
+    return self._restore(lambda p: not p.startswith("layers/") and keep(p))
+
+  def with_matmul_dtype(self, matmul_dtype):
+    raise ValueError("a checkpoint's LlamaBlocks does not offer matmul_dtype (it evaluates the "
+                     "stored model)")
 
 
 def as_block_model(model) -> BlockModel:

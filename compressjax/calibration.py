@@ -12,7 +12,8 @@ The model is run block by block over the calibration windows. For each block:
 2. the transform's ``update`` sees only this block's parameters (every other leaf hidden), with
    ``stats`` keyed by parameter path, and its rewrite is kept;
 3. the next block's inputs are the *compressed* block's outputs (``mode="sequential"``, the GPTQ
-   reference's default) or the original block's outputs (``mode="original"``).
+   reference's default) or the original block's outputs (``mode="original"``); the last
+   block's outputs feed nothing, so its propagation pass is skipped.
 
 The model is any :class:`compressjax.blocks.BlockModel` (an NNX
 :class:`compressjax.model.Llama` is adapted automatically); its weights may be lazily loaded
@@ -555,12 +556,12 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
                                      output)
   xshape = (nb, bs, t)
   if x is None:
-    outside = prof.run("transfer", place.put_tree, prof.run("read", bm.outside_params))
+    outside = prof.run("transfer", place.put_tree, prof.run("read", bm.embed_params))
     toks_d = prof.run("transfer", place.put, toks, place.batches(xshape))
     x = prof.run("embed", passes.embed, outside, toks_d)
     prof.pass_flops("embed", passes.embed, (outside, toks_d), (1,), nb)
     del outside, toks_d
-  else:
+  elif start < bm.num_blocks:
     x = prof.run("transfer", place.put, x, place.batches(x.shape))
 
   bar = tqdm(range(start, bm.num_blocks), desc="calibrate", disable=not progress, unit="block",
@@ -597,23 +598,26 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
                                         n, put=place.put)
       block = prof.run("transfer", place.local, block)
       bar.set_postfix(ft_mse=f"{before:.3g}->{after:.3g}")
-    if mode == "sequential":
+    if mode == "original":
+      x = orig_out
+    elif i + 1 < bm.num_blocks:
       block_d = prof.run("transfer", place.put_tree, block)
       x = prof.run("forward", passes.forward, block_d, x)
       prof.pass_flops("forward", passes.forward, (block_d, x), (1,),
                       nb * passes.micro_steps(x.shape))
       del block_d
-    else:
-      x = orig_out
+    else:  # the last block's outputs feed nothing: its propagation pass is not run
+      x = None
     del orig_out
-    x = jax.block_until_ready(x)
+    if x is not None:
+      x = jax.block_until_ready(x)
     if output is None:
       done.update({prefix + p: v for p, v in block.items()})
     else:
       done.update({prefix + p: _placeholder(v) for p, v in block.items()})
     if resume_dir:
-      prof.run("save", lambda: _save_resume(resume_dir, fp, i, place.resume_inputs(x), block,
-                                            state))
+      prof.run("save", lambda: _save_resume(
+          resume_dir, fp, i, _NO_INPUTS if x is None else place.resume_inputs(x), block, state))
     if output is not None:  # written (or linked from the resume directory), then dropped
       prof.run("save", lambda: output.add_block(
           i, prefix, None if resume_dir else block,
@@ -642,6 +646,10 @@ def _finish(bm: BlockModel, abstract, transform: Transform, state, done: dict[st
   return nest(abstract, flat), state
 
 
+#: The resume point's inputs after the last block (nothing reads them: the run is complete).
+_NO_INPUTS = np.zeros((0,), np.float32)
+
+
 def _placeholder(leaf):
   """``leaf`` with every array replaced by its ``jax.ShapeDtypeStruct`` (sharding kept)."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
@@ -665,8 +673,9 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
 def _save_resume(resume_dir: str, fp: str, i: int, x, block: dict[str, Any],
                  state) -> None:
   """Writes finished block ``i`` (``blocks/<i>``, once) and then the resume point ``latest``
-  (next block's inputs, transform state, ``next_block = i + 1``), each atomically, as data only
-  (the state's structure in the metadata, its arrays beside)."""
+  (next block's inputs -- empty after the last block --, transform state,
+  ``next_block = i + 1``), each atomically, as data only (the state's structure in the metadata,
+  its arrays beside)."""
   spec, state_arrays = checkpoint.encode_pytree(state, where="calibration transform state")
   os.makedirs(os.path.join(resume_dir, "blocks"), exist_ok=True)
   checkpoint.save(_block_dir(resume_dir, i), unflatten(block),

@@ -65,7 +65,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -627,10 +627,12 @@ class _Swap:
 _RESTORE_BATCH_BYTES = 256 << 20
 
 
-def _restore_arrays(arrays_dir: str, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
+def _restore_arrays(arrays_dir: str, target: dict[str, jax.ShapeDtypeStruct],
+                    partial: bool = False) -> dict[str, Any]:
   """orbax restore of ``{key: ShapeDtypeStruct}`` in batches of about
   :data:`_RESTORE_BATCH_BYTES`: arrays with a ``sharding`` come back as jax arrays in that
-  layout, the others as numpy arrays (whatever device orbax's metadata names)."""
+  layout, the others as numpy arrays (whatever device orbax's metadata names). ``partial``:
+  ``target`` may be a subset of the directory's arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   batches: list[dict[str, Any]] = [{}]
   size = 0
@@ -650,7 +652,7 @@ def _restore_arrays(arrays_dir: str, target: dict[str, jax.ShapeDtypeStruct]) ->
                   ocp.RestoreArgs(restore_type=np.ndarray, dtype=v.dtype))
               for k, v in batch.items()}
       out.update(ckptr.restore(arrays_dir, args=ocp.args.PyTreeRestore(
-          item=batch, restore_args=args, partial_restore=len(batches) > 1)))
+          item=batch, restore_args=args, partial_restore=partial or len(batches) > 1)))
   finally:
     ckptr.close()
   return out
@@ -994,11 +996,14 @@ def _arrays_dir(path: str, leaf: str, entry: dict[str, Any]) -> str:
   return f"{part}/arrays"
 
 
-def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def restore(path: str, *, shardings: Any = None,
+            select: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores ``(params, metadata)`` saved by :func:`save`, verifying every array's checksum.
 
   Args:
     path: the checkpoint directory.
+    select: optional predicate on a leaf's path (``"layers/3/mlp/down_proj/kernel"``): only the
+      leaves it accepts are read and returned (e.g. one block of a model bigger than memory).
     shardings: optional tree shaped like the params with a ``jax.sharding.Sharding`` per array
       (compressed leaves hold one per child, e.g. :func:`compressjax.formats.tree_shardings`);
       those arrays are read straight into that layout, each device's shard from the files (a
@@ -1025,9 +1030,15 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
       raise CheckpointError(f"checkpoint path {path!r}: shardings for {p} name arrays {extra} "
                             f"the stored leaf does not have "
                             f"({sorted(manifest['leaves'][p]['children'])}: another format?)")
+  if select is not None and not callable(select):
+    raise TypeError(f"checkpoint.restore: select must be a callable on leaf paths or None, got "
+                    f"{type(select).__name__}")
+  leaves = {p: e for p, e in manifest["leaves"].items() if select is None or select(p)}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  targets: dict[str, dict[str, Any]] = {"arrays": {}}  # arrays directory -> orbax target
-  for p, entry in manifest["leaves"].items():
+  targets: dict[str, dict[str, Any]] = {}  # arrays directory -> orbax target
+  if select is None:
+    targets["arrays"] = {}  # its presence is checked even when every array is empty
+  for p, entry in leaves.items():
     target = targets.setdefault(_arrays_dir(path, p, entry), {})
     for name, spec in entry["children"].items():
       if math.prod(spec["shape"]):
@@ -1042,12 +1053,13 @@ def restore(path: str, *, shardings: Any = None) -> tuple[dict[str, Any], dict[s
     if not os.path.isdir(arrays_dir):
       raise CheckpointError(f"checkpoint path {path!r}: {rel}/ is missing (partial checkpoint)")
     try:
-      arrays[rel] = _restore_arrays(arrays_dir, target) if target else {}
+      arrays[rel] = (_restore_arrays(arrays_dir, target, partial=select is not None)
+                     if target else {})
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(f"checkpoint path {path!r}: arrays could not be restored from "
                             f"{rel}/ ({type(e).__name__}: {e})") from e
   params: dict[str, Any] = {}
-  for p, entry in manifest["leaves"].items():
+  for p, entry in leaves.items():
     rel = _arrays_dir(path, p, entry)
     children = {}
     for name, spec in entry["children"].items():

@@ -423,6 +423,17 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
 
 
+def head_logits(h: jax.Array, *, embedding=None, kernel=None,
+                implementation: str | None = None) -> jax.Array:
+  """Logits of final hidden states ``h``: ``h @ kernel`` (an untied head, dense or compressed)
+  or, with ``kernel=None``, the tied ``h @ embedding.T`` (see :meth:`Llama.logits`)."""
+  if kernel is not None:
+    return formats.dot(h, kernel, prefer=implementation)
+  if isinstance(embedding, formats.CompressedArray):
+    return formats.dot(h, embedding.T)
+  return jnp.einsum("...d,vd->...v", h, embedding)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, dtype=jnp.float32):
@@ -604,10 +615,7 @@ class Llama(nnx.Module):
     (2e-7 relative).
     """
     if self.lm_head is None:
-      emb = self.embed.embedding.get_value()
-      if isinstance(emb, formats.CompressedArray):
-        return formats.dot(h, emb.T)
-      return jnp.einsum("...d,vd->...v", h, emb)
+      return head_logits(h, embedding=self.embed.embedding.get_value())
     return self.lm_head(h)
 
   def __call__(self, tokens: jax.Array, cache: KVCache | None = None):

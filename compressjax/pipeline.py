@@ -421,14 +421,25 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
   new_params = jax.block_until_ready(new_params)
   compress_s = time.perf_counter() - t0
   del params
-  if writer is not None:  # the compressed model as written (checksums verified)
-    # The engine's result holds only the outside leaves (embedding, head, norms) as arrays:
-    # dropped before the restore reads them back with the rest, so they are not held twice.
+  if writer is not None and jax.process_count() == 1:
+    # The compressed model as written, evaluated one block at a time from the checkpoint (each
+    # part checked against its checksums): the whole model is never read back, so a model
+    # bigger than memory is evaluated too. The engine's result (abstract blocks, the outside
+    # leaves as arrays) is dropped first.
     del new_params
-    new_params, _ = writer.restore()
+    new_params = checkpoint_stream.abstract_leaves(writer.tmp)
+    eval_mode = "by_block"
+    after = evaluate.perplexity_by_block(
+        LlamaBlocks.from_checkpoint(model_cfg, writer.tmp, dtype=dtype), windows,
+        batch_size=cfg.data.batch_size)
+  else:
+    eval_mode = "whole"
+    if writer is not None:  # several processes: every process restores its shards
+      del new_params
+      new_params, _ = writer.restore()
+    after = _eval_all(build_model(model_cfg, new_params, dtype=dtype), windows,
+                      cfg.data.batch_size, cfg.compression.name)
   after_size = accounting.size_report(new_params)
-  cmodel = build_model(model_cfg, new_params, dtype=dtype)
-  after = _eval_all(cmodel, windows, cfg.data.batch_size, cfg.compression.name)
 
   record = {
       "method": cfg.compression.name,
@@ -451,6 +462,9 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
       "nll": {k: v["nll"] for k, v in after.items()},
       "baseline_ppl_wiki": before.get("wiki", {}).get("ppl"),
       "baseline_ppl_austen": before.get("austen", {}).get("ppl"),
+      # "whole": the whole model in one program per batch (evaluate.perplexity); "by_block":
+      # the streamed checkpoint read and run one block at a time (evaluate.perplexity_by_block).
+      "eval_mode": eval_mode,
       "eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in after.items()},
       "baseline_eval_tokens_per_s": {k: v["tokens_per_s"] for k, v in before.items()},
       "protocol": {"seq_len": cfg.data.seq_len, "num_eval_windows": cfg.data.num_eval_windows},
@@ -465,7 +479,7 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
       "machine": machine_info(),
   }
   if cfg.output_dir:
-    meta = {"model_config": model_config_dict(cmodel.cfg),
+    meta = {"model_config": model_config_dict(model_cfg),
             "compression": _to_jsonable(cfg.compression.to_dict()),
             "data": _to_jsonable(cfg.data.to_dict()), "dtype": cfg.dtype, "result": record}
     if writer is not None:
@@ -513,20 +527,28 @@ def run_eval(checkpoint_dir: str, *, corpora=None, data_dir: str | None = None,
              batch_size: int | None = None) -> dict[str, Any]:
   """Restores a checkpoint written by :func:`run_compress` and re-evaluates it.
 
-  Uses the checkpoint's own tokenizer and protocol settings; reports whether the perplexities
-  reproduce the saved ones bit for bit.
+  Uses the checkpoint's own tokenizer and protocol settings and the way its saved result was
+  evaluated (``eval_mode``: a checkpoint streamed block by block is evaluated one block at a
+  time, never read whole); reports whether the perplexities reproduce the saved ones bit for
+  bit.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  params, meta = checkpoint.restore(checkpoint_dir)
+  meta = checkpoint.read_manifest(checkpoint_dir)["metadata"]
   for key in ("model_config", "data", "dtype"):
     if key not in meta:
       raise checkpoint.CheckpointError(
           f"checkpoint path {checkpoint_dir!r}: metadata has no {key!r} (not written by "
           "compressjax compress)")
   mcfg = LlamaConfig(**meta["model_config"])
-  model = build_model(mcfg, params, dtype=_DTYPES[meta["dtype"]])
+  dtype = _DTYPES[meta["dtype"]]
+  by_block = meta.get("result", {}).get("eval_mode") == "by_block"
+  if by_block:
+    model = LlamaBlocks.from_checkpoint(mcfg, checkpoint_dir, dtype=dtype)
+  else:
+    params, _ = checkpoint.restore(checkpoint_dir)
+    model = build_model(mcfg, params, dtype=dtype)
   tok_path = os.path.join(checkpoint_dir, "tokenizer.json")
   if not os.path.isfile(tok_path):
     raise checkpoint.CheckpointError(f"checkpoint path {checkpoint_dir!r}: tokenizer.json is missing")
@@ -538,8 +560,9 @@ def run_eval(checkpoint_dir: str, *, corpora=None, data_dir: str | None = None,
     dcfg.dir = data_dir
   if batch_size:  # the saved batch size reproduces the saved numbers bit for bit
     dcfg.batch_size = batch_size
-  res = _eval_all(model, eval_windows_for(tok, dcfg, mcfg.max_position_embeddings),
-                  dcfg.batch_size, "eval")
+  ewin = eval_windows_for(tok, dcfg, mcfg.max_position_embeddings)
+  res = (evaluate.perplexity_by_block(model, ewin, batch_size=dcfg.batch_size) if by_block else
+         _eval_all(model, ewin, dcfg.batch_size, "eval"))
   saved = meta.get("result", {}).get("nll", {})
   rows = []
   for corpus, r in res.items():

@@ -1,12 +1,14 @@
 """The sequential calibration engine on a tiny model."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tiny
-from compressjax import calibration, formats, transforms as T
+from compressjax import calibration, checkpoint, formats, transforms as T
 from compressjax.io import build_model, model_params
 
 
@@ -83,6 +85,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
   with pytest.raises(ValueError, match="fingerprint"):
     calibration.run_sequential(model, _windows(seed=9), gptq, batch_size=4,
                                resume_dir=str(tmp_path), progress=False)
+  # The last block is not propagated (its outputs feed nothing): the completed resume point
+  # holds no inputs, and a run resumed from it solves and runs nothing and gives the same model.
+  saved, meta = checkpoint.restore(os.path.join(str(tmp_path), "latest"))
+  assert meta["next_block"] == 2 and np.asarray(saved["x"]).size == 0
+  prof = calibration.EngineProfile()
+  again, _ = calibration.run_sequential(model, w, gptq, batch_size=4, resume_dir=str(tmp_path),
+                                        progress=False, profile=prof)
+  _same(full, again)
+  assert prof.blocks == [] and prof.seconds["stats"] == prof.seconds["forward"] == 0
 
 
 def test_gptq_through_the_engine_beats_rtn_on_held_out_output():

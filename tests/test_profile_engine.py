@@ -60,11 +60,12 @@ def test_profiled_run_is_identical_and_accounts_for_its_time():
     assert 0 <= prof.compile_s[ph] <= prof.seconds[ph] + 1e-3, ph
   assert prof.compile_events["/jax/core/compile/backend_compile_duration"] > 0
   # Per block: both blocks, their loop phases add up to the totals, block 1 compiles nothing
-  # new in the passes (same shapes).
+  # new in the statistics pass (same shapes) and, being the last, runs no propagation pass.
   assert [b["block"] for b in prof.blocks] == [0, 1]
   for ph in ("stats", "solver", "forward"):  # ("read" and "transfer" also run before the loop)
-    assert sum(b["seconds"][ph] for b in prof.blocks) == pytest.approx(prof.seconds[ph])
-  assert prof.blocks[1]["compile_s"]["stats"] == 0 and prof.blocks[1]["compile_s"]["forward"] == 0
+    assert sum(b["seconds"].get(ph, 0) for b in prof.blocks) == pytest.approx(prof.seconds[ph])
+  assert prof.blocks[1]["compile_s"]["stats"] == 0
+  assert prof.blocks[0]["seconds"]["forward"] > 0 and "forward" not in prof.blocks[1]["seconds"]
   # Peak memory per phase (Linux: the high-water mark reset before each phase): every phase that
   # ran has one, at most the whole call's peak, which is at least this process's current RSS.
   if sys.platform.startswith("linux"):
@@ -87,7 +88,7 @@ def test_profiled_run_is_identical_and_accounts_for_its_time():
   # through the block's matmuls, plus attention's products, norms, rope and softmax (< 25%).
   tokens = 8 * 24
   matmuls = tokens * _linear_flops_per_token(cfg) + 8 * 4 * 24 * 24 * d
-  per_block = prof.flops["forward"] / 2
+  per_block = prof.flops["forward"]  # block 0 only: the last block is not propagated
   assert matmuls <= per_block <= 1.25 * matmuls, (per_block, matmuls)
   # The statistics pass adds X^T X of the four distinct linear inputs on top of a forward.
   gram = 2.0 * tokens * (3 * d * d + f * f)

@@ -84,6 +84,7 @@ from compressjax import checkpoint_stream
 from compressjax import engine_profile
 from compressjax import finetune
 from compressjax import formats
+from compressjax import host_memory
 from compressjax.blocks import BlockModel, as_block_model, nest, unflatten
 from compressjax.quantize import obs_core
 from compressjax.transforms.base import Transform, _UNSELECTED, _map, plan
@@ -623,11 +624,13 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
           i, prefix, None if resume_dir else block,
           source=_block_dir(resume_dir, i) if resume_dir else None))
     del block
+    host_memory.release_free_memory()  # the block's freed host copies and writes (glibc keeps them)
     prof.block_end()
   # Anything the transform selected outside the blocks (e.g. an untied head) is data-free.
   new_params, state = prof.run("outside", _finish, bm, abstract, transform, state, done, output)
   if output is not None:
     prof.run("save", output.finalize, abstract)
+    host_memory.release_free_memory()  # the parts read back to check them
   return new_params, state
 
 

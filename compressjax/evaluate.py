@@ -122,7 +122,7 @@ def perplexity_by_block(block_model, windows: dict[str, np.ndarray], *, batch_si
     corpus -> dict with ``ppl``, ``nll`` (mean), ``n_tokens`` (predictions), ``wall_s`` and
     ``tokens_per_s`` (of all corpora together, compilation included) as :func:`perplexity`.
   """
-  from compressjax import calibration  # pylint: disable=g-import-not-at-top
+  from compressjax import calibration, host_memory  # pylint: disable=g-import-not-at-top
 
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -146,9 +146,11 @@ def perplexity_by_block(block_model, windows: dict[str, np.ndarray], *, batch_si
     outside = block_model.embed_params()
     x = passes.embed(outside, toks)
     del outside
+    host_memory.release_free_memory()
     for i in tqdm(range(block_model.num_blocks), desc=f"eval by block (T={t})",
                   disable=not progress, unit="block"):
       x = jax.block_until_ready(passes.forward(block_model.block_params(i), x))
+      host_memory.release_free_memory()  # the block's restored host copies
     outside = block_model.final_params()
     nll = np.asarray(nll_fn(outside, x, toks)).reshape(nb * bs, t - 1)[:n].astype(np.float64)
     del outside, x

@@ -20,6 +20,7 @@ import numpy as np
 
 from compressjax import accounting, calibration, checkpoint, data, evaluate, finetune, transforms
 from compressjax import checkpoint_stream
+from compressjax import host_memory
 from compressjax import head as head_lib
 from compressjax.formats import CompressedArray
 from compressjax.blocks import LazyTensor, LlamaBlocks, materialize, to_abstract_tree
@@ -427,6 +428,7 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
     # bigger than memory is evaluated too. The engine's result (abstract blocks, the outside
     # leaves as arrays) is dropped first.
     del new_params
+    host_memory.release_free_memory()  # what the outside leaves' write and the check freed
     new_params = checkpoint_stream.abstract_leaves(writer.tmp)
     eval_mode = "by_block"
     after = evaluate.perplexity_by_block(

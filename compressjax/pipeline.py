@@ -422,6 +422,7 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
   new_params = jax.block_until_ready(new_params)
   compress_s = time.perf_counter() - t0
   del params
+  host_memory.release_free_memory()  # before the evaluation's allocations
   if writer is not None and jax.process_count() == 1:
     # The compressed model as written, evaluated one block at a time from the checkpoint (each
     # part checked against its checksums): the whole model is never read back, so a model

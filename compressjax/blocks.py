@@ -210,9 +210,9 @@ class LlamaBlocks(BlockModel):
   @classmethod
   def from_checkpoint(cls, cfg, path: str, *, dtype=jnp.float32) -> "LlamaBlocks":
     """The model of a compressjax checkpoint at ``path`` (e.g. one streamed block by block),
-    read lazily: ``block_params(i)`` restores only block ``i``'s leaves and
-    ``outside_params()`` only the leaves outside the blocks (each checked against its checksum),
-    so the whole model is never in memory."""
+    read lazily: ``block_params(i)`` restores only block ``i``'s leaves, ``embed_params()`` only
+    the embedding, ``final_params()`` only the final norm and the head (each checked against
+    its checksum), so the whole model is never in memory."""
     return _CheckpointLlamaBlocks(cfg, path, dtype=dtype)
 
   @classmethod

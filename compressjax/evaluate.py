@@ -156,11 +156,10 @@ def perplexity_by_block(block_model, windows: dict[str, np.ndarray], *, batch_si
     del outside, x
     start = 0
     for k in names:
-      m = len(windows[k])
-      total = float(nll[start:start + m].sum())
-      out[k] = {"ppl": float(np.exp(total / nll[start:start + m].size)),
-                "nll": total / nll[start:start + m].size, "n_tokens": nll[start:start + m].size}
-      start += m
+      part = nll[start:start + len(windows[k])]
+      mean = float(part.sum()) / part.size
+      out[k] = {"ppl": float(np.exp(mean)), "nll": mean, "n_tokens": part.size}
+      start += len(windows[k])
   wall = time.perf_counter() - t0
   tokens = sum(np.asarray(w).size for w in windows.values())
   for v in out.values():

@@ -119,6 +119,8 @@ def main() -> None:
   rec = {"benchmark": "diag_block0", "method": f"{m} block 0 objective",
          "baseline": "rtn w4g64" if m == "gptq" else "magnitude 50% per layer",
          "settings": SETTINGS[m], "windows": [int(n_win), int(t)], "layers": rows,
+         # the objective, not a perplexity; the bits of the formats both sides store
+         "bits_per_param": 4.25 if m == "gptq" else 9.0, "ppl_wiki": None, "ppl_austen": None,
          "sum": tot, "ours_over_peer_sum": tot["ours"] / tot["peer"],
          "layers_ours_better": sum(r["ours"] <= r["peer"] for r in rows),
          "peer_versions": peer_report.get("versions"),

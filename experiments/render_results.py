@@ -34,6 +34,8 @@ COMMANDS = {
     "bench_large": "python experiments/bench_large.py",
     "profile_engine": "python experiments/profile_engine.py",
     "bench_solver": "python experiments/bench_solver.py",
+    "diag_block0": ("python experiments/diag_block0.py --work-dir runs/bench_peer --method "
+                    "gptq (and --method sparsegpt), after a bench_peer pair"),
 }
 INTRO = """# Results
 
@@ -182,6 +184,29 @@ def render_solver(name, recs):
       "shared with other jobs (load 5-10): wall times vary up to 3x between rounds.", "",
       table(["method", "code", "block wall s", "block min s", "block CPU s", "model s (x30)",
              "compile s", "commit", "date"], rows), ""])
+
+
+def render_block0(name, recs):
+  """The solvers' objective on block 0, ours against the peer's weights (same inputs)."""
+  rows = []
+  for r in recs:
+    for lay in r["layers"]:
+      rows.append([r["method"], lay["layer"], fmt(lay["ours"], 5), fmt(lay["peer"], 5),
+                   fmt(lay["baseline"], 5), fmt(lay["ours_over_peer"], 4), r["commit"],
+                   r["date"][:16]])
+    s = r["sum"]
+    rows.append([r["method"], "**sum**", fmt(s["ours"], 5), fmt(s["peer"], 5),
+                 fmt(s["baseline"], 5), fmt(r["ours_over_peer_sum"], 4), r["commit"],
+                 r["date"][:16]])
+  return "\n".join([
+      f"## {name}", "", f"Command: `{COMMANDS[name]}`", "",
+      "Block 0 of the reference model (both sides quantize it from the same embedded "
+      "calibration windows): each linear's mean squared output error per token "
+      "tr((Q - W)^T X^T X (Q - W)) / n under our statistics, for our solver, the weights "
+      "llm-compressor exported in the latest `bench_peer` pair, and the data-free baseline "
+      "(RTN w4g64 / magnitude 50%). Not a perplexity: the solvers' own objective.", "",
+      table(["method", "layer", "ours", "peer", "baseline", "ours / peer", "commit", "date"],
+            rows), ""])
 
 
 def _latest_by_method(all_recs, names):
@@ -609,6 +634,8 @@ def main():
       parts.append(render_profile(name, recs))
     elif name == "bench_solver":
       parts.append(render_solver(name, recs))
+    elif name == "diag_block0":
+      parts.append(render_block0(name, recs))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

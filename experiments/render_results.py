@@ -175,15 +175,20 @@ def render_solver(name, recs):
                  fmt(r.get("block_min_s"), 2), fmt(cpu, 2) if cpu is not None else "-",
                  fmt(r["model_s"], 1), fmt(r.get("compile_block_s"), 1), r.get("commit", "-"),
                  r["date"][:16]])
-  return "\n".join([
-      f"## {name}", "", f"Command: `{COMMANDS[name]}`", "",
-      "Per-layer solves of GPTQ w4g64 (act-order, static groups) and SparseGPT 50% on the "
+  return _section(
+      name, "Per-layer solves of GPTQ w4g64 (act-order, static groups) and SparseGPT 50% on the "
       "reference model's 7 linear shapes (random correlated Hessian from 4096 tokens), jitted, "
       "compile excluded; per block: median wall s, min wall s, process CPU s (median; the "
       "comparison when the machine is loaded), x30 blocks, compile s. Measured on a machine "
-      "shared with other jobs (load 5-10): wall times vary up to 3x between rounds.", "",
-      table(["method", "code", "block wall s", "block min s", "block CPU s", "model s (x30)",
-             "compile s", "commit", "date"], rows), ""])
+      "shared with other jobs (load 5-10): wall times vary up to 3x between rounds.",
+      ["method", "code", "block wall s", "block min s", "block CPU s", "model s (x30)",
+       "compile s", "commit", "date"], rows)
+
+
+def _section(name, description, headers, rows):
+  """A results section: title, command, description, table."""
+  return "\n".join([f"## {name}", "", f"Command: `{COMMANDS[name]}`", "", description, "",
+                    table(headers, rows), ""])
 
 
 def render_block0(name, recs):
@@ -198,15 +203,13 @@ def render_block0(name, recs):
     rows.append([r["method"], "**sum**", fmt(s["ours"], 5), fmt(s["peer"], 5),
                  fmt(s["baseline"], 5), fmt(r["ours_over_peer_sum"], 4), r["commit"],
                  r["date"][:16]])
-  return "\n".join([
-      f"## {name}", "", f"Command: `{COMMANDS[name]}`", "",
-      "Block 0 of the reference model (both sides quantize it from the same embedded "
+  return _section(
+      name, "Block 0 of the reference model (both sides quantize it from the same embedded "
       "calibration windows): each linear's mean squared output error per token "
       "tr((Q - W)^T X^T X (Q - W)) / n under our statistics, for our solver, the weights "
       "llm-compressor exported in the latest `bench_peer` pair, and the data-free baseline "
-      "(RTN w4g64 / magnitude 50%). Not a perplexity: the solvers' own objective.", "",
-      table(["method", "layer", "ours", "peer", "baseline", "ours / peer", "commit", "date"],
-            rows), ""])
+      "(RTN w4g64 / magnitude 50%). Not a perplexity: the solvers' own objective.",
+      ["method", "layer", "ours", "peer", "baseline", "ours / peer", "commit", "date"], rows)
 
 
 def _latest_by_method(all_recs, names):

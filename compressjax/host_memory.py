@@ -25,27 +25,23 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 __all__ = ["release_free_memory"]
 
-_malloc_trim = None
-_looked = False
 
-
+@functools.cache
 def _trim_function():
-  global _malloc_trim, _looked  # pylint: disable=global-statement
-  if not _looked:
-    _looked = True
-    if sys.platform.startswith("linux"):
-      try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _malloc_trim = libc.malloc_trim
-        _malloc_trim.argtypes = [ctypes.c_size_t]
-        _malloc_trim.restype = ctypes.c_int
-      except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
-        _malloc_trim = None
-  return _malloc_trim
+  """glibc's ``malloc_trim``, or ``None`` where there is none (not Linux, or not glibc)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+    return None
+  trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+  return trim
 
 
 def release_free_memory() -> bool:

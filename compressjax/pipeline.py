@@ -430,11 +430,10 @@ def _compress_eval_save(cfg, t_start, transform, model_cfg, params, tok, dtype, 
     # leaves as arrays) is dropped first.
     del new_params
     host_memory.release_free_memory()  # what the outside leaves' write and the check freed
-    new_params = checkpoint_stream.abstract_leaves(writer.tmp)
+    written = LlamaBlocks.from_checkpoint(model_cfg, writer.tmp, dtype=dtype)
+    new_params = written.params  # the abstract tree of its manifest (for the size report)
     eval_mode = "by_block"
-    after = evaluate.perplexity_by_block(
-        LlamaBlocks.from_checkpoint(model_cfg, writer.tmp, dtype=dtype), windows,
-        batch_size=cfg.data.batch_size)
+    after = evaluate.perplexity_by_block(written, windows, batch_size=cfg.data.batch_size)
   else:
     eval_mode = "whole"
     if writer is not None:  # several processes: every process restores its shards

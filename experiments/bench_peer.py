@@ -7,6 +7,8 @@ measured by the same evaluator.
       --num-windows 4 --seq-len 32 --num-eval-windows 2     # a smoke run
   python experiments/bench_peer.py --setup-only             # only build the peer's venv
   python experiments/bench_peer.py --precision bfloat16     # both sides' matmuls in bfloat16
+  python experiments/bench_peer.py --seed 1 --results experiments/results/bench_peer_seeds.jsonl
+                                                            # other calibration draws
 
 Steps (each measured step in its own process, one after the other, never two at once; this
 orchestrating process imports neither jax nor torch, so it adds nothing to their peak memory):
@@ -205,6 +207,7 @@ def job_overrides(method, args, hf_dir, results_file):
       "data.num_eval_windows": args.num_eval_windows,
       "calibration.num_windows": args.num_windows,
       "calibration.seq_len": args.seq_len,
+      "calibration.seed": args.seed,
       "calibration.mode": "sequential",
       "calibration.matmul_dtype": args.precision,
       "compression.name": spec["name"] + _suffix(args).replace(" ", "-"),
@@ -473,6 +476,8 @@ def main(argv=None):
                   help="calibration windows")
   ap.add_argument("--seq-len", type=int, default=STANDARD["seq_len"],
                   help="tokens per calibration and evaluation window")
+  ap.add_argument("--seed", type=int, default=0,
+                  help="seed of the calibration windows' draw (the standard protocol's is 0)")
   ap.add_argument("--num-eval-windows", type=int, default=STANDARD["num_eval_windows"],
                   help="evaluation windows per corpus")
   ap.add_argument("--results", default=None,
@@ -495,7 +500,8 @@ def main(argv=None):
     args.model = os.path.abspath(args.model)
   if args.data_dir:
     args.data_dir = os.path.abspath(args.data_dir)
-  standard = (not args.data_dir and args.num_windows == STANDARD["num_windows"]
+  standard = (not args.data_dir and args.seed == 0
+              and args.num_windows == STANDARD["num_windows"]
               and args.seq_len == STANDARD["seq_len"]
               and args.num_eval_windows == STANDARD["num_eval_windows"])
   results = os.path.abspath(args.results or (
@@ -528,6 +534,7 @@ def main(argv=None):
       if side == "peer":
         rec = run_peer(method, args, prep, venv_info, list(jobs[method]))
         rec["calibration"] = {"num_windows": args.num_windows, "seq_len": args.seq_len,
+                              "seed": args.seed,
                               "source": "windows drawn by compressjax (see calibration_windows)",
                               "mode": "llm-compressor sequential pipeline (propagates the "
                                       "compressed layers' outputs)"}

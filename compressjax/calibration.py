@@ -219,18 +219,29 @@ class _Passes:
     self.data_size = data_size
     self._stats = {}
 
-    def forward(block, xs):
+    def prepare(block):  # once per pass, outside the loop over batches
       if matmul_dtype is not None:  # block: {path: leaf}
         block = {p: formats.materialize(v) for p, v in block.items()}
+      return block
 
-      def one_batch(x):
-        d, m = self._micro(x.shape)
-        outs = jax.lax.map(lambda xm: model.apply_block(block, xm, None), _micro_split(x, d, m))
-        return _micro_join(outs, d, m)
+    def one_batch(block, x):
+      d, m = self._micro(x.shape)
+      outs = jax.lax.map(lambda xm: model.apply_block(block, xm, None), _micro_split(x, d, m))
+      return _micro_join(outs, d, m).astype(x.dtype)
 
-      return jax.lax.map(one_batch, xs)
+    def forward(block, xs):
+      block = prepare(block)
 
-    self.forward = jax.jit(forward)
+      def body(i, xs):  # batch i is read, then overwritten: XLA updates the buffer in place
+        y = one_batch(block, jax.lax.dynamic_index_in_dim(xs, i, 0, keepdims=False))
+        return jax.lax.dynamic_update_index_in_dim(xs, y, i, 0)
+      return jax.lax.fori_loop(0, xs.shape[0], body, xs)
+
+    #: ``forward(block, xs)``: the block applied to every batch of ``xs`` ``(nb, bs, T, D)``,
+    #: consuming ``xs``: its buffer is donated and overwritten batch by batch, so the pass holds
+    #: one copy of the activations, not two (the compiled program's output aliases its input,
+    #: with no temporary of its size: ``tests/test_calibration.py``). Pass a copy to keep ``xs``.
+    self.forward = jax.jit(forward, donate_argnums=1)
     self.embed = jax.jit(lambda outside, toks: jax.lax.map(
         lambda tk: model.embed(outside, tk), toks))
 

@@ -107,8 +107,8 @@ def perplexity_by_block(block_model, windows: dict[str, np.ndarray], *, batch_si
   the calibration engine's propagation pass does; the final part
   (:meth:`~compressjax.blocks.BlockModel.token_nll`) reads what it needs outside the blocks
   (``final_params``; the embedding ``embed_params``). Memory: the embedding, one block or the
-  final norm and head, plus two copies of the activations of all windows ``(n, T, D)`` -- not
-  the model. The NLL sums and perplexities
+  final norm and head, plus one copy of the activations of all windows ``(n, T, D)`` (each
+  block overwrites them in place) -- not the model. The NLL sums and perplexities
   are those of :func:`perplexity` (the same per-token computation, in another grouping of
   programs: equal up to float rounding).
 

@@ -50,15 +50,15 @@ def main() -> None:
   passes = calibration._Passes(dense)  # pylint: disable=protected-access
   toks = jnp.asarray(w.reshape(-1, 4, w.shape[1]))
   x = passes.embed(dense.embed_params(), toks)
-  h = {"dense": x, "ours": x, "peer": x}
+  h = {"dense": x, "ours": jnp.copy(x), "peer": jnp.copy(x)}  # passes.forward consumes its input
   print(f"{'block':>5s} {'chained ours':>13s} {'chained peer':>13s} {'local ours':>11s} "
         f"{'local peer':>11s}", flush=True)
   for i in range(cfg.num_layers):
     bd, bo, bp = dense.block_params(i), ours.block_params(i), peer.block_params(i)
     prev = h["dense"]
+    lo, lp = passes.forward(bo, jnp.copy(prev)), passes.forward(bp, jnp.copy(prev))
     h = {"dense": passes.forward(bd, prev), "ours": passes.forward(bo, h["ours"]),
          "peer": passes.forward(bp, h["peer"])}
-    lo, lp = passes.forward(bo, prev), passes.forward(bp, prev)
     print(f"{i:5d} {rel(h['ours'], h['dense']):13.4e} {rel(h['peer'], h['dense']):13.4e} "
           f"{rel(lo, h['dense']):11.4e} {rel(lp, h['dense']):11.4e}", flush=True)
 

@@ -156,6 +156,24 @@ def test_micro_steps_split_each_batch_per_device_and_join_back():
   np.testing.assert_array_equal(calibration._micro_join(s, 2, 2), a)
 
 
+def test_propagation_pass_overwrites_its_inputs_in_place():
+  """The forward (propagation) pass consumes its inputs: the compiled program's output aliases
+  the donated input buffer and no temporary holds a second copy of the activations
+  (``memory_analysis``), and its outputs are the block applied to every batch."""
+  bm = calibration.as_block_model(tiny.tiny_model(seed=1))
+  block = bm.block_params(0)
+  xs = jax.random.normal(jax.random.key(0), (48, 4, 32, 64))  # activations >> one batch's temps
+  want = jax.lax.map(lambda x: bm.apply_block(block, x), xs)
+  passes = calibration._Passes(bm)
+  mem = passes.forward.lower(block, xs).compile().memory_analysis()
+  assert mem.alias_size_in_bytes == xs.nbytes, mem
+  assert mem.temp_size_in_bytes < xs.nbytes / 2, mem  # a batch's temporaries, not a copy
+  copy = jnp.copy(xs)
+  got = passes.forward(block, copy)
+  assert copy.is_deleted()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_micro_steps_bound_the_statistics_pass_temporaries(monkeypatch):
   """The statistics pass's compiled temporaries stay those of one micro-step (plus a copy of
   the batch's inputs, split into micro-steps) whatever the batch (``memory_analysis``), and its

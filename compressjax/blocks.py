@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,11 @@ class BlockModel(abc.ABC):
                   capture: dict[str, jax.Array] | None = None) -> jax.Array:
     """One block ``(B, T, D) -> (B, T, D)``; fills ``capture`` with linear inputs; jittable."""
 
+  def outside_params_at(self, paths: Collection[str]) -> dict[str, Any]:
+    """The parameters outside the blocks at ``paths`` (full paths), read (default:
+    :meth:`outside_params` filtered; a model over lazily loaded weights reads only those)."""
+    return {p: v for p, v in self.outside_params().items() if p in paths}
+
   def embed_params(self) -> dict[str, Any]:
     """The parameters outside the blocks that :meth:`embed` reads (default: all of them)."""
     return self.outside_params()
@@ -237,6 +242,9 @@ class LlamaBlocks(BlockModel):
 
   def outside_params(self) -> dict[str, Any]:
     return self._outside(lambda p: True)
+
+  def outside_params_at(self, paths: Collection[str]) -> dict[str, Any]:
+    return self._outside(lambda p: p in paths)
 
   def embed_params(self) -> dict[str, Any]:
     return self._outside(lambda p: p == "embed/embedding")

@@ -492,8 +492,9 @@ def run_sequential(model, windows: np.ndarray, transform: Transform, *, batch_si
 
   Returns:
     ``(new_params, transform_state)``: the whole parameter tree with the compressed blocks.
-    Parameters outside the blocks are passed through the transform last, with ``stats=None``.
-    With ``output`` the blocks' leaves are abstract placeholders (``jax.ShapeDtypeStruct``
+    Parameters outside the blocks are passed through the transform last, with ``stats=None``
+    (with ``output`` one leaf at a time).
+    With ``output`` every leaf is an abstract placeholder (``jax.ShapeDtypeStruct``
     children, the compressed leaves' structure and static metadata kept); the written
     checkpoint holds their values (``output.restore()``).
 
@@ -647,16 +648,23 @@ def _run_sequential(model, windows, transform, prof, *, batch_size, mode, resume
 
 def _finish(bm: BlockModel, abstract, transform: Transform, state, done: dict[str, Any],
             output=None):
-  """The data-free update of the parameters outside the blocks; the whole new tree (with
-  ``output``: the outside leaves are written to it too)."""
-  outside = bm.outside_params()
-  rest_view = _map(lambda p, a: outside.get(p, _UNSELECTED), abstract)
-  new_rest, state = transform.update(rest_view, state, None)
-  rest = {p: v for p, v in leaves_with_paths(new_rest) if p in outside}
-  if output is not None:
-    output.add_leaves(rest)
+  """The data-free update of the parameters outside the blocks; the whole new tree. With
+  ``output`` one leaf at a time: read, updated, written and dropped (a placeholder in the
+  tree), so only one of them is in memory."""
+  paths = [p for p, _ in leaves_with_paths(abstract) if p not in done]
   flat = dict(done)
-  flat.update(rest)
+  for group in ([[p] for p in paths] if output is not None else [paths]):
+    outside = bm.outside_params_at(group)
+    rest_view = _map(lambda p, a, o=outside: o.get(p, _UNSELECTED), abstract)
+    new_rest, state = transform.update(rest_view, state, None)
+    rest = {p: v for p, v in leaves_with_paths(new_rest) if p in outside}
+    del outside, rest_view, new_rest
+    if output is not None:
+      output.add_leaves(rest)
+      rest = {p: _placeholder(v) for p, v in rest.items()}
+      host_memory.release_free_memory()
+    flat.update(rest)
+    del rest
   return nest(abstract, flat), state
 
 

@@ -10,8 +10,9 @@ Layout of a checkpoint directory::
     blocks/<i>/     (a checkpoint written block by block only) block ``i``'s part: a small
                     checkpoint of its own whose ``arrays/`` hold the block's leaves; their
                     manifest entries name it (``"part": "blocks/00003"``, ``index`` within the
-                    part); ``arrays/`` then holds the leaves outside the blocks
-                    (:class:`compressjax.checkpoint_stream.StreamWriter`)
+                    part)
+    outside/<k>/    (the same) part ``k`` of the leaves outside the blocks; ``arrays/`` is
+                    then empty (:class:`compressjax.checkpoint_stream.StreamWriter`)
 
 Arrays split over several devices (a sharded model, :func:`compressjax.formats.tree_shardings`)
 are written shard by shard by orbax and checksummed per shard, never gathered into one host
@@ -85,10 +86,10 @@ _READABLE_VERSIONS = (2, 3)
 _CODE_LAYOUT = {2: 1, 3: 2}  # format_version -> formats.packing layout of its codes
 _KNOWN_VERSIONS = (1, 2, 3)  # versions whose directories we recognise as ours (may be replaced)
 MANIFEST = "manifest.json"
-# "blocks": the per-block parts of a checkpoint written block by block
+# "blocks", "outside": the parts of a checkpoint written block by block
 # (:class:`compressjax.checkpoint_stream.StreamWriter`).
-_OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json", "blocks"})
-_PART = re.compile(r"blocks/[0-9]{5,}")
+_OUR_ENTRIES = frozenset({MANIFEST, "arrays", "tokenizer.json", "blocks", "outside"})
+_PART = re.compile(r"(blocks|outside)/[0-9]{5,}")
 _PYTREE_ENCODING = "compressjax.pytree/1"
 
 
@@ -986,13 +987,15 @@ def _sharding_children(shardings) -> dict[str, dict[str, Any]]:
 
 def _arrays_dir(path: str, leaf: str, entry: dict[str, Any]) -> str:
   """The arrays directory of a manifest entry, relative to the checkpoint: ``arrays``, or for a
-  checkpoint written block by block the entry's ``part`` (``blocks/<i>``) + ``/arrays``."""
+  checkpoint written block by block the entry's ``part`` (``blocks/<i>``, ``outside/<k>``) +
+  ``/arrays``."""
   part = entry.get("part")
   if part is None:
     return "arrays"
   if not isinstance(part, str) or not _PART.fullmatch(part):
     raise CheckpointError(f"checkpoint path {path!r}: leaf {leaf} names part {part!r}; expected "
-                          "'blocks/<number>' (a part of a checkpoint written block by block)")
+                          "'blocks/<number>' or 'outside/<number>' (a part of a checkpoint "
+                          "written block by block)")
   return f"{part}/arrays"
 
 

@@ -3,8 +3,9 @@
 :class:`StreamWriter` is the output of a calibration run that keeps no finished block in
 memory (:func:`compressjax.calibration.run_sequential` with ``output=``): each compressed block
 is written as soon as it is finished into the checkpoint's temporary directory and dropped;
-at the end the parameters outside the blocks (embedding, final norm, head) are written, every
-block's part is read back and checked against its checksums, the manifest is completed, and
+then the parameters outside the blocks (embedding, final norm, head) are written, one part per
+:meth:`StreamWriter.add_leaves` call (the engine writes them one leaf at a time), every part is
+read back and checked against its checksums, the manifest is completed, and
 the directory is renamed into place atomically (:meth:`StreamWriter.commit`), exactly as
 :func:`compressjax.checkpoint.save` does. Until then the destination path is unchanged; a failure
 (:meth:`StreamWriter.abort`, or leaving the ``with`` block by an exception) removes the
@@ -15,9 +16,10 @@ On disk (module docstring of :mod:`compressjax.checkpoint`): ``blocks/<i>/`` is 
 part, a small checkpoint of its own (``manifest.json`` + ``arrays/``, leaf paths relative to
 the block); the top-level ``manifest.json`` lists every leaf of the model with its full path,
 and a block leaf's entry names its part (``"part": "blocks/00003"``) and its index there;
-``arrays/`` holds the leaves outside the blocks. :func:`compressjax.checkpoint.restore` (and so
-``compressjax eval`` and the exporters) reads it as any checkpoint: the arrays are the same, only
-where they lie differs.
+``outside/<k>/`` are the parts of the leaves outside the blocks (``"part": "outside/00000"``,
+one per :meth:`StreamWriter.add_leaves` call); ``arrays/`` is empty.
+:func:`compressjax.checkpoint.restore` (and so ``compressjax eval`` and the exporters) reads it
+as any checkpoint: the arrays are the same, only where they lie differs.
 
 **With a resume directory** (``calibration.resume_dir``) the engine writes every finished block
 once, as ``<resume_dir>/blocks/<i>``: :meth:`StreamWriter.add_block` with ``source=`` then
@@ -37,7 +39,7 @@ manifest once every process is done), so a part exists only when all processes f
 block; linking a resume directory's part and every other file operation is process 0's, each
 step followed by an all-gather of every process's success (a barrier), so a failure that any
 process catches makes every process raise. The leaves outside the blocks are saved the same
-way and moved to ``arrays/``; :meth:`StreamWriter.finalize` verifies every part in every
+way as parts; :meth:`StreamWriter.finalize` verifies every part in every
 process (each reads it in full, one part at a time) and process 0 writes the manifest;
 :meth:`StreamWriter.commit` is process 0's rename, its success gathered by all. With a resume
 directory, the resume point is written by every process together after each block
@@ -64,6 +66,9 @@ from compressjax.blocks import unflatten
 from compressjax.transforms.selection import leaves_with_paths
 
 __all__ = ["StreamWriter", "abstract_leaves"]
+
+#: The directories of a streamed checkpoint's parts: the blocks', the outside leaves'.
+_PART_DIRS = ("blocks", "outside")
 
 
 def abstract_leaves(path: str, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -145,12 +150,12 @@ class StreamWriter:
 
     with checkpoint_stream.StreamWriter(out_dir) as w:
       params, _ = calibration.run_sequential(model, windows, recipe, output=w)
-      # params holds abstract placeholders for the blocks; the written model:
+      # params holds abstract placeholders; the written model:
       restored, _ = w.restore()
       w.commit(metadata={...}, tokenizer=tok)
 
-  The engine calls :meth:`add_block` after each block and :meth:`add_leaves` +
-  :meth:`finalize` at the end; the caller then may :meth:`restore` the finished (not yet
+  The engine calls :meth:`add_block` after each block, :meth:`add_leaves` once per leaf
+  outside the blocks and :meth:`finalize` at the end; the caller then may :meth:`restore` the finished (not yet
   installed) checkpoint, e.g. to evaluate it, and :meth:`commit` installs it at ``path``.
 
   Args:
@@ -175,15 +180,16 @@ class StreamWriter:
       try:
         self._swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-",
                                           dir=self._swap.parent)
-        os.mkdir(os.path.join(self._swap.tmp, "blocks"))
+        for d in _PART_DIRS:
+          os.mkdir(os.path.join(self._swap.tmp, d))
       except BaseException:
         self._swap.undo()
         raise
     self.overwrite = overwrite
     self._entries: dict[str, dict[str, Any]] = {}  # full leaf path -> manifest entry
     self._parts: dict[int, str] = {}  # block -> part ("blocks/00003")
-    self._added: dict[int, dict[str, Any]] = {}  # block -> its part's manifest entries
-    self._outside: dict[str, Any] | None = None  # manifest of the outside leaves
+    self._outside: list[str] = []  # the outside leaves' parts ("outside/00000"), in order
+    self._added: dict[str, dict[str, Any]] = {}  # part -> its manifest entries
     self._metadata: dict[str, Any] = {}
     self._state = "open"
 
@@ -216,7 +222,8 @@ class StreamWriter:
         swap = checkpoint._Swap(self.path)
         swap.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-",
                                     dir=swap.parent)
-        os.mkdir(os.path.join(swap.tmp, "blocks"))
+        for d in _PART_DIRS:
+          os.mkdir(os.path.join(swap.tmp, d))
         name = os.path.basename(swap.tmp)
       except Exception as e:  # pylint: disable=broad-exception-caught
         error = e
@@ -300,44 +307,38 @@ class StreamWriter:
       self._step(lambda: _link_tree(source, dst), f"linking block {i} from {source!r}")
     else:  # several processes: each writes its shards, the part appears when all are done
       checkpoint.save(dst, unflatten(dict(block)), metadata={"block": i})
-    manifest = checkpoint.read_manifest(dst)
-    for p, entry in manifest["leaves"].items():
-      full = prefix + p
-      if full in self._entries:
-        raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): leaf {full} of block {i}"
-                                         " was written already")
-      self._entries[full] = {**entry, "part": part}
+    self._record(part, prefix, f"of block {i}")
     self._parts[i] = part
-    self._added[i] = manifest["leaves"]
 
   def add_leaves(self, leaves: Mapping[str, Any]) -> None:
-    """Writes the leaves outside the blocks (``{full path: leaf}``) into ``arrays/``, once."""
+    """Writes leaves outside the blocks (``{full path: leaf}``) as the next part
+    ``outside/<k>``; may be called several times (one leaf at a time: only that leaf need be
+    in memory), each leaf once.
+
+    Raises:
+      CheckpointError: a leaf was written already (by a block or an earlier call).
+    """
     self._need("open")
-    if self._outside is not None:
-      raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): add_leaves was called "
-                                       "already")
     clash = sorted(set(leaves) & set(self._entries))
     if clash:
       raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): leaves {clash[:4]} were "
-                                       "written with a block already")
-    if self._multi:  # saved by every process together, then moved to arrays/ by process 0
-      staged = os.path.join(self.tmp, ".outside")
-      checkpoint.save(staged, unflatten(dict(leaves)))
-      outside = self._everywhere(lambda: checkpoint.read_manifest(staged)["leaves"],
-                                 "reading the outside leaves' manifest")
+                                       "written already")
+    part = f"outside/{len(self._outside):05d}"
+    # several processes: each writes its shards, the part appears when all are done
+    checkpoint.save(os.path.join(self.tmp, part), unflatten(dict(leaves)))
+    self._record(part, "", "outside the blocks")
+    self._outside.append(part)
 
-      def move():
-        os.rename(os.path.join(staged, "arrays"), os.path.join(self.tmp, "arrays"))
-        shutil.rmtree(staged)
-
-      self._step(move, "moving the outside leaves into arrays/")
-      self._outside = outside
-      return
-    # pylint: disable=protected-access
-    manifest, _, arrays = checkpoint._prepare(self.path, unflatten(dict(leaves)), None,
-                                              self.overwrite)
-    checkpoint._write_arrays(os.path.join(self.tmp, "arrays"), arrays)
-    self._outside = manifest["leaves"]
+  def _record(self, part: str, prefix: str, what: str) -> None:
+    """Adds the entries of the written ``part`` (leaf paths relative to ``prefix``)."""
+    leaves = checkpoint.read_manifest(os.path.join(self.tmp, part))["leaves"]
+    for p, entry in leaves.items():
+      full = prefix + p
+      if full in self._entries:
+        raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): leaf {full} {what} was "
+                                         "written already")
+      self._entries[full] = {**entry, "part": part}
+    self._added[part] = leaves
 
   def finalize(self, template: Any = None, *, metadata: dict[str, Any] | None = None,
                verify: bool = True) -> str:
@@ -356,9 +357,7 @@ class StreamWriter:
         does not hold), a part fails its checksums or changed since it was added.
     """
     self._need("open")
-    if self._outside is None:
-      self.add_leaves({})
-    entries = {**self._entries, **self._outside}
+    entries = dict(self._entries)
     if template is not None:
       order = [p for p, _ in leaves_with_paths(template)]
       missing = [p for p in order if p not in entries]
@@ -369,8 +368,11 @@ class StreamWriter:
             f"{missing[:4]}, not in the model {extra[:4]}")
       entries = {p: entries[p] for p in order}
     if verify:  # several processes: every process reads every part (one at a time)
-      for i, part in sorted(self._parts.items()):
-        self._everywhere(lambda i=i, part=part: self._verify(i, part), f"verifying block {i}")
+      for part in [*(self._parts[i] for i in sorted(self._parts)), *self._outside]:
+        self._everywhere(lambda part=part: self._verify(part), f"verifying part {part}")
+    # no leaf lies in arrays/; a checkpoint has the directory all the same
+    self._step(lambda: os.makedirs(os.path.join(self.tmp, "arrays"), exist_ok=True),
+               "creating arrays/")
     self._metadata = dict(metadata or {})
     self._manifest = {"format_version": checkpoint.FORMAT_VERSION, "leaves": entries,
                       "metadata": self._metadata}
@@ -378,12 +380,12 @@ class StreamWriter:
     self._state = "finalized"
     return self.tmp
 
-  def _verify(self, i: int, part: str) -> None:
+  def _verify(self, part: str) -> None:
     where = os.path.join(self.tmp, part)
     sums = lambda leaves: {p: (e["crc32"], e["index"]) for p, e in leaves.items()}
-    if sums(checkpoint.read_manifest(where)["leaves"]) != sums(self._added[i]):
-      raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): block {i}'s part "
-                                       f"{where!r} changed since it was added")
+    if sums(checkpoint.read_manifest(where)["leaves"]) != sums(self._added[part]):
+      raise checkpoint.CheckpointError(f"StreamWriter({self.path!r}): part {where!r} changed "
+                                       "since it was added")
     checkpoint.restore(where)  # every array against its checksum; dropped at once
 
   def _write_manifest(self, tokenizer) -> None:

@@ -137,7 +137,8 @@ def test_two_processes_stream_like_one(tmp_path):
   run_two_processes(WORKER, out)
   assert sorted(os.listdir(out)) == ["resume", "resumed", "saved", "streamed", "whole"]
   for name in ("streamed", "resumed", "whole"):
-    assert sorted(os.listdir(tmp_path / name)) == ["arrays", "blocks", "manifest.json"], name
+    assert sorted(os.listdir(tmp_path / name)) == ["arrays", "blocks", "manifest.json",
+                                                   "outside"], name
     assert sorted(os.listdir(tmp_path / name / "blocks")) == ["00000", "00001"], name
   # One process reads what two wrote: the same arrays, exactly.
   saved = checkpoint.restore(out + "/saved")[0]

@@ -5,6 +5,7 @@ uninterrupted run, a failure leaves the destination unchanged."""
 import importlib
 import json
 import os
+from unittest import mock
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 import tiny
 from test_calibration import _windows
-from compressjax import calibration, checkpoint, checkpoint_stream, pipeline, transforms as T
+from compressjax import blocks, calibration, checkpoint, checkpoint_stream, pipeline, transforms as T
 
 
 def _same(a, b):
@@ -45,20 +46,31 @@ def test_streamed_checkpoint_equals_the_saved_tree(reference, tmp_path):
   model, full = reference
   saved = checkpoint.save(str(tmp_path / "saved"), full)
   out = str(tmp_path / "streamed")
-  with checkpoint_stream.StreamWriter(out) as w:
+  groups = []
+  orig_at = blocks.LlamaBlocks.outside_params_at
+
+  def outside_params_at(self, paths):  # the outside leaves are read one at a time
+    groups.append(list(paths))
+    return orig_at(self, paths)
+
+  with checkpoint_stream.StreamWriter(out) as w, mock.patch.object(
+      blocks.LlamaBlocks, "outside_params_at", outside_params_at):
     placeholders, _ = calibration.run_sequential(model, _windows(), T.gptq(**GPTQ), batch_size=4,
                                                  progress=False, output=w)
     assert not os.path.exists(out)  # finalized in the temporary directory, not yet in place
-    # The engine returns no finished block's values: the blocks are abstract placeholders.
-    for i in range(3):
-      leaves = jax.tree.leaves(placeholders["layers"][i])
-      assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)
-    assert isinstance(placeholders["embed"]["embedding"], jax.Array)
+    # The engine returns no finished leaf's values: the blocks and the leaves outside them
+    # (written one part each) are abstract placeholders.
+    leaves = jax.tree.leaves(placeholders)
+    assert len(leaves) > 20 and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)
+    outside = ["embed/embedding", "norm/scale"]
+    assert groups == [[p] for p in outside], groups
     # Same structure (formats, static metadata, shapes) as the concrete tree.
     assert (jax.tree.structure(placeholders) == jax.tree.structure(full))
     w.commit(metadata={"note": "streamed"})
-  assert sorted(os.listdir(out)) == ["arrays", "blocks", "manifest.json"]
+  assert sorted(os.listdir(out)) == ["arrays", "blocks", "manifest.json", "outside"]
   assert sorted(os.listdir(os.path.join(out, "blocks"))) == ["00000", "00001", "00002"]
+  assert sorted(os.listdir(os.path.join(out, "outside"))) == ["00000", "00001"]
+  assert not os.listdir(os.path.join(out, "arrays"))
   assert not _leftovers(str(tmp_path), "streamed")
   got, meta = checkpoint.restore(out)
   assert meta == {"note": "streamed"}
@@ -68,7 +80,7 @@ def test_streamed_checkpoint_equals_the_saved_tree(reference, tmp_path):
   assert list(ms) == list(mt)  # the model's leaf order
   for p in ms:  # same descriptions and checksums; only where the arrays lie differs
     a, b = dict(ms[p]), dict(mt[p])
-    assert ("part" in b) == p.startswith("layers/"), p
+    assert b["part"].startswith("blocks/") == p.startswith("layers/"), p
     for e in (a, b):
       e.pop("part", None), e.pop("index")
     assert a == b, p
@@ -179,6 +191,11 @@ def test_writer_refuses_misuse(tmp_path):
   w.add_block(0, "layers/0/", {"a/kernel": np.ones((2, 2), np.float32)})
   with pytest.raises(checkpoint.CheckpointError, match="block 0 was written already"):
     w.add_block(0, "layers/0/", {"a/kernel": np.ones((2, 2), np.float32)})
+  w.add_leaves({"norm/scale": np.ones(2, np.float32)})
+  with pytest.raises(checkpoint.CheckpointError, match=r"leaves \['norm/scale'\] were written"):
+    w.add_leaves({"norm/scale": np.ones(2, np.float32), "head/kernel": np.ones(2, np.float32)})
+  with pytest.raises(checkpoint.CheckpointError, match=r"leaves \['layers/0/a/kernel'\] were"):
+    w.add_leaves({"layers/0/a/kernel": np.ones(2, np.float32)})
   with pytest.raises(checkpoint.CheckpointError, match="missing"):
     w.finalize({"layers": {0: {"a": {"kernel": 0}, "b": {"kernel": 0}}}})
   with pytest.raises(checkpoint.CheckpointError, match="needs the writer finalized"):

@@ -32,6 +32,11 @@ COMMANDS = {
     "bench_aqlm_tradeoff": "python experiments/bench_aqlm_tradeoff.py",
     "bench_peer": "python experiments/bench_peer.py",
     "bench_large": "python experiments/bench_large.py",
+    "diag_float_order": ("python experiments/diag_float_order.py --method gptq|sparsegpt "
+                         "--micro-rows 512 (after a bench_peer run; our side of the pair with "
+                         "another float summation order in the calibration passes)"),
+    "bench_peer_seeds": ("python experiments/bench_peer.py --seed N --results "
+                         "experiments/results/bench_peer_seeds.jsonl (N = 1, 2)"),
     "profile_engine": "python experiments/profile_engine.py",
     "bench_solver": "python experiments/bench_solver.py",
     "diag_block0": ("python experiments/diag_block0.py --work-dir runs/bench_peer --method "
@@ -605,6 +610,44 @@ def render_peer(name, recs):
       "Machine: " + "; ".join(machines), ""])
 
 
+def render_peer_seeds(name, recs, standard):
+  """Ours against the peer per calibration draw: the perplexity gap, seed by seed.
+
+  ``standard``: the bench_peer records (seed 0) of the machines the seeded runs name.
+  """
+  machines = {r["machine"] for r in recs}
+  pairs = {}
+  for r in [*standard, *recs]:
+    if r["machine"] in machines and not r["method"].endswith("bf16"):
+      pairs.setdefault(r["pair"], {})["peer" if r["method"].startswith("llm-compressor")
+                                      else "ours"] = r
+  latest = {}  # (method, seed) -> its latest complete pair
+  for pair in sorted(pairs.values(), key=lambda d: d.get("ours", d.get("peer"))["date"]):
+    if len(pair) == 2:
+      latest[(pair["ours"]["method"], pair["peer"].get("calibration", {}).get("seed", 0))] = pair
+  rows, diffs = [], {}
+  for (method, seed), pair in sorted(latest.items()):
+    p, o = pair["peer"], pair["ours"]
+    method = method.replace("compressjax ", "")
+    d = (o["ppl_wiki"] - p["ppl_wiki"], o["ppl_austen"] - p["ppl_austen"])
+    diffs.setdefault(method, []).append(d)
+    rows.append([method, str(seed), fmt(p["ppl_wiki"]), fmt(o["ppl_wiki"]), f"{d[0]:+.2f}",
+                 fmt(p["ppl_austen"]), fmt(o["ppl_austen"]), f"{d[1]:+.2f}", o["commit"],
+                 o["date"][:16]])
+  for method, ds in sorted(diffs.items()):
+    n = len(ds)
+    rows.append([method, f"**mean of {n}**", "", "", f"{sum(d[0] for d in ds) / n:+.2f}", "", "",
+                 f"{sum(d[1] for d in ds) / n:+.2f}", "", ""])
+  return _section(
+      name, "The side-by-side run of `bench_peer` (same model, settings and evaluator) with other "
+      "seeds of the calibration draw (128 x 512 from the same mixed stream), beside the standard "
+      "protocol's latest seed-0 pair on the same machine type: does our perplexity gap to the peer keep its "
+      "sign from draw to draw? `diff`: ours minus the peer's (negative: ours better). Quality only: "
+      "the seeded runs shared the machine with test runs, so their times are not compared.",
+      ["method", "seed", "peer wiki", "ours wiki", "diff", "peer austen", "ours austen", "diff",
+       "commit", "date"], rows)
+
+
 def main():
   parts = [INTRO]
   all_recs = {f[:-len(".jsonl")]: load(f) for f in sorted(os.listdir(RESULTS))
@@ -639,6 +682,9 @@ def main():
       parts.append(render_solver(name, recs))
     elif name == "diag_block0":
       parts.append(render_block0(name, recs))
+    elif name == "bench_peer_seeds":
+      parts.append(render_peer_seeds(name, load(f"{name}.jsonl", every=True),
+                                     load("bench_peer.jsonl", every=True)))
     else:
       parts.append(render_quality(name, recs))
   with open(os.path.join(ROOT, "experiments", "RESULTS.md"), "w") as f:

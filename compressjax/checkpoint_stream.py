@@ -155,8 +155,9 @@ class StreamWriter:
       w.commit(metadata={...}, tokenizer=tok)
 
   The engine calls :meth:`add_block` after each block, :meth:`add_leaves` once per leaf
-  outside the blocks and :meth:`finalize` at the end; the caller then may :meth:`restore` the finished (not yet
-  installed) checkpoint, e.g. to evaluate it, and :meth:`commit` installs it at ``path``.
+  outside the blocks and :meth:`finalize` at the end; the caller then may :meth:`restore` the
+  finished (not yet installed) checkpoint, e.g. to evaluate it, and :meth:`commit` installs it
+  at ``path``.
 
   Args:
     path: the checkpoint directory to write.

@@ -641,9 +641,10 @@ def render_peer_seeds(name, recs, standard):
   return _section(
       name, "The side-by-side run of `bench_peer` (same model, settings and evaluator) with other "
       "seeds of the calibration draw (128 x 512 from the same mixed stream), beside the standard "
-      "protocol's latest seed-0 pair on the same machine type: does our perplexity gap to the peer keep its "
-      "sign from draw to draw? `diff`: ours minus the peer's (negative: ours better). Quality only: "
-      "the seeded runs shared the machine with test runs, so their times are not compared.",
+      "protocol's latest seed-0 pair on the same machine type: does our perplexity gap to the "
+      "peer keep its sign from draw to draw? `diff`: ours minus the peer's (negative: ours "
+      "better). Quality only: the seed-1 runs shared the machine with test runs, so the pairs' "
+      "times are not compared here (the quiet seed-2 pair's are in the README).",
       ["method", "seed", "peer wiki", "ours wiki", "diff", "peer austen", "ours austen", "diff",
        "commit", "date"], rows)
 

@@ -568,18 +568,25 @@ def render_finetune(all_recs):
              "tokens", "train s", "train tok/s", "peak RSS MiB"], rows), ""])
 
 
-def render_peer(name, recs):
-  """Each pair (the peer's run and ours, one after the other) side by side, newest pair first."""
-  pairs = {}
+def _peer_pairs(recs):
+  """``[(peer, ours, first_date)]``: each complete bench_peer pair in ``recs`` (file order), the
+  last record of each side, and the date of the pair's first record."""
+  by_pair = {}
   for r in recs:
-    pairs.setdefault(r.get("pair"), []).append(r)
-  rows = []
-  for pair, rs in sorted(pairs.items(), key=lambda kv: kv[1][0]["date"], reverse=True):
+    by_pair.setdefault(r.get("pair"), []).append(r)
+  out = []
+  for rs in by_pair.values():
     peer = [r for r in rs if r["method"].startswith("llm-compressor")]
     ours = [r for r in rs if not r["method"].startswith("llm-compressor")]
-    if not peer or not ours:
-      continue
-    p, o = peer[-1], ours[-1]
+    if peer and ours:
+      out.append((peer[-1], ours[-1], rs[0]["date"]))
+  return out
+
+
+def render_peer(name, recs):
+  """Each pair (the peer's run and ours, one after the other) side by side, newest pair first."""
+  rows = []
+  for p, o, _ in sorted(_peer_pairs(recs), key=lambda t: t[2], reverse=True):
     for r in (p, o):
       rows.append([r["method"], fmt(r["bits_per_param"]), fmt(r["ppl_wiki"]), fmt(r["ppl_austen"]),
                    fmt(r["wall_s"], 0),
@@ -616,18 +623,13 @@ def render_peer_seeds(name, recs, standard):
   ``standard``: the bench_peer records (seed 0) of the machines the seeded runs name.
   """
   machines = {r["machine"] for r in recs}
-  pairs = {}
-  for r in [*standard, *recs]:
-    if r["machine"] in machines and not r["method"].endswith("bf16"):
-      pairs.setdefault(r["pair"], {})["peer" if r["method"].startswith("llm-compressor")
-                                      else "ours"] = r
+  pairs = _peer_pairs([r for r in [*standard, *recs]
+                       if r["machine"] in machines and not r["method"].endswith("bf16")])
   latest = {}  # (method, seed) -> its latest complete pair
-  for pair in sorted(pairs.values(), key=lambda d: d.get("ours", d.get("peer"))["date"]):
-    if len(pair) == 2:
-      latest[(pair["ours"]["method"], pair["peer"].get("calibration", {}).get("seed", 0))] = pair
+  for p, o, _ in sorted(pairs, key=lambda t: t[1]["date"]):
+    latest[(o["method"], p.get("calibration", {}).get("seed", 0))] = (p, o)
   rows, diffs = [], {}
-  for (method, seed), pair in sorted(latest.items()):
-    p, o = pair["peer"], pair["ours"]
+  for (method, seed), (p, o) in sorted(latest.items()):
     method = method.replace("compressjax ", "")
     d = (o["ppl_wiki"] - p["ppl_wiki"], o["ppl_austen"] - p["ppl_austen"])
     diffs.setdefault(method, []).append(d)

@@ -183,6 +183,27 @@ def test_restore_refuses_a_part_outside_blocks(tmp_path):
     checkpoint.restore(out)
 
 
+def test_finalize_checks_every_part_against_its_checksums(tmp_path):
+  """A block's or an outside leaf's part damaged after it was written fails finalize."""
+  for damaged in ("blocks/00000", "outside/00001"):
+    w = checkpoint_stream.StreamWriter(str(tmp_path / "ck"))
+    w.add_block(0, "layers/0/", {"a/kernel": np.arange(4096.0, dtype=np.float32)})
+    w.add_leaves({"embed/embedding": np.arange(4096.0, dtype=np.float32)})
+    w.add_leaves({"norm/scale": np.arange(4096.0, dtype=np.float32)})
+    where = os.path.join(w.tmp, damaged, "arrays")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(where) for f in fs
+             if os.path.getsize(os.path.join(r, f)) > 200]
+    assert files, where
+    for f in files:
+      raw = bytearray(open(f, "rb").read())
+      raw[-40] ^= 0xFF
+      open(f, "wb").write(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError):
+      w.finalize()
+    w.abort()
+    assert not _leftovers(str(tmp_path), "ck")
+
+
 def test_writer_refuses_misuse(tmp_path):
   with pytest.raises(checkpoint.CheckpointExistsError):
     (tmp_path / "file").write_text("x")
